@@ -1,0 +1,186 @@
+"""WaveFT tuner layers, compatible with peft's `WaveFTLayer` state-dict keys and semantics.
+
+Differences from peft's reference, all deliberate:
+- ΔW comes from `SparseIDWT` (scatter + one strided 1-D transposed conv) instead of a dense padded IDWT, and the
+  forward pass is one matmul on W + ΔW instead of two.
+- Every PyWavelets family in WaveFT's documented range works (the reference crashes on db11+, sym11+, coif6+).
+- Coefficient locations and the transform's index tensors are non-persistent buffers: they move with the module
+  and are never re-copied per call.
+- The spectrum stays float32 when the base layer is fp16/bf16; the output has the input's dtype.
+- `bias="waveft_only"` adds a trainable per-adapter bias `waveft_bias` (zeros) to each adapted layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .transform import SparseIDWT, check_family, coefficient_locations
+from .functional import waveft_linear
+
+try:  # transformers' GPT-2 style Conv1D stores weights as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+
+class WaveFTLayer(BaseTunerLayer):
+    adapter_layer_names = ("waveft_spectrum", "waveft_bias")
+    other_param_names = (
+        "waveft_n_frequency",
+        "waveft_scaling",
+        "waveft_random_loc_seed",
+        "waveft_wavelet_family",
+        "waveft_use_idwt",
+        "waveft_indices",
+        "waveft_transform",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.waveft_spectrum = nn.ParameterDict({})
+        self.waveft_bias = nn.ParameterDict({})
+        self.waveft_n_frequency: dict[str, int] = {}
+        self.waveft_scaling: dict[str, float] = {}
+        self.waveft_random_loc_seed: dict[str, int] = {}
+        self.waveft_wavelet_family: dict[str, str] = {}
+        self.waveft_use_idwt: dict[str, bool] = {}
+        self.waveft_indices = BufferDict({}, persistent=False)
+        self.waveft_transform = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            shape = base.weight.ds_shape if hasattr(base.weight, "ds_shape") else base.weight.shape
+            self.in_features, self.out_features = shape
+        else:
+            raise TypeError(f"WaveFT can only adapt torch.nn.Linear layers, not {type(base).__name__}.")
+
+    def update_layer(self, adapter_name: str, n_frequency: int, config) -> None:
+        check_family(config.wavelet_family)
+        size = self.out_features * self.in_features
+        if not 0 < n_frequency <= size:
+            raise ValueError(
+                f"n_frequency must be between 1 and d_out*d_in = {self.out_features}*{self.in_features} = {size} "
+                f"for this layer, got {n_frequency}."
+            )
+        device = self.get_base_layer().weight.device
+        locations = coefficient_locations(self.out_features, self.in_features, n_frequency, config.random_loc_seed)
+        self.waveft_n_frequency[adapter_name] = n_frequency
+        self.waveft_scaling[adapter_name] = float(config.scaling)
+        self.waveft_random_loc_seed[adapter_name] = config.random_loc_seed
+        self.waveft_wavelet_family[adapter_name] = config.wavelet_family
+        self.waveft_use_idwt[adapter_name] = config.use_idwt
+        self.waveft_indices[adapter_name] = locations.to(device)
+        self.waveft_transform[adapter_name] = SparseIDWT(
+            self.out_features, self.in_features, locations, config.wavelet_family, config.use_idwt
+        ).to(device)
+        # The spectrum is float32 on purpose (also for fp16/bf16 base layers): it is tiny and updates are small.
+        if config.init_weights:
+            spectrum = torch.zeros(n_frequency, device=device)
+        else:
+            spectrum = torch.randn(n_frequency, device=device) * 0.01
+        self.waveft_spectrum[adapter_name] = nn.Parameter(spectrum)
+        if config.bias == "waveft_only":
+            self.waveft_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features, device=device))
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def reset_wave_parameters(self, adapter_name: str) -> None:
+        if adapter_name in self.waveft_spectrum:
+            nn.init.zeros_(self.waveft_spectrum[adapter_name])
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW of one adapter as (d_out, d_in), float32 (or the spectrum's dtype), scaling applied."""
+        spectrum = self.waveft_spectrum[adapter]
+        return self.waveft_transform[adapter](spectrum) * self.waveft_scaling[adapter]
+
+
+class WaveFTLinear(nn.Module, WaveFTLayer):
+    """A Linear (or Conv1D) layer with WaveFT adapters."""
+
+    def __init__(self, base_layer, adapter_name: str, config, n_frequency: int, **kwargs) -> None:
+        super().__init__()
+        WaveFTLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, n_frequency, config=config)
+
+    def _weight_delta(self, adapter: str) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.waveft_spectrum:
+                continue
+            with torch.no_grad():
+                weight = base.weight.data.float() + self._weight_delta(name).float()
+                bias = self._merged_bias(base, name)
+                if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                base.weight.data = weight.to(base.weight.dtype)
+                if bias is not None:
+                    self._set_base_bias(base, bias)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.waveft_spectrum:
+                continue
+            with torch.no_grad():
+                weight = base.weight.data.float() - self._weight_delta(name).float()
+                base.weight.data = weight.to(base.weight.dtype)
+                if name in self.waveft_bias:
+                    self._set_base_bias(base, base.bias.data.float() - self.waveft_bias[name].float())
+
+    def _merged_bias(self, base: nn.Module, name: str) -> Optional[torch.Tensor]:
+        if name not in self.waveft_bias:
+            return None
+        current = base.bias.data.float() if base.bias is not None else 0.0
+        return current + self.waveft_bias[name].float()
+
+    @staticmethod
+    def _set_base_bias(base: nn.Module, bias: torch.Tensor) -> None:
+        if base.bias is None:  # e.g. SDXL's to_q/to_k/to_v have no bias: give the base layer one to merge into
+            base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
+        else:
+            base.bias.data = bias.to(base.bias.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.waveft_spectrum]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+
+        base = self.get_base_layer()
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        bias = base.bias
+        extra_bias = [self.waveft_bias[name] for name in active if name in self.waveft_bias]
+        if extra_bias:
+            bias = sum(extra_bias) if bias is None else bias + sum(extra_bias)
+        adapters = [(self.waveft_spectrum[name], self.waveft_transform[name], self.waveft_scaling[name]) for name in active]
+        return waveft_linear(x, weight, bias, adapters)
+
+    def __repr__(self) -> str:
+        return "waveft." + super().__repr__()
