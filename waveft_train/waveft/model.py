@@ -143,4 +143,4 @@ def _pattern_text(pattern) -> str:
         return "None"
     if isinstance(pattern, str):
         return repr(pattern)
-    return "[" + ", ".join(sorted(map(str, pattern))) + "]"
+    return "[" + ", ".join(repr(str(item)) for item in sorted(pattern)) + "]"

@@ -1,0 +1,262 @@
+"""The tuner behaves like a peft tuner: entry points, adapter format, merging, several adapters, dtypes, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel, WaveFTConfig, get_peft_model, inject_adapter_in_model
+from safetensors.torch import load_file
+
+from waveft_train.waveft import WaveFTLinear, register, unregister
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = torch.nn.Linear(24, 24, bias=False)
+        self.to_v = torch.nn.Linear(24, 20)
+        self.norm = torch.nn.LayerNorm(20)
+        self.conv = torch.nn.Conv1d(20, 20, 1)
+
+    def forward(self, x):
+        return self.norm(self.to_v(torch.relu(self.to_q(x))))
+
+
+def config(**overrides) -> WaveFTConfig:
+    options = dict(n_frequency=48, target_modules=["to_q", "to_v"], wavelet_family="db2")
+    options.update(overrides)
+    return WaveFTConfig(**options)
+
+
+def randomize(model) -> None:
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "waveft_" in name:
+                parameter.normal_(0, 0.05)
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    register()
+    yield
+    register()
+
+
+@pytest.fixture
+def stock_peft():
+    """peft's own WaveFT while the test body runs; ours again afterwards."""
+    unregister()
+    yield
+    register()
+
+
+def test_peft_entry_points_build_our_layers():
+    torch.manual_seed(0)
+    unregister()
+    assert not isinstance(get_peft_model(Block(), config()).base_model.model.to_q, WaveFTLinear)
+    register()
+    assert isinstance(get_peft_model(Block(), config()).base_model.model.to_q, WaveFTLinear)
+    injected = inject_adapter_in_model(config(), Block())
+    assert isinstance(injected.to_v, WaveFTLinear)
+    register()  # idempotent
+    assert isinstance(get_peft_model(Block(), config()).base_model.model.to_v, WaveFTLinear)
+
+
+def test_adapter_format_and_round_trip_with_stock_peft(tmp_path):
+    torch.manual_seed(0)
+    base = Block()
+    x = torch.randn(3, 24)
+    ours = get_peft_model(copy.deepcopy(base), config(random_loc_seed=5, scaling=7.0))
+    randomize(ours)
+    expected = ours(x)
+    ours.save_pretrained(tmp_path / "ours")
+
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "WAVEFT" and saved["random_loc_seed"] == 5 and saved["wavelet_family"] == "db2"
+    tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(tensors) == ["base_model.model.to_q.waveft_spectrum", "base_model.model.to_v.waveft_spectrum"]
+    assert all(t.dtype == torch.float32 and t.shape == (48,) for t in tensors.values())
+
+    unregister()
+    try:  # stock peft loads our adapter and computes the same outputs
+        stock = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        assert not isinstance(stock.base_model.model.to_q, WaveFTLinear)
+        torch.testing.assert_close(stock(x), expected, atol=1e-5, rtol=1e-5)
+        randomize(stock)
+        stock_output = stock(x)
+        stock.save_pretrained(tmp_path / "stock")
+    finally:
+        register()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "stock")  # and the reverse
+    assert isinstance(loaded.base_model.model.to_q, WaveFTLinear)
+    torch.testing.assert_close(loaded(x), stock_output, atol=1e-5, rtol=1e-5)
+
+
+def test_requires_grad_on_load(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(Block(), config())
+    model.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(Block(), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = PeftModel.from_pretrained(Block(), tmp_path, is_trainable=True)
+    names = sorted(n for n, p in trainable.named_parameters() if p.requires_grad)
+    assert names == ["base_model.model.to_q.waveft_spectrum.default", "base_model.model.to_v.waveft_spectrum.default"]
+
+
+def test_merge_unmerge_disable_and_merge_and_unload():
+    torch.manual_seed(0)
+    model = get_peft_model(Block(), config())
+    x = torch.randn(4, 24)
+    base_output = model(x)  # zero init: the base model's output
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), base_output)
+    randomize(model)
+    adapted = model(x)
+    assert not torch.allclose(adapted, base_output, atol=1e-4)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), base_output)
+
+    layer = model.base_model.model.to_v
+    original = layer.base_layer.weight.detach().clone()
+    layer.merge(safe_merge=True)
+    assert layer.merged
+    torch.testing.assert_close(layer.base_layer.weight, original + layer.get_delta_weight("default"))
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, original, atol=1e-6, rtol=1e-6)
+
+    merged = model.merge_and_unload()
+    assert isinstance(merged.to_q, torch.nn.Linear) and not isinstance(merged.to_q, WaveFTLinear)
+    torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_safe_merge_refuses_non_finite_weights():
+    model = get_peft_model(Block(), config())
+    layer = model.base_model.model.to_q
+    with torch.no_grad():
+        layer.waveft_spectrum["default"][0] = float("nan")
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN"):
+        layer.merge(safe_merge=True)
+    torch.testing.assert_close(layer.base_layer.weight, before)
+    assert not layer.merged
+
+
+def test_several_adapters_set_and_delete():
+    torch.manual_seed(0)
+    model = get_peft_model(Block(), config(), adapter_name="first")
+    model.add_adapter("second", config(random_loc_seed=99, wavelet_family="sym3"))
+    randomize(model)
+    x = torch.randn(2, 24)
+    layer = model.base_model.model.to_q
+    assert not torch.equal(layer.waveft_indices["first"], layer.waveft_indices["second"])
+
+    model.set_adapter("first")
+    first = model(x)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".first" in n for n in trainable)
+    model.set_adapter("second")
+    second = model(x)
+    assert not torch.allclose(first, second, atol=1e-4)
+    assert all(".second" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    model.base_model.set_adapter(["first", "second"])  # both at once: ΔWs add up
+    for name in ("to_q", "to_v"):
+        module = model.base_model.model.get_submodule(name)
+        module.merge(adapter_names=["first", "second"])
+    merged_both = model(x)
+    for name in ("to_q", "to_v"):
+        model.base_model.model.get_submodule(name).unmerge()
+    torch.testing.assert_close(model(x), merged_both, atol=1e-5, rtol=1e-5)
+
+    model.delete_adapter("second")
+    assert "second" not in layer.waveft_spectrum and "second" not in layer.waveft_indices
+    assert "second" not in layer.waveft_transform
+    model.set_adapter("first")
+    torch.testing.assert_close(model(x), first)
+
+
+def test_waveft_only_bias_trains_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    base = Block()
+    model = get_peft_model(copy.deepcopy(base), config(bias="waveft_only"))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [
+        "base_model.model.to_q.waveft_bias.default",
+        "base_model.model.to_q.waveft_spectrum.default",
+        "base_model.model.to_v.waveft_bias.default",
+        "base_model.model.to_v.waveft_spectrum.default",
+    ]
+    randomize(model)
+    x = torch.randn(3, 24)
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.to_q.waveft_bias" in keys and "base_model.model.to_v.waveft_bias" in keys
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
+    merged = loaded.merge_and_unload()  # to_q had no bias: merging gives it one
+    assert merged.to_q.bias is not None
+    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_waveft_only_bias_is_ignored_by_stock_peft(tmp_path, stock_peft):
+    register()
+    torch.manual_seed(0)
+    model = get_peft_model(Block(), config(bias="waveft_only"))
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    unregister()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = PeftModel.from_pretrained(Block(), tmp_path)
+    assert not any("waveft_bias" in name for name, _ in stock.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base(dtype):
+    torch.manual_seed(0)
+    model = get_peft_model(Block().to(dtype), config())
+    layer = model.base_model.model.to_q
+    assert layer.waveft_spectrum["default"].dtype == torch.float32
+    assert layer.base_layer.weight.dtype == dtype
+    randomize(model)
+    x = torch.randn(3, 24, dtype=dtype)
+    out = model(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    out.float().square().sum().backward()
+    assert layer.waveft_spectrum["default"].grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x.float()).dtype == torch.float32  # output dtype follows the input, as in peft
+
+
+def test_index_tensors_are_non_persistent_buffers():
+    model = get_peft_model(Block(), config())
+    layer = model.base_model.model.to_q
+    buffer_names = {name for name, _ in layer.named_buffers()}
+    assert "waveft_indices.default" in buffer_names
+    assert any(name.startswith("waveft_transform.default.") for name in buffer_names)
+    assert not any("indices" in key or "transform" in key for key in model.state_dict())
+    model.to(torch.float64)
+    assert layer.waveft_indices["default"].dtype == torch.int64  # integer buffers are never cast
+
+
+def test_errors_name_the_culprit():
+    with pytest.raises(ValueError, match=r"'to_q' of size 24x24 \(allowed: 1 to 576\)"):
+        get_peft_model(Block(), config(n_frequency=577))
+    with pytest.raises(ValueError, match="positive"):
+        get_peft_model(Block(), config(n_frequency=0))
+    with pytest.raises(ValueError, match="to_v.*1 to 480"):
+        get_peft_model(Block(), config(n_frequency_pattern={"to_v": 481}))
+    with pytest.raises(ValueError, match="db39.*(not supported|supports)"):
+        get_peft_model(Block(), config(wavelet_family="db39"))
+    with pytest.raises(ValueError, match="'to_x'.*matched no module.*to_q, to_v"):
+        get_peft_model(Block(), config(target_modules=["to_x"]))
+    with pytest.raises(TypeError, match="'conv' is a Conv1d; only torch.nn.Linear"):
+        get_peft_model(Block(), config(target_modules=["conv"]))
+    with pytest.raises(ValueError, match="bias 'lora_only'.*none, all, waveft_only"):
+        get_peft_model(Block(), config(bias="lora_only"))
