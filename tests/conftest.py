@@ -1,0 +1,45 @@
+"""Shared test fixtures. Tests never touch the network or the user's caches.
+
+HF_HUB_OFFLINE is set before anything imports huggingface_hub (it reads the variable at import), so an
+accidental hub access fails fast instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def waveft_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """WAVEFT_TRAIN_CACHE for the whole session: a temp folder, so nothing is written to ~/.cache."""
+    cache_dir = tmp_path_factory.mktemp("waveft-train-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WAVEFT_TRAIN_CACHE", str(cache_dir))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield cache_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(waveft_cache_dir: Path) -> Path:
+    """The tiny SDXL diffusers folder, built once per session. Read-only: copy it before changing files.
+
+    It is the session cache's own copy, so `model.pretrained: tiny` resolves to this same folder.
+    """
+    from waveft_train.tiny import tiny_model_dir as cached_tiny_model_dir
+
+    return cached_tiny_model_dir(waveft_cache_dir)
+
+
+@pytest.fixture
+def tiny_components(tiny_model_dir: Path):
+    """Freshly loaded fp32 SDXLComponents of the tiny model (function scope: tests may modify the modules)."""
+    from waveft_train.models import load_components
+
+    return load_components(str(tiny_model_dir))

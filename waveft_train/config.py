@@ -1,0 +1,568 @@
+"""Typed run configuration: a YAML file plus `--set` overrides, validated into a `TrainConfig`.
+
+Why typed and strict: a typo must fail in the first second of a GPU run, with a message that names the
+key and suggests the fix, instead of being silently ignored. Every section rejects unknown keys.
+This module imports no torch, so `init` and config checks stay instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationError, field_validator, model_validator)
+
+from waveft_train.errors import UserError
+
+WAVELET_FAMILIES: frozenset[str] = frozenset(
+    ["haar", *(f"db{i}" for i in range(1, 39)), *(f"sym{i}" for i in range(2, 21)),
+     *(f"coif{i}" for i in range(1, 18))])
+WAVELET_FAMILIES_TEXT = "db1-db38, sym2-sym20, coif1-coif17, haar"
+Resolution = Annotated[int, Field(gt=0, multiple_of=8)]  # the SDXL VAE downsamples by 8
+UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ModelSection(BaseModel):
+    """Which SDXL to personalize: "tiny" (embedded test model), a hub id, or a local folder."""
+    model_config = ConfigDict(extra="forbid")
+    pretrained: str = Field("tiny", min_length=1)
+    revision: str | None = None
+    vae: str | None = None  # e.g. madebyollin/sdxl-vae-fp16-fix: the stock SDXL VAE overflows in fp16
+    dtype: Literal["fp32", "fp16", "bf16"] = "bf16"  # weight dtype of the frozen parts
+
+
+class WaveFTSection(BaseModel):
+    """Every field of peft's `WaveFTConfig`, with peft's defaults (target modules: SDXL attention)."""
+    model_config = ConfigDict(extra="forbid")
+    n_frequency: PositiveInt = 2592
+    scaling: float = 25.0
+    wavelet_family: str = "db1"
+    use_idwt: bool = True
+    random_loc_seed: int = 777
+    fan_in_fan_out: bool = False
+    target_modules: list[str] | str = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    exclude_modules: list[str] | str | None = None
+    bias: Literal["none", "all", "waveft_only"] = "none"
+    modules_to_save: list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    n_frequency_pattern: dict[str, PositiveInt] = Field(default_factory=dict)
+    proportional_parameters: bool = False
+    init_weights: bool = True
+
+    @field_validator("wavelet_family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in WAVELET_FAMILIES:
+            raise ValueError(f"unknown wavelet family {value!r}; allowed: {WAVELET_FAMILIES_TEXT}")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_target(cls, value: list[str] | str) -> list[str] | str:
+        if not value:
+            raise ValueError("must name at least one module (a list of names, or one regex string)")
+        return value
+
+    @model_validator(mode="after")
+    def _peft_cross_checks(self) -> WaveFTSection:
+        """The same combinations peft refuses, caught before any model is loaded."""
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("waveft.layers_to_transform cannot be used when waveft.target_modules is a "
+                             "regex string; give target_modules as a list")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("waveft.layers_pattern cannot be used when waveft.target_modules is a regex string")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("waveft.layers_pattern needs waveft.layers_to_transform as well")
+        return self
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `peft.WaveFTConfig(**kwargs)`; "haar" becomes "db1" (same filter, peft's name)."""
+        kwargs = self.model_dump()
+        if kwargs["wavelet_family"] == "haar":
+            kwargs["wavelet_family"] = "db1"
+        return kwargs
+
+
+class DataSection(BaseModel):
+    """The subject photos: a local folder or a hub dataset id, and the prompt with the rare token."""
+    model_config = ConfigDict(extra="forbid")
+    instance_dir: str = Field(min_length=1)
+    instance_prompt: str = Field(min_length=1)
+    caption_column: str | None = None  # per-image captions from a dataset column instead of instance_prompt
+    resolution: Resolution = 1024
+    center_crop: bool = False
+    random_flip: bool = True
+    repeats: PositiveInt = 1
+    dataloader_workers: NonNegativeInt = 0
+
+
+class PriorSection(BaseModel):
+    """DreamBooth prior preservation: generated class images keep the class from drifting."""
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    class_dir: str | None = None
+    class_prompt: str | None = None
+    num_class_images: PositiveInt = 100
+    loss_weight: PositiveFloat = 1.0
+    generation_steps: PositiveInt = 25
+    generation_guidance: NonNegativeFloat = 5.0
+    generation_batch_size: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _class_fields_when_enabled(self) -> PriorSection:
+        missing = [key for key in ("class_dir", "class_prompt") if self.enabled and not getattr(self, key)]
+        if missing:
+            names = " and ".join(f"prior.{key}" for key in missing)
+            raise ValueError(f"{names} {'is' if len(missing) == 1 else 'are'} required when prior.enabled is "
+                             "true (e.g. class_dir: ./class_images, class_prompt: \"a photo of dog\"); "
+                             "set them, or set prior.enabled: false")
+        return self
+
+
+class TrainSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_steps: PositiveInt = 500
+    batch_size: PositiveInt = 1
+    gradient_accumulation: PositiveInt = 4
+    learning_rate: PositiveFloat = 1e-4
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant"
+    lr_warmup_steps: NonNegativeInt = 0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    adam_beta1: UnitInterval = 0.9
+    adam_beta2: UnitInterval = 0.999
+    adam_weight_decay: NonNegativeFloat = 1e-2
+    adam_epsilon: PositiveFloat = 1e-8
+    max_grad_norm: PositiveFloat | None = 1.0  # null = no clipping
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    gradient_checkpointing: bool = True
+    seed: NonNegativeInt = 42
+    checkpoint_every: NonNegativeInt = 100  # 0 = only the final adapter
+    checkpoints_keep: PositiveInt | None = 3  # null = keep all
+    cache_latents: bool = True
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # null = the scheduler's
+    snr_gamma: PositiveFloat | None = None  # Min-SNR weighting; null = plain MSE
+    noise_offset: NonNegativeFloat = 0.0
+    log_every: PositiveInt = 1
+    report_to: Literal["none", "tensorboard"] = "none"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bare_no(cls, value: Any) -> Any:
+        """YAML reads a bare `no` as false; that is what the user meant."""
+        return "no" if value is False else value
+
+
+class ValidationSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of sks dog in a bucket",
+                                                        "a photo of sks dog on the beach"])
+    every: NonNegativeInt = 100  # 0 = off
+    num_images: PositiveInt = 4
+    steps: PositiveInt = 25
+    guidance: NonNegativeFloat = 5.0
+    seed: NonNegativeInt = 42
+    resolution: Resolution | None = None  # null = data.resolution
+
+    @model_validator(mode="after")
+    def _prompts_when_on(self) -> ValidationSection:
+        if self.every > 0 and not self.prompts:
+            raise ValueError("validation.prompts is empty but validation.every is "
+                             f"{self.every}; give prompts, or set validation.every: 0 to turn validation off")
+        return self
+
+
+class OutputSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dir: str = Field("outputs/run", min_length=1)
+
+
+class TrainConfig(BaseModel):
+    """The whole run. A missing or empty section means "all defaults" and is validated like any other."""
+    model_config = ConfigDict(extra="forbid")
+    model: ModelSection
+    waveft: WaveFTSection
+    data: DataSection
+    prior: PriorSection
+    train: TrainSection
+    validation: ValidationSection
+    output: OutputSection
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_sections_are_empty(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        filled = dict(data)
+        for name in cls.model_fields:
+            if filled.get(name) is None:
+                filled[name] = {}
+        return filled
+
+    def validation_resolution(self) -> int:
+        return self.validation.resolution or self.data.resolution
+
+
+SECTIONS: tuple[str, ...] = tuple(TrainConfig.model_fields)
+
+# ----------------------------------------------------------------------------------- error messages
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _without_none(annotation: Any) -> Any:
+    """`X | None` -> X, so list indexes and dict keys in error locations can be followed."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _field_at(loc: Sequence[Any]) -> tuple[str, Any]:
+    """Dotted path (`train.max_steps`, `validation.prompts[1]`) and annotation of a pydantic error location;
+    stops at union-member tags, which pydantic adds to locations but users never wrote."""
+    annotation: Any = TrainConfig
+    path = ""
+    for part in loc:
+        inner = _without_none(annotation)
+        if _is_section(inner) and part in inner.model_fields:
+            annotation = inner.model_fields[part].annotation
+            path = f"{path}.{part}" if path else str(part)
+        elif isinstance(part, int) and get_origin(inner) is list:
+            annotation, path = get_args(inner)[0], f"{path}[{part}]"
+        elif get_origin(inner) is dict and part != "[key]":
+            annotation, path = get_args(inner)[1], f"{path}[{part!r}]"
+        else:
+            break
+    return path, annotation
+
+
+def _describe(annotation: Any) -> str:
+    """What a type accepts, in words a YAML writer understands."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _describe(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    if _is_section(annotation):
+        return "a mapping with keys " + ", ".join(annotation.model_fields)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def unknown_key_line(loc: Sequence[Any]) -> str:
+    """`unknown key train.learning_rat (did you mean train.learning_rate?)` plus the allowed keys."""
+    *parent_loc, key = loc
+    parent_path, parent = _field_at(parent_loc)
+    allowed = list(_without_none(parent).model_fields) if _is_section(_without_none(parent)) else []
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    prefix = f"{parent_path}." if parent_path else ""
+    what = f"key `{prefix}{key}`" if parent_path else f"section `{key}`"
+    hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+    where = f"in `{parent_path}`" if parent_path else "sections"
+    return f"unknown {what}{hint}; allowed {where}: {', '.join(allowed)}"
+
+
+def _problem_line(path: str, errors: list[dict[str, Any]], annotation: Any) -> str:
+    first = errors[0]
+    if first["type"] == "missing":
+        return f"`{path}` is required"
+    if first["type"] in ("value_error", "assertion_error"):
+        message = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        return message if _is_section(annotation) else f"`{path}`: {message}"
+    if len(errors) > 1 or _is_section(annotation):
+        expected = _describe(annotation)
+    else:
+        expected = first["msg"].removeprefix("Input should be ")
+        expected = f"a value {expected}" if expected.startswith(("greater", "less")) else expected
+    return f"`{path}`: got {_shown(first['input'])}, expected {expected}"
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """All problems of one validation, one line each, starting with the config file's name."""
+    lines: list[str] = []
+    by_path: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
+    for item in error.errors(include_url=False):
+        if item["type"] == "extra_forbidden":
+            lines.append(unknown_key_line(item["loc"]))
+        else:
+            path, annotation = _field_at(item["loc"])
+            by_path.setdefault(path, (annotation, []))[1].append(item)
+    lines += [_problem_line(path, items, annotation) for path, (annotation, items) in by_path.items()]
+    lines = list(dict.fromkeys(lines))
+    plural = "s" if len(lines) > 1 else ""
+    return f"{source}: invalid config ({len(lines)} problem{plural}):\n" + "\n".join(f"  - {x}" for x in lines)
+
+
+def _yaml_error_text(error: yaml.YAMLError, path: Path) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    if mark is None:
+        return f"{path}: YAML syntax error: {detail}"
+    line, column = mark.line + 1, mark.column + 1
+    return f"{path}:{line}:{column}: YAML syntax error at line {line}, column {column}: {detail}"
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UserError(f"config file {path} {state}; write one with `waveft-train init` or pass --config PATH")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(_yaml_error_text(exc, path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else _shown(data)
+        raise UserError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
+                        f"got {got}")
+    return data
+
+
+def _override_parts(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> key parts and the YAML-parsed value. Below a mapping-valued key (such as
+    waveft.n_frequency_pattern) the rest of the dotted name is one key, since module names contain dots."""
+    key, sep, raw = text.partition("=")
+    parts = [part.strip() for part in key.split(".")]
+    if not sep or len(parts) < 2 or not all(parts):
+        raise UserError(f"bad override {text!r}: expected the form section.key=value, e.g. "
+                        "--set train.learning_rate=5e-5 or --set 'waveft.target_modules=[to_q,to_v]'")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise UserError(f"bad override {text!r}: the value is not valid YAML "
+                        f"({getattr(exc, 'problem', exc)}); quote it") from None
+    section: Any = TrainConfig
+    for index, part in enumerate(parts):
+        field = section.model_fields.get(part)
+        if field is None:
+            break  # unknown: validation reports it with a did-you-mean
+        if _is_section(field.annotation):
+            section = field.annotation
+            continue
+        rest = parts[index + 1:]
+        if rest and get_origin(_without_none(field.annotation)) is dict:
+            return [*parts[:index + 1], ".".join(rest)], value
+        if rest:
+            raise UserError(f"bad override {text!r}: `{'.'.join(parts[:index + 1])}` is a value, not a "
+                            "section, so it has no sub-key; expected the form section.key=value")
+        break
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise UserError(f"bad override {text!r}: `{'.'.join(parts[:depth + 1])}` in the file is "
+                            f"{_shown(node[part])}, not a mapping, so it has no key `{parts[depth + 1]}`")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> TrainConfig:
+    """Validate already-parsed data (no path resolution); problems become one `UserError` naming `source`."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, source)) from None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+
+
+def _as_path(value: str, base: Path) -> str:
+    return os.path.normpath(base / Path(value).expanduser())
+
+
+def _local_or_hub(value: str | None, base: Path, keyword: str | None = None) -> str | None:
+    """Resolve `value` when it is written as a path (./x, ../x, /x, ~/x, a/b/c) or names an existing folder
+    next to `base`; otherwise it is a hub id such as "user/dogs" and stays as written."""
+    if value is None or value == keyword:
+        return value
+    explicit = Path(value).expanduser().is_absolute() or not _HUB_ID.fullmatch(value) or ".." in value
+    return _as_path(value, base) if explicit or (base / value).is_dir() else value
+
+
+def _resolve_paths(config: TrainConfig, file_dir: Path, overridden: set[str]) -> TrainConfig:
+    def base(key: str) -> Path:
+        return Path.cwd() if key in overridden else file_dir
+
+    model = config.model.model_copy(update={
+        "pretrained": _local_or_hub(config.model.pretrained, base("model.pretrained"), keyword="tiny"),
+        "vae": _local_or_hub(config.model.vae, base("model.vae"))})
+    data = config.data.model_copy(update={
+        "instance_dir": _local_or_hub(config.data.instance_dir, base("data.instance_dir"))})
+    class_dir = config.prior.class_dir
+    prior = config.prior.model_copy(update={
+        "class_dir": None if class_dir is None else _as_path(class_dir, base("prior.class_dir"))})
+    output = config.output.model_copy(update={"dir": _as_path(config.output.dir, base("output.dir"))})
+    return config.model_copy(update={"model": model, "data": data, "prior": prior, "output": output})
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply `section.key=value` overrides (values parsed as YAML), validate, and make
+    paths absolute. Relative paths written in the file resolve against the file's folder; relative paths
+    given with --set resolve against the current working directory, where the user typed them.
+    `model.pretrained: tiny` is the embedded test model, never a folder. Raises `UserError`."""
+    config_path = Path(path).expanduser()
+    data = _read_mapping(config_path)
+    overridden: set[str] = set()
+    for text in overrides:
+        parts, value = _override_parts(text)
+        _apply_override(data, parts, value, text)
+        overridden.add(".".join(parts))
+    source = f"{config_path} (with --set {' '.join(overrides)})" if overrides else str(config_path)
+    config = config_from_mapping(data, source)
+    return _resolve_paths(config, config_path.absolute().parent, overridden)
+
+
+def dump_config(config: TrainConfig) -> str:
+    """YAML text of a (resolved) config; `load_config` reads it back to an equal config."""
+    body = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return "# waveft-train resolved config (absolute paths)\n" + body
+
+
+NOT_IN_FINGERPRINT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    "data": ("dataloader_workers",),
+    "train": ("checkpoint_every", "checkpoints_keep", "log_every", "report_to", "gradient_checkpointing")})
+
+
+def config_fingerprint(config: TrainConfig) -> str:
+    """Stable hash of what shapes the trained weights; resuming into an output dir whose fingerprint
+    differs would mix two runs. Validation, output and checkpoint/logging cadence are left out."""
+    dumped = config.model_dump(mode="json", exclude={"validation", "output"})
+    for section, keys in NOT_IN_FINGERPRINT.items():
+        for key in keys:
+            dumped[section].pop(key)
+    dumped["waveft"] = config.waveft.peft_kwargs()
+    if isinstance(dumped["waveft"]["target_modules"], list):
+        dumped["waveft"]["target_modules"] = sorted(dumped["waveft"]["target_modules"])
+    if not config.prior.enabled:
+        dumped["prior"] = {"enabled": False}
+    text = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def starter_config_text() -> str:
+    """A documented starter config for `waveft-train init`; it loads as is (paths are placeholders)."""
+    return _STARTER_YAML
+
+
+_STARTER_YAML = """\
+# waveft-train config: DreamBooth personalization of Stable Diffusion XL with WaveFT adapters.
+# Relative paths resolve against this file's folder. Override any key on the command line:
+#   waveft-train --config this.yaml --set train.max_steps=800 --set 'waveft.target_modules=[to_q,to_v]'
+
+model:
+  pretrained: stabilityai/stable-diffusion-xl-base-1.0  # hub id, local folder, or "tiny" (test model)
+  revision: null            # hub branch, tag or commit of `pretrained`
+  vae: madebyollin/sdxl-vae-fp16-fix   # replacement VAE (the stock one overflows in fp16); null = built-in
+  dtype: bf16               # fp32 | fp16 | bf16: weight dtype of the frozen UNet, text encoders and VAE
+
+waveft:                     # the adapter; same meaning and defaults as peft's WaveFTConfig
+  n_frequency: 2592         # learnable wavelet coefficients per adapted layer (the parameter budget)
+  scaling: 25.0             # multiplies the weight update, like lora_alpha (25 for SDXL subjects)
+  wavelet_family: db1       # haar/db1 (fastest), db1-db38, sym2-sym20, coif1-coif17
+  use_idwt: true            # false: coefficients form a sparse update directly (faster, worse)
+  random_loc_seed: 777      # seed of the coefficient locations (saved with the adapter)
+  fan_in_fan_out: false     # true only for layers that store weights as (in, out)
+  target_modules: [to_q, to_k, to_v, to_out.0]   # module-name suffixes, or ONE regex matching full names
+  exclude_modules: null     # names or regex of modules to skip
+  bias: none                # none | all | waveft_only
+  modules_to_save: null     # extra modules trained in full and saved with the adapter
+  layers_to_transform: null # only these layer indices (needs list target_modules)
+  layers_pattern: null      # name of the layer list that layers_to_transform indexes
+  n_frequency_pattern: {}   # per-module n_frequency, e.g. {"mid_block.attentions.0": 4096}
+  proportional_parameters: false   # scale n_frequency by each layer's size (paper ablation)
+  init_weights: true        # true: start from zero (the base model); false: small random values
+
+data:
+  instance_dir: ./subject   # folder with 3-10 photos of your subject, or a hub dataset id
+  instance_prompt: "a photo of sks dog"   # rare token (sks) + class noun
+  caption_column: null      # dataset column with per-image captions; null = instance_prompt for all
+  resolution: 1024          # training size in pixels (multiple of 8); images are resized, then cropped
+  center_crop: false        # false = random crops
+  random_flip: true         # horizontal flips (turn off for text or asymmetric subjects)
+  repeats: 1                # each image appears this many times per epoch
+  dataloader_workers: 0     # worker processes that load images
+
+prior:                      # prior preservation keeps the class ("dog") from collapsing onto your subject
+  enabled: true
+  class_dir: ./class_images # generated class images are stored (and reused) here
+  class_prompt: "a photo of dog"
+  num_class_images: 100     # missing images are generated before training
+  loss_weight: 1.0          # weight of the class-image loss
+  generation_steps: 25      # sampler steps per generated class image
+  generation_guidance: 5.0  # classifier-free guidance for class images
+  generation_batch_size: 2
+
+train:
+  max_steps: 500            # optimizer steps
+  batch_size: 1             # images per process per micro-step (doubled by prior preservation)
+  gradient_accumulation: 4  # micro-steps per optimizer step
+  learning_rate: 1.0e-4
+  lr_scheduler: constant    # constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial
+  lr_warmup_steps: 0
+  optimizer: adamw          # adamw | adamw8bit (needs bitsandbytes)
+  adam_beta1: 0.9
+  adam_beta2: 0.999
+  adam_weight_decay: 1.0e-2
+  adam_epsilon: 1.0e-8
+  max_grad_norm: 1.0        # gradient clipping; null = none
+  mixed_precision: bf16     # no | fp16 | bf16
+  gradient_checkpointing: true   # less memory, ~20% slower
+  seed: 42
+  checkpoint_every: 100     # steps between resumable checkpoints; 0 = final adapter only
+  checkpoints_keep: 3       # newest checkpoints kept; null = all
+  cache_latents: true       # encode the images once instead of every step
+  prediction_type: null     # epsilon | v_prediction; null = the scheduler's
+  snr_gamma: null           # Min-SNR loss weighting (5.0 is common); null = plain MSE
+  noise_offset: 0.0         # e.g. 0.0357 for darker darks / brighter brights
+  log_every: 1              # steps between metrics.jsonl lines
+  report_to: none           # none | tensorboard
+
+validation:                 # sample grids during training: prompt rows x seed columns, base vs adapter
+  prompts: ["a photo of sks dog in a bucket", "a photo of sks dog on the beach"]
+  every: 100                # steps between grids; 0 = off
+  num_images: 4             # images per prompt
+  steps: 25
+  guidance: 5.0
+  seed: 42
+  resolution: null          # null = data.resolution
+
+output:
+  dir: outputs/run          # checkpoints, samples, adapter, metrics; rerunning resumes from here
+"""

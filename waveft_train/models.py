@@ -1,0 +1,264 @@
+"""Load the SDXL components the trainer needs: from the hub, a local diffusers folder, or the embedded tiny model.
+
+Everything is loaded frozen (the WaveFT tuner adds the only trainable parameters later) and through
+safetensors only. Any model that cannot be found becomes a `UserError` naming it and listing what
+`model.pretrained` accepts, instead of a stack of hub-client exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from waveft_train.errors import UserError
+from waveft_train.tiny import tiny_model_dir
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TINY_MODEL_NAME = "tiny"
+ALLOWED_MODELS = (
+    "`tiny` (the embedded test model), a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0, "
+    "or a local diffusers folder containing model_index.json"
+)
+ALLOWED_VAES = (
+    "a Hugging Face hub id of an AutoencoderKL such as madebyollin/sdxl-vae-fp16-fix, or a local folder with its "
+    "config.json and diffusion_pytorch_model.safetensors (at the top or under vae/)"
+)
+Loaded = TypeVar("Loaded")
+
+
+@dataclass
+class SDXLComponents:
+    """The loaded, frozen parts of an SDXL pipeline, plus the facts about them the trainer needs."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler: SchedulerMixin  # the model's own (sampling) scheduler, as named in its scheduler_config.json
+    model_path: str  # absolute local folder or hub id, as resolved
+    vae_scaling_factor: float
+    vae_force_upcast: bool  # the VAE overflows in fp16 and must decode in fp32 (SDXL's original VAE)
+
+    def training_noise_scheduler(self) -> DDPMScheduler:
+        """A DDPM scheduler with the model's noise schedule: what DreamBooth training adds noise with."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything with more structure is meant as a folder."""
+    return name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def _not_found(what: str, name: str, reason: str, *, hub_id: bool = True, allowed: str = ALLOWED_MODELS) -> UserError:
+    offline = (
+        " Offline mode is on (HF_HUB_OFFLINE=1), so a hub id only works if it is already in the local cache."
+        if hub_id and _hub_offline()
+        else ""
+    )
+    return UserError(f"Could not load {what} '{name}': {reason.rstrip('. ')}.{offline} Allowed: {allowed}.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _validate_hub_id(what: str, name: str, allowed: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        reason = f"it is neither an existing folder nor a valid hub id ({_first_line(error)})"
+        raise _not_found(what, name, reason, hub_id=False, allowed=allowed) from None
+
+
+def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
+    """Turn `model.pretrained` into what `from_pretrained` accepts: an absolute folder or a hub id.
+
+    `tiny` builds (once) and returns the embedded model's cached folder; `cache_dir` overrides its cache root.
+    """
+    name = str(pretrained).strip()
+    if name == TINY_MODEL_NAME:
+        return str(tiny_model_dir(cache_dir))
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise _not_found("the model", name, "it is a file, not a folder", hub_id=False)
+        if not ((local / "model_index.json").is_file() or (local / "unet").is_dir()):
+            reason = f"the folder {local.resolve()} has neither model_index.json nor a unet/ subfolder"
+            raise _not_found("the model", name, reason, hub_id=False)
+        return str(local.resolve())
+    if _looks_like_path(name):
+        raise _not_found("the model", name, f"no such folder ({local.absolute()})", hub_id=False)
+    _validate_hub_id("the model", name, ALLOWED_MODELS)
+    return name
+
+
+def _resolve_vae(vae: str) -> tuple[str, str | None]:
+    """A separate VAE as (path or hub id, subfolder): an AutoencoderKL folder, a pipeline folder's vae/, or a hub id."""
+    name = str(vae).strip()
+    local = Path(name).expanduser()
+    if local.exists():
+        if (local / "config.json").is_file():
+            return str(local.resolve()), None
+        if (local / "vae" / "config.json").is_file():
+            return str(local.resolve()), "vae"
+        reason = f"the folder {local.resolve()} has neither config.json nor vae/config.json"
+        raise _not_found("the VAE", name, reason, hub_id=False, allowed=ALLOWED_VAES)
+    if _looks_like_path(name):
+        reason = f"no such folder ({local.absolute()})"
+        raise _not_found("the VAE", name, reason, hub_id=False, allowed=ALLOWED_VAES)
+    _validate_hub_id("the VAE", name, ALLOWED_VAES)
+    return name, None
+
+
+def _load(what: str, name: str, loader: Callable[[], Loaded], allowed: str = ALLOWED_MODELS) -> Loaded:
+    """Run one `from_pretrained`, turning 'cannot find it' errors into a UserError naming the model."""
+    from huggingface_hub.utils import EntryNotFoundError, HFValidationError
+
+    try:
+        return loader()
+    except (OSError, EntryNotFoundError, HFValidationError) as error:  # OSError covers the hub's HTTP errors
+        raise _not_found(what, name, _first_line(error), allowed=allowed) from error
+
+
+def _frozen(module: Loaded) -> Loaded:
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def _load_scheduler(model_path: str, revision: str | None) -> SchedulerMixin:
+    """The scheduler class named in the model's config, restricted to diffusers' own schedulers."""
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    config = diffusers.DDPMScheduler.load_config(model_path, subfolder="scheduler", revision=revision)
+    class_name = config.get("_class_name", "EulerDiscreteScheduler")
+    scheduler_class = getattr(diffusers, class_name, None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise UserError(
+            f"The model '{model_path}' names the scheduler '{class_name}' in scheduler/scheduler_config.json, which "
+            "is not a diffusers scheduler class. Use a model whose scheduler is one of diffusers' schedulers "
+            "(e.g. EulerDiscreteScheduler)."
+        )
+    return scheduler_class.from_config(config)
+
+
+def _load_vae(
+    path: str, subfolder: str | None, revision: str | None, vae_dtype: torch.dtype | None, weight_dtype: torch.dtype
+) -> AutoencoderKL:
+    """Load the VAE directly in its final dtype (diffusers warns about casting after loading)."""
+    from diffusers import AutoencoderKL
+
+    if vae_dtype is None:
+        config = AutoencoderKL.load_config(path, subfolder=subfolder, revision=revision)
+        vae_dtype = torch.float32 if config.get("force_upcast", True) else weight_dtype
+    return AutoencoderKL.from_pretrained(
+        path, subfolder=subfolder, revision=revision, use_safetensors=True, torch_dtype=vae_dtype
+    )
+
+
+def load_components(
+    pretrained: str,
+    *,
+    revision: str | None = None,
+    vae: str | None = None,
+    weight_dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+) -> SDXLComponents:
+    """Load every SDXL component frozen: UNet and text encoders in `weight_dtype`, the VAE in `vae_dtype`.
+
+    `vae_dtype=None` keeps a VAE that declares `force_upcast` (SDXL's original, which overflows in fp16)
+    in fp32, as diffusers' SDXL training scripts do, and puts any other VAE in `weight_dtype`.
+    `revision` applies to the base model only, not to a separate `vae`.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    model_path = resolve_pretrained(pretrained)
+    common: dict[str, Any] = {"revision": revision}
+    weights: dict[str, Any] = {**common, "use_safetensors": True}
+
+    def part(what: str, load: Callable[[], Loaded]) -> Loaded:
+        return _load(f"the {what} of model", pretrained, load)
+
+    # The scheduler is a tiny config file: loading it first makes a wrong id fail before any download.
+    scheduler = part("scheduler", lambda: _load_scheduler(model_path, revision))
+    tokenizer = part("tokenizer", lambda: CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **common))
+    tokenizer_2 = part(
+        "tokenizer_2", lambda: CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer_2", **common)
+    )
+    # transformers renamed torch_dtype to dtype (4.56); casting after loading works with every version.
+    text_encoder = part(
+        "text_encoder", lambda: CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **weights)
+    ).to(dtype=weight_dtype)
+    text_encoder_2 = part(
+        "text_encoder_2",
+        lambda: CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", **weights),
+    ).to(dtype=weight_dtype)
+    unet = part(
+        "unet",
+        lambda: UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=weight_dtype, **weights),
+    )
+    if vae is None:
+        vae_model = part("vae", lambda: _load_vae(model_path, "vae", revision, vae_dtype, weight_dtype))
+    else:
+        vae_path, vae_subfolder = _resolve_vae(vae)
+        vae_model = _load(
+            "the VAE", vae, lambda: _load_vae(vae_path, vae_subfolder, None, vae_dtype, weight_dtype), ALLOWED_VAES
+        )
+    return SDXLComponents(
+        unet=_frozen(unet),
+        vae=_frozen(vae_model),
+        text_encoder=_frozen(text_encoder),
+        text_encoder_2=_frozen(text_encoder_2),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        model_path=model_path,
+        vae_scaling_factor=float(vae_model.config.scaling_factor),
+        vae_force_upcast=bool(getattr(vae_model.config, "force_upcast", True)),
+    )
+
+
+def build_pipeline(
+    components: SDXLComponents, unet: torch.nn.Module | None = None, *, progress_bar: bool = False
+) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline over the already-loaded modules (nothing is reloaded or copied).
+
+    `unet` replaces the components' UNet (e.g. the adapted one unwrapped from accelerate). The scheduler is a
+    fresh instance from the same config, because pipelines mutate their scheduler's state while sampling.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=unet if unet is not None else components.unet,
+        scheduler=type(components.scheduler).from_config(components.scheduler.config),
+    )
+    pipeline.set_progress_bar_config(disable=not progress_bar)
+    return pipeline
