@@ -223,6 +223,12 @@ def load_images(
     return ImageSet(source_text, rows, column, _prompts(rows, caption_column, default_prompt, source_text))
 
 
+def images_from_files(files: Sequence[Path], *, prompt: str, source: str) -> ImageSet:
+    """An ImageSet of explicit files (e.g. the class images prior preservation chose), all with one prompt."""
+    rows = datasets.Dataset.from_dict({"image": [str(path) for path in files]}).cast_column("image", datasets.Image())
+    return ImageSet(source, rows, "image", tuple(prompt for _ in files))
+
+
 # ----------------------------------------------------------------------------------------------- transforms
 @dataclass(frozen=True)
 class TransformedImage:
@@ -375,16 +381,46 @@ def epoch_indices(length: int, *, epoch: int, seed: int) -> list[int]:
 
 
 def collate(examples: Sequence[dict[str, dict[str, Any]]], with_prior: bool) -> dict[str, Any]:
-    """Batch instance examples first, then class examples: the prior loss splits the batch at num_instance."""
+    """Batch instance examples first, then class examples: the prior loss splits the batch at num_instance.
+
+    Examples carry `pixel_values`, or `latents` when they come from a latent cache.
+    """
     items = [example["instance"] for example in examples]
     if with_prior:
         if any("class" not in example for example in examples):
             raise ValueError("with_prior=True but the dataset was built without class images")
         items += [example["class"] for example in examples]
+    image_key = "latents" if "latents" in items[0] else "pixel_values"  # cached latents or raw pixels
     return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]).contiguous(),
+        image_key: torch.stack([item[image_key] for item in items]).contiguous(),
         "prompts": [item["prompt"] for item in items],
         "original_sizes": torch.tensor([item["original_size"] for item in items], dtype=torch.long),
         "crop_top_lefts": torch.tensor([item["crop_top_left"] for item in items], dtype=torch.long),
         "num_instance": len(examples),
     }
+
+
+class ProcessBatchSampler(torch.utils.data.Sampler):
+    """An endless stream of this process's batches, starting at micro-batch `start`.
+
+    All processes walk one seeded global order (`epoch_indices`, epoch after epoch); each micro-batch takes
+    `batch_size * num_processes` positions and this process keeps its own slice. Starting at any micro-batch
+    gives exactly the batches an uninterrupted run would have drawn there: resume needs no replay.
+    """
+
+    def __init__(self, length: int, *, batch_size: int, seed: int, start: int = 0, process_index: int = 0,
+                 num_processes: int = 1) -> None:
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.start, self.process_index, self.num_processes = start, process_index, num_processes
+
+    def __iter__(self) -> Iterator[list[int]]:
+        span = self.batch_size * self.num_processes
+        epoch, offset = divmod(self.start * span, self.length)
+        pending: list[int] = []
+        while True:
+            pending += epoch_indices(self.length, epoch=epoch, seed=self.seed)[offset:]
+            offset, epoch = 0, epoch + 1
+            while len(pending) >= span:
+                mine = self.process_index * self.batch_size
+                yield pending[mine : mine + self.batch_size]
+                pending = pending[span:]

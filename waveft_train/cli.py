@@ -1,0 +1,109 @@
+"""The `waveft-train` command line (Typer).
+
+`waveft-train --config FILE` trains (also `python -m waveft_train` and `accelerate launch -m waveft_train`);
+`params`, `init`, `sample` and `export` are subcommands. A `UserError` anywhere becomes one readable paragraph
+and exit status 2; `--debug` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from waveft_train.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Personalize Stable Diffusion XL with WaveFT (wavelet fine-tuning) and DreamBooth prior preservation.",
+)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="Training config (YAML).", show_default=False)
+SetOption = typer.Option(
+    None, "--set", help="Override a config value: section.key=value (value parsed as YAML). Repeatable."
+)
+
+
+@app.callback()
+def train(
+    ctx: typer.Context,
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = SetOption,
+    force: bool = typer.Option(False, "--force", help="Train into an output folder that holds a different run."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    """Train a WaveFT adapter: waveft-train --config subject.yaml [--set train.max_steps=800]."""
+    ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        raise UserError("No config given. Run `waveft-train --config configs/demo.yaml`, or `waveft-train init` "
+                        "to write a documented starter config; `waveft-train --help` lists every command.")
+    from waveft_train.config import load_config
+    from waveft_train.run import train_from_config
+
+    train_from_config(load_config(config, overrides or ()), force=force)
+
+
+@app.command()
+def params(
+    config: Path = typer.Option(..., "--config", "-c", help="Training config (YAML)."),
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Show per-layer n_frequency, trainable parameters and the LoRA rank with the same budget, without training."""
+    from waveft_train.config import load_config
+    from waveft_train.run import describe_parameters
+
+    typer.echo(describe_parameters(load_config(config, overrides or ())))
+
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("waveft.yaml"), help="Where to write the starter config."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a documented starter config."""
+    from waveft_train.config import starter_config_text
+
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; pass --force to overwrite it or choose another path.")
+    path.write_text(starter_config_text())
+    typer.echo(f"Wrote {path}. Edit data.instance_dir and the prompts, then: waveft-train --config {path}")
+
+
+def _register_adapter_commands() -> None:
+    from waveft_train.cli_adapters import export, sample
+
+    app.command(help=sample.__doc__)(sample)
+    app.command(help=export.__doc__)(export)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: run the app, turning user mistakes into exit status 2 without a traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    _register_adapter_commands()
+    try:
+        app(args=args, standalone_mode=False)
+    except UserError as error:
+        if debug:
+            raise
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("Aborted.", err=True)
+        sys.exit(130)
+    except Exception as error:  # click's own usage errors
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(2)
+        if isinstance(error, click.exceptions.Exit):
+            sys.exit(error.exit_code)
+        raise

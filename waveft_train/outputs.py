@@ -1,0 +1,136 @@
+"""The run's files: output-folder guard, atomic writes, metrics.jsonl, summary.json and the model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+from pathlib import Path
+
+import torch
+
+from waveft_train.config import TrainConfig, config_fingerprint, load_config
+from waveft_train.errors import UserError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary sibling and rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def prepare_output_dir(config: TrainConfig, *, force: bool) -> Path:
+    """Refuse an output folder holding a different run (unless --force, which clears that run's artifacts)."""
+    output_dir = Path(config.output.dir)
+    previous = output_dir / "config.yaml"
+    if previous.exists():
+        try:
+            same = config_fingerprint(load_config(previous)) == config_fingerprint(config)
+        except UserError:
+            same = False
+        if not same and not force:
+            raise UserError(
+                f"The output folder {output_dir} (output.dir) holds a run with a different config ({previous}). "
+                "Rerunning with the same config resumes that run; to train something else, choose another output.dir, "
+                "or pass --force to discard that run's checkpoints, samples and metrics."
+            )
+        if not same:
+            for name in ("checkpoints", "samples", "adapter"):
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "summary.json"):
+                (output_dir / name).unlink(missing_ok=True)
+    return output_dir
+
+
+def validate_inputs(config: TrainConfig) -> None:
+    """Data checks that need no model: missing, empty or corrupt image folders fail in seconds."""
+    from waveft_train.data import validate_image_folder
+
+    instance = Path(config.data.instance_dir)
+    if instance.is_absolute() or instance.exists():
+        validate_image_folder(instance, config_key="data.instance_dir", role="instance")
+    if config.prior.enabled:
+        validate_image_folder(Path(config.prior.class_dir), config_key="prior.class_dir", role="class", allow_empty=True)
+
+
+class MetricsLog:
+    """metrics.jsonl, one line per logged step; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+        self.last = json.loads(kept[-1]) if kept else None
+
+    def write(self, record: dict) -> None:
+        self.last = record
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def model_card(config: TrainConfig, *, base_model: str, trainable_params: int, steps: int, has_samples: bool) -> str:
+    """README.md of the final adapter: what it is, how it was trained, how to load it with stock peft."""
+    waveft = config.waveft
+    samples = "\n![Validation samples: base model left, adapter right](samples.png)\n" if has_samples else ""
+    prompts = "\n".join(f"- `{prompt}`" for prompt in config.validation.prompts) or "- (none)"
+    return f"""---
+library_name: peft
+base_model: {base_model}
+tags: [waveft, dreambooth, stable-diffusion-xl, waveft-train]
+---
+# WaveFT adapter for `{base_model}`
+
+Trained with waveft-train: DreamBooth{' with prior preservation' if config.prior.enabled else ''} on the
+instance prompt `{config.data.instance_prompt}`, {steps} steps.
+
+| setting | value |
+|---|---|
+| n_frequency | {waveft.n_frequency} |
+| scaling | {waveft.scaling} |
+| wavelet_family | {waveft.wavelet_family} |
+| use_idwt | {waveft.use_idwt} |
+| random_loc_seed | {waveft.random_loc_seed} |
+| target_modules | {waveft.target_modules} |
+| trainable parameters | {trainable_params:,} |
+| learning rate | {config.train.learning_rate} ({config.train.lr_scheduler}) |
+| batch | {config.train.batch_size} x {config.train.gradient_accumulation} accumulation |
+| resolution | {config.data.resolution} |
+| class prompt | {config.prior.class_prompt if config.prior.enabled else '(no prior preservation)'} |
+
+Validation prompts:
+{prompts}
+{samples}
+## Use it with stock diffusers + peft
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+from peft import PeftModel
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/adapter")
+image = pipe("{config.data.instance_prompt}", num_inference_steps=25).images[0]
+```
+
+Or: `waveft-train sample --adapter path/to/this/adapter --prompt "{config.data.instance_prompt}" --out grid.png`.
+"""

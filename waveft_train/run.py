@@ -1,0 +1,380 @@
+"""The composition root: the only module that sees the whole config.
+
+`train_from_config` checks everything that can be checked cheaply (output folder, data folders) before any
+model loads, then wires the stages together: models → class images → data → conditioning → WaveFT → loop →
+checkpoints, samples and the final adapter. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from waveft_train.config import TrainConfig, dump_config
+from waveft_train.errors import UserError
+from waveft_train.outputs import MetricsLog, atomic_write_text, prepare_output_dir, validate_inputs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class Session:
+    """What the per-step hooks need; built once in `train_from_config`."""
+
+    config: TrainConfig
+    output_dir: Path
+    accelerator: object
+    components: object
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    base_samples: Optional[list] = None
+    last_samples: Optional[Path] = None
+
+
+def train_from_config(config: TrainConfig, *, force: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) the run `config` describes; returns the output folder."""
+    started = time.perf_counter()
+    output_dir = prepare_output_dir(config, force=force)
+    validate_inputs(config)
+    check_optional_dependencies(config)
+
+    from accelerate import Accelerator
+    from peft import WaveFTConfig
+
+    from waveft_train import checkpoint, waveft
+    from waveft_train.models import load_components
+    from waveft_train.trainer import LoopSettings, train_loop
+
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        log_with="tensorboard" if config.train.report_to == "tensorboard" else None,
+        project_dir=str(output_dir),
+    )
+    if accelerator.is_main_process:
+        atomic_write_text(output_dir / "config.yaml", dump_config(config))
+    torch.manual_seed(config.train.seed)
+
+    components = load_components(
+        config.model.pretrained, revision=config.model.revision, vae=config.model.vae, weight_dtype=DTYPES[config.model.dtype]
+    )
+    device = accelerator.device
+    dataset = build_dataset(config, components, accelerator, progress)
+    conditioner, dataset = build_conditioner(config, components, dataset, device, progress)
+
+    waveft.register()
+    unet = components.unet.to(device)
+    unet.add_adapter(WaveFTConfig(**config.waveft.peft_kwargs()))
+    if config.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, trainable)
+    lr_scheduler = make_lr_scheduler(config, optimizer)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    session = Session(config, output_dir, accelerator, components, unet, optimizer, lr_scheduler)
+
+    start_step = resume(session)
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl", start_step) if accelerator.is_main_process else None
+    if accelerator.is_main_process and config.train.report_to == "tensorboard":
+        accelerator.init_trackers("waveft-train")
+
+    from torch.utils.data import DataLoader
+
+    from waveft_train.data import ProcessBatchSampler, collate
+
+    sampler = ProcessBatchSampler(
+        len(dataset), batch_size=config.train.batch_size, seed=config.train.seed,
+        start=start_step * config.train.gradient_accumulation,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+    )
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=partial(collate, with_prior=config.prior.enabled),
+        num_workers=config.data.dataloader_workers,
+    )
+    settings = LoopSettings(
+        max_steps=config.train.max_steps,
+        gradient_accumulation=config.train.gradient_accumulation,
+        max_grad_norm=config.train.max_grad_norm,
+        prediction_type=config.train.prediction_type or components.scheduler.config.get("prediction_type", "epsilon"),
+        snr_gamma=config.train.snr_gamma,
+        noise_offset=config.train.noise_offset,
+        prior_loss_weight=config.prior.loss_weight if config.prior.enabled else None,
+        seed=config.train.seed,
+    )
+    input_dtype = torch.float32 if config.train.mixed_precision != "no" else DTYPES[config.model.dtype]
+
+    def after_step(step: int, metrics: dict) -> None:
+        if accelerator.is_main_process and step % config.train.log_every == 0:
+            metrics_log.write({"step": step, **metrics})
+            if config.train.report_to == "tensorboard":
+                accelerator.log(metrics, step=step)
+        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < config.train.max_steps:
+            save_training_checkpoint(session, step)
+        if config.validation.every and step % config.validation.every == 0 and step < config.train.max_steps:
+            validate(session, step, progress)
+
+    result = train_loop(
+        accelerator=accelerator, unet=unet, noise_scheduler=components.training_noise_scheduler(),
+        optimizer=optimizer, lr_scheduler=lr_scheduler, batches=iter(loader), conditioner=conditioner,
+        settings=settings, trainable_params=trainable, start_step=start_step, input_dtype=input_dtype,
+        after_step=after_step, progress=progress,
+    )
+    if start_step < config.train.max_steps and config.train.checkpoint_every:
+        save_training_checkpoint(session, result.step)
+    if config.validation.every or config.validation.prompts:
+        validate(session, result.step, progress)
+    finish(session, result, started, trainable, metrics_log)
+    accelerator.end_training()
+    return output_dir
+
+
+def build_dataset(config: TrainConfig, components, accelerator, progress: bool):
+    """Instance images, class images (generated where missing) and the DreamBooth pairing."""
+    from waveft_train.data import DreamBoothDataset, images_from_files, load_images
+    from waveft_train.models import build_pipeline
+
+    instance = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
+                           default_prompt=config.data.instance_prompt)
+    class_images = None
+    if config.prior.enabled:
+        from waveft_train.prior import ensure_class_images
+
+        def make_pipeline():
+            pipeline = build_pipeline(components, progress_bar=False)
+            return pipeline.to(accelerator.device)
+
+        files = ensure_class_images(
+            Path(config.prior.class_dir), num_images=config.prior.num_class_images, prompt=config.prior.class_prompt,
+            model_id=components.model_path, resolution=config.data.resolution, steps=config.prior.generation_steps,
+            guidance=config.prior.generation_guidance, seed=config.train.seed,
+            batch_size=config.prior.generation_batch_size, make_pipeline=make_pipeline, accelerator=accelerator,
+            progress=progress,
+        )
+        class_images = images_from_files(files, prompt=config.prior.class_prompt, source=config.prior.class_dir)
+    return DreamBoothDataset(
+        instance, resolution=config.data.resolution, seed=config.train.seed, center_crop=config.data.center_crop,
+        random_flip=config.data.random_flip, repeats=config.data.repeats, class_images=class_images,
+        num_class_images=config.prior.num_class_images if config.prior.enabled else None,
+    )
+
+
+def build_conditioner(config: TrainConfig, components, dataset, device: torch.device, progress: bool):
+    """Encode every prompt once (and every example's latents, when cached); then park the encoders on the CPU.
+
+    Returns the conditioner and the dataset the loop should draw from (the latent cache when caching).
+    """
+    from waveft_train.encode import CachedLatentsDataset, Conditioner, PromptCache
+
+    prompts = list(dataset.instance_images.prompts)
+    if dataset.class_images is not None:
+        prompts += list(dataset.class_images.prompts)
+    encoders = [components.text_encoder.to(device), components.text_encoder_2.to(device)]
+    prompt_cache = PromptCache(prompts, [components.tokenizer, components.tokenizer_2], encoders)
+    components.text_encoder.to("cpu")
+    components.text_encoder_2.to("cpu")
+    vae = components.vae.to(device)
+    if config.train.cache_latents:
+        cached = CachedLatentsDataset(dataset, vae, progress=progress)
+        components.vae.to("cpu")
+        return Conditioner(prompt_cache, config.data.resolution), cached
+    return Conditioner(prompt_cache, config.data.resolution, vae=vae), dataset
+
+
+def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    train = config.train
+    options = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                   weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    if train.optimizer == "adamw8bit":
+        import bitsandbytes  # checked up front by `check_optional_dependencies`
+
+        return bitsandbytes.optim.AdamW8bit(parameters, **options)
+    return torch.optim.AdamW(parameters, **options)
+
+
+def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    """diffusers' schedulers; stepped once per optimizer step by the loop (not through accelerate)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=config.train.lr_warmup_steps,
+                         num_training_steps=config.train.max_steps)
+
+
+def check_optional_dependencies(config: TrainConfig) -> None:
+    import importlib.util
+
+    if config.train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("train.optimizer: adamw8bit needs bitsandbytes, which is not installed. Install it with "
+                        "`pip install 'waveft-train[bnb]'` (CUDA only), or use train.optimizer: adamw.")
+    if config.train.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("train.report_to: tensorboard needs the tensorboard package. Install it with "
+                        "`pip install 'waveft-train[tensorboard]'`, or set train.report_to: none.")
+
+
+def resume(session: Session) -> int:
+    """Load the newest complete checkpoint, if any; returns the step to continue from."""
+    from waveft_train import checkpoint
+    from waveft_train.config import config_fingerprint
+
+    latest = checkpoint.find_latest_checkpoint(session.output_dir)
+    if latest is None:
+        return 0
+    adapter, state = checkpoint.load_checkpoint(latest)
+    if state.get("fingerprint") != config_fingerprint(session.config):
+        raise UserError(f"The checkpoint {latest} was written by a run with a different config; use another "
+                        "output.dir, or --force to start this run from scratch there.")
+    checkpoint.load_adapter_weights_into(session.accelerator.unwrap_model(session.unet), adapter)
+    session.optimizer.load_state_dict(state["optimizer"])
+    session.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if session.accelerator.scaler is not None and state.get("scaler"):
+        session.accelerator.scaler.load_state_dict(state["scaler"])
+    step = int(state["step"])
+    if session.accelerator.is_main_process:
+        print(f"Resuming from {latest} (step {step} of {session.config.train.max_steps}).", flush=True)
+    return step
+
+
+def save_training_checkpoint(session: Session, step: int) -> None:
+    """Adapter + optimizer/scheduler state under checkpoints/step-NNNNNN, written atomically by the main process."""
+    from waveft_train import checkpoint
+    from waveft_train.config import config_fingerprint
+
+    accelerator = session.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {
+            "step": step,
+            "fingerprint": config_fingerprint(session.config),
+            "optimizer": session.optimizer.state_dict(),
+            "lr_scheduler": session.lr_scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        }
+        try:
+            checkpoint.save_checkpoint(
+                session.output_dir, step, unet=accelerator.unwrap_model(session.unet),
+                base_model_name_or_path=session.components.model_path, training_state=state,
+                keep=session.config.train.checkpoints_keep,
+            )
+        except OSError as error:
+            previous = checkpoint.find_latest_checkpoint(session.output_dir)
+            raise UserError(
+                f"Could not write the checkpoint for step {step} in {session.output_dir / 'checkpoints'}: {error}. "
+                f"Nothing was half-written; the newest complete checkpoint ({previous or 'none yet'}) is intact. "
+                "Free some disk space and rerun the same command to resume."
+            ) from error
+    accelerator.wait_for_everyone()
+
+
+def validate(session: Session, step: int, progress: bool) -> None:
+    """samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, for the same seeds."""
+    from waveft_train.models import build_pipeline
+    from waveft_train.sampling import generate_grid_images, make_grid
+
+    config, accelerator = session.config, session.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and config.validation.prompts:
+        unet = accelerator.unwrap_model(session.unet)
+        components = session.components
+        device = accelerator.device
+        for module in (components.text_encoder, components.text_encoder_2, components.vae):
+            module.to(device)
+        unet.eval()
+        pipeline = build_pipeline(components, unet=unet)
+        seeds = [config.validation.seed + i for i in range(config.validation.num_images)]
+        resolution = config.validation_resolution()
+        options = dict(steps=config.validation.steps, guidance=config.validation.guidance, height=resolution,
+                       width=resolution, progress=progress)
+        with torch.no_grad():
+            adapted = generate_grid_images(pipeline, config.validation.prompts, seeds, **options)
+            if session.base_samples is None:
+                unet.disable_adapters()
+                try:
+                    session.base_samples = generate_grid_images(pipeline, config.validation.prompts, seeds, **options)
+                finally:
+                    unet.enable_adapters()
+        grid = make_grid([base + ours for base, ours in zip(session.base_samples, adapted)])
+        path = session.output_dir / "samples" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        grid.save(temporary, format="PNG")
+        temporary.replace(path)
+        session.last_samples = path
+        for module in (components.text_encoder, components.text_encoder_2):
+            module.to("cpu")
+        if config.train.cache_latents:
+            components.vae.to("cpu")
+        unet.train()
+    accelerator.wait_for_everyone()
+
+
+def finish(session: Session, result, started: float, trainable: list[torch.nn.Parameter], metrics_log) -> None:
+    """The final adapter (with model card and last sample grid) and summary.json."""
+    from waveft_train import checkpoint
+    from waveft_train.outputs import model_card, peak_memory_bytes
+
+    accelerator = session.accelerator
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    config, output_dir = session.config, session.output_dir
+    trainable_params = sum(p.numel() for p in trainable)
+    adapter_dir = output_dir / "adapter"
+    card = model_card(config, base_model=session.components.model_path, trainable_params=trainable_params,
+                      steps=result.step, has_samples=session.last_samples is not None)
+    checkpoint.save_adapter(adapter_dir, accelerator.unwrap_model(session.unet),
+                            base_model_name_or_path=session.components.model_path, model_card=card)
+    if session.last_samples is not None:
+        temporary = adapter_dir / ".samples.png.tmp"
+        shutil.copyfile(session.last_samples, temporary)
+        temporary.replace(adapter_dir / "samples.png")
+    final_loss = result.final_loss if result.final_loss is not None else (metrics_log.last or {}).get("loss")
+    summary = {
+        "trainable_params": trainable_params,
+        "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
+        "steps": result.step,
+        "seconds_per_step": result.seconds_per_step,
+        "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "final_loss": final_loss,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"Done: adapter in {adapter_dir}, samples in {output_dir / 'samples'}.", flush=True)
+
+
+def describe_parameters(config: TrainConfig) -> str:
+    """Per-layer n_frequency and totals, from the UNet's config on the meta device (no weights are loaded)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import WaveFTConfig, inject_adapter_in_model
+
+    from waveft_train import waveft
+    from waveft_train.models import resolve_pretrained
+
+    path = resolve_pretrained(config.model.pretrained)
+    try:
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=config.model.revision)
+    except (OSError, ValueError) as error:
+        raise UserError(f"Could not read the UNet config of {config.model.pretrained} (model.pretrained): {error}") from None
+    waveft.register()
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        inject_adapter_in_model(WaveFTConfig(**config.waveft.peft_kwargs()), unet)
+    rows, total, lora_unit = [], 0, 0
+    for name, module in unet.named_modules():
+        if isinstance(module, waveft.WaveFTLayer):
+            n = module.waveft_n_frequency["default"]
+            rows.append(f"{name:<72} {module.out_features:>5}x{module.in_features:<5} {n:>8}")
+            total += n + (module.out_features if "default" in module.waveft_bias else 0)
+            lora_unit += module.in_features + module.out_features
+    lines = [f"{'layer':<72} {'d_out x d_in':>11} {'n_freq':>8}", *rows, "",
+             f"adapted layers: {len(rows)}", f"trainable parameters: {total:,}",
+             f"LoRA with the same budget: rank {total / lora_unit:.2f} (one LoRA rank costs {lora_unit:,} parameters here)"]
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""The training loop: noise, the DreamBooth loss with prior preservation, accumulation, clipping, NaN guard.
+
+It knows no YAML and no file layout: the composition root (`run.py`) hands it prepared objects, a stream of
+batches that already starts at the resume point, and an `after_step` callback that logs, checkpoints and
+validates. All randomness is derived from (seed, micro-batch index, process), so a resumed run draws exactly
+the noise and timesteps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from waveft_train.encode import Conditioner, UNetInputs
+from waveft_train.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient: the run stops, the last good checkpoint stays."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    max_steps: int
+    gradient_accumulation: int
+    max_grad_norm: Optional[float]
+    prediction_type: str  # "epsilon" | "v_prediction"
+    snr_gamma: Optional[float]
+    noise_offset: float
+    prior_loss_weight: Optional[float]  # None: no prior preservation
+    seed: int
+
+
+def micro_batch_generator(seed: int, micro_index: int, process_index: int) -> torch.Generator:
+    """The CPU generator for one micro-batch's noise and timesteps."""
+    state = np.random.SeedSequence([seed, micro_index, process_index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), per example."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_loss(
+    unet, noise_scheduler, inputs: UNetInputs, generator: torch.Generator, settings: LoopSettings, input_dtype: torch.dtype
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Instance MSE (optionally Min-SNR weighted) + prior_loss_weight × class MSE on the class half of the batch."""
+    latents = inputs.latents.float()
+    batch, channels = latents.shape[:2]
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    if settings.noise_offset:
+        noise = noise + settings.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(
+        noisy.to(input_dtype),
+        timesteps,
+        encoder_hidden_states=inputs.prompt_embeds.to(input_dtype),
+        added_cond_kwargs={"text_embeds": inputs.pooled.to(input_dtype), "time_ids": inputs.time_ids.to(input_dtype)},
+        return_dict=False,
+    )[0].float()
+    if settings.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    per_example = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+
+    n = inputs.num_instance
+    instance = per_example[:n]
+    if settings.snr_gamma is not None:
+        instance = instance * min_snr_weights(noise_scheduler, timesteps[:n], settings.snr_gamma, settings.prediction_type)
+    instance_loss = instance.mean()
+    parts = {"instance_loss": instance_loss.detach()}
+    loss = instance_loss
+    if settings.prior_loss_weight is not None and per_example.shape[0] > n:
+        prior_loss = per_example[n:].mean()
+        loss = loss + settings.prior_loss_weight * prior_loss
+        parts["prior_loss"] = prior_loss.detach()
+    return loss, parts
+
+
+@dataclass
+class LoopResult:
+    step: int
+    final_loss: Optional[float]
+    seconds_per_step: Optional[float]
+
+
+def train_loop(
+    *,
+    accelerator,
+    unet,
+    noise_scheduler,
+    optimizer,
+    lr_scheduler,
+    batches: Iterator[dict],
+    conditioner: Conditioner,
+    settings: LoopSettings,
+    trainable_params: list[torch.nn.Parameter],
+    start_step: int,
+    input_dtype: torch.dtype,
+    after_step: Callable[[int, dict[str, float]], None],
+    progress: bool = True,
+) -> LoopResult:
+    """Run optimizer steps start_step+1 … max_steps; `after_step(step, metrics)` follows each one."""
+    accumulation = settings.gradient_accumulation
+    bar = tqdm(
+        total=settings.max_steps, initial=start_step, desc="training", disable=not (progress and accelerator.is_main_process)
+    )
+    unet.train()
+    step, final_loss, step_seconds = start_step, None, []
+    while step < settings.max_steps:
+        started = time.perf_counter()
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(accumulation):
+            inputs = conditioner(next(batches), accelerator.device)
+            generator = micro_batch_generator(settings.seed, step * accumulation + micro, accelerator.process_index)
+            syncing = micro == accumulation - 1
+            with nullcontext() if syncing else accelerator.no_sync(unet):
+                loss, parts = diffusion_loss(unet, noise_scheduler, inputs, generator, settings, input_dtype)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(_diverged_message(step + 1, "loss", loss.item()))
+                accelerator.backward(loss / accumulation)
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                totals[name] = totals.get(name, 0.0) + value / accumulation
+
+        grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm or float("inf"))
+        if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
+            raise TrainingDiverged(_diverged_message(step + 1, "gradient norm", float(grad_norm)))
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        reduced = {name: accelerator.reduce(value.reshape(1), reduction="mean").item() for name, value in totals.items()}
+        seconds = time.perf_counter() - started
+        step_seconds.append(seconds)
+        metrics = {**reduced, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "seconds": seconds}
+        final_loss = reduced["loss"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{metrics['lr']:.2e}", s_per_step=f"{seconds:.2f}")
+        after_step(step, metrics)
+    bar.close()
+    # The first step pays for warm-up (allocations, kernel selection): leave it out of the average when possible.
+    timed = step_seconds[1:] or step_seconds
+    return LoopResult(step=step, final_loss=final_loss, seconds_per_step=sum(timed) / len(timed) if timed else None)
+
+
+def _diverged_message(step: int, what: str, value: float) -> str:
+    return (
+        f"Training diverged at step {step}: the {what} is {value}. The run stopped; the newest checkpoint under "
+        "checkpoints/ is the last good state and rerunning resumes from it. Lower train.learning_rate or "
+        "waveft.scaling, use train.mixed_precision: bf16 instead of fp16, or set a model.vae that is fp16-safe."
+    )
