@@ -457,7 +457,8 @@ def dump_config(config: TrainConfig) -> str:
 
 NOT_IN_FINGERPRINT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     "data": ("dataloader_workers",),
-    "train": ("checkpoint_every", "checkpoints_keep", "log_every", "report_to", "gradient_checkpointing")})
+    # max_steps is left out so that raising it extends a finished run instead of refusing it.
+    "train": ("max_steps", "checkpoint_every", "checkpoints_keep", "log_every", "report_to", "gradient_checkpointing")})
 
 
 def config_fingerprint(config: TrainConfig) -> str:
