@@ -83,10 +83,24 @@ def _register_adapter_commands() -> None:
     app.command(help=export.__doc__)(export)
 
 
+def _configure_logging(debug: bool) -> None:
+    """Our own INFO lines (e.g. how many class images get generated); libraries stay at their warnings."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("waveft_train")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning user mistakes into exit status 2 without a traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    _configure_logging(debug)
     _register_adapter_commands()
     try:
         app(args=args, standalone_mode=False)

@@ -261,4 +261,22 @@ def build_pipeline(
         scheduler=type(components.scheduler).from_config(components.scheduler.config),
     )
     pipeline.set_progress_bar_config(disable=not progress_bar)
+    _decode_in_vae_dtype(components.vae)
     return pipeline
+
+
+def _decode_in_vae_dtype(vae: torch.nn.Module) -> None:
+    """Let a float32 VAE (kept for fp16 safety) decode bf16/fp16 latents.
+
+    diffusers' SDXL pipeline casts latents to the VAE's dtype only when it upcasts an fp16 VAE itself; a VAE
+    that is already float32 next to a bf16 UNet would otherwise fail at decode with a dtype mismatch.
+    """
+    if getattr(vae, "_waveft_decode_cast", False):
+        return
+
+    def cast_input(module, args):
+        return tuple(arg.to(module.weight.dtype) if torch.is_tensor(arg) else arg for arg in args)
+
+    target = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder.conv_in
+    target.register_forward_pre_hook(cast_input)
+    vae._waveft_decode_cast = True

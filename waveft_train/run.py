@@ -153,7 +153,7 @@ def build_dataset(config: TrainConfig, components, accelerator, progress: bool):
 
         files = ensure_class_images(
             Path(config.prior.class_dir), num_images=config.prior.num_class_images, prompt=config.prior.class_prompt,
-            model_id=components.model_path, resolution=config.data.resolution, steps=config.prior.generation_steps,
+            model_id=_model_identity(config, components.model_path), resolution=config.data.resolution, steps=config.prior.generation_steps,
             guidance=config.prior.generation_guidance, seed=config.train.seed,
             batch_size=config.prior.generation_batch_size, make_pipeline=make_pipeline, accelerator=accelerator,
             progress=progress,
@@ -164,6 +164,12 @@ def build_dataset(config: TrainConfig, components, accelerator, progress: bool):
         random_flip=config.data.random_flip, repeats=config.data.repeats, class_images=class_images,
         num_class_images=config.prior.num_class_images if config.prior.enabled else None,
     )
+
+
+def _model_identity(config: TrainConfig, model_path: str) -> str:
+    """What generated class images depend on, besides the sampling settings: model, revision, VAE and dtype."""
+    identity = model_path + (f"@{config.model.revision}" if config.model.revision else "")
+    return identity + (f"|vae={config.model.vae}" if config.model.vae else "") + f"|{config.model.dtype}"
 
 
 def build_conditioner(config: TrainConfig, components, dataset, device: torch.device, progress: bool):

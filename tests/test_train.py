@@ -1,0 +1,248 @@
+"""The trainer end to end on the embedded tiny SDXL: output files, prior loss, conditioning cache, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from waveft_train import run
+from waveft_train.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def fast_overrides(output_dir: Path, class_dir: Path, **extra) -> list[str]:
+    """The demo config, shrunk to seconds: 32 px, 4 steps, tiny validation."""
+    values = {
+        "output.dir": output_dir,
+        "prior.class_dir": class_dir,
+        "prior.num_class_images": 2,
+        "prior.generation_steps": 2,
+        "prior.generation_batch_size": 2,
+        "data.resolution": 32,
+        "train.max_steps": 4,
+        "train.gradient_accumulation": 1,
+        "train.checkpoint_every": 2,
+        "train.checkpoints_keep": 2,
+        "validation.every": 2,
+        "validation.num_images": 1,
+        "validation.steps": 2,
+        "validation.prompts": "[a photo of sks toy]",
+        "waveft.n_frequency": 128,
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("class-images")  # shared: generated once, reused by every run here
+
+
+def train(output_dir: Path, class_dir: Path, **extra) -> Path:
+    config = load_config(DEMO, fast_overrides(output_dir, class_dir, **extra))
+    return run.train_from_config(config, progress=False)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+
+def test_demo_end_to_end_writes_exactly_the_layout(tmp_path, class_dir, tiny_model_dir):
+    output_dir = train(tmp_path / "run", class_dir)
+    checkpoint_files = {"adapter_config.json", "adapter_model.safetensors", "training_state.json", "training_state.safetensors"}
+    assert files_under(output_dir) == {
+        "config.yaml", "metrics.jsonl", "summary.json",
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md", "adapter/samples.png",
+        "samples/step-000002.png", "samples/step-000004.png",
+        *{f"checkpoints/step-000002/{name}" for name in checkpoint_files},
+        *{f"checkpoints/step-000004/{name}" for name in checkpoint_files},
+    }  # fmt: skip
+    assert len(list(class_dir.glob("*.png"))) == 2 and (class_dir / "manifest.json").exists()
+
+    resolved = load_config(output_dir / "config.yaml")
+    assert Path(resolved.data.instance_dir).is_absolute() and Path(resolved.output.dir) == output_dir
+    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["prior_loss"] > 0 and m["instance_loss"] > 0 for m in metrics)
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["num_processes"] == 1
+    assert summary["trainable_params"] == 64 * 128  # 16 attention blocks x 4 linears x n_frequency
+    assert summary["adapter_bytes"] == (output_dir / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert summary["final_loss"] == pytest.approx(metrics[-1]["loss"])
+    assert summary["peak_memory_bytes"] > 0 and summary["seconds_per_step"] > 0
+
+    from PIL import Image
+
+    grid = Image.open(output_dir / "samples" / "step-000004.png")
+    assert grid.size == (2 * 32, 32)  # one prompt row: base image, then the adapter's
+    card = (output_dir / "adapter" / "README.md").read_text()
+    assert "n_frequency | 128" in card and "PeftModel.from_pretrained" in card
+
+
+def test_adapter_loads_in_stock_peft_and_changes_the_unet(tmp_path, class_dir):
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    from waveft_train.waveft import register, unregister
+
+    output_dir = train(tmp_path / "run", class_dir)
+    adapter_dir = output_dir / "adapter"
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    torch.manual_seed(0)
+    inputs = (torch.randn(1, 4, 16, 16), torch.tensor([500]))
+    kwargs = dict(encoder_hidden_states=torch.randn(1, 77, 64),
+                  added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])})
+    with torch.no_grad():
+        before = unet(*inputs, **kwargs).sample
+    unregister()
+    try:
+        model = PeftModel.from_pretrained(unet, adapter_dir)
+        assert type(model.base_model).__module__.startswith("peft.")
+        with torch.no_grad():
+            after = model(*inputs, **kwargs).sample
+    finally:
+        register()
+    assert (after - before).abs().max() > 1e-6
+
+
+class SplitUNet(torch.nn.Module):
+    """Predicts 0 for instance examples and 1 for class examples: the loss split is then known exactly."""
+
+    def __init__(self, num_instance: int):
+        super().__init__()
+        self.num_instance = num_instance
+
+    def forward(self, sample, timesteps, **kwargs):
+        prediction = torch.zeros_like(sample)
+        prediction[self.num_instance :] = 1.0
+        return (prediction,)
+
+
+def test_prior_preservation_loss_split():
+    from diffusers import DDPMScheduler
+
+    from waveft_train.encode import UNetInputs
+    from waveft_train.trainer import LoopSettings, diffusion_loss, micro_batch_generator
+
+    inputs = UNetInputs(latents=torch.randn(4, 4, 8, 8), prompt_embeds=torch.zeros(4, 77, 64), pooled=torch.zeros(4, 32),
+                        time_ids=torch.zeros(4, 6), num_instance=2)
+    settings = LoopSettings(max_steps=1, gradient_accumulation=1, max_grad_norm=None, prediction_type="epsilon",
+                            snr_gamma=None, noise_offset=0.0, prior_loss_weight=0.3, seed=0)
+    loss, parts = diffusion_loss(SplitUNet(2), DDPMScheduler(), inputs, micro_batch_generator(0, 0, 0), settings, torch.float32)
+    noise = torch.randn(inputs.latents.shape, generator=micro_batch_generator(0, 0, 0))
+    expected_instance = noise[:2].square().mean()
+    expected_prior = (1 - noise[2:]).square().mean()
+    torch.testing.assert_close(parts["instance_loss"], expected_instance)
+    torch.testing.assert_close(parts["prior_loss"], expected_prior)
+    torch.testing.assert_close(loss, expected_instance + 0.3 * expected_prior)
+
+    no_prior = LoopSettings(**{**settings.__dict__, "prior_loss_weight": None})
+    loss, parts = diffusion_loss(SplitUNet(2), DDPMScheduler(), inputs, micro_batch_generator(0, 0, 0), no_prior, torch.float32)
+    assert "prior_loss" not in parts
+
+
+def test_cached_and_uncached_conditioning_give_the_same_loss(tmp_path, class_dir):
+    from diffusers import DDPMScheduler
+
+    from waveft_train.data import collate
+    from waveft_train.models import load_components
+    from waveft_train.trainer import LoopSettings, diffusion_loss, micro_batch_generator
+
+    config = load_config(DEMO, fast_overrides(tmp_path, class_dir))
+    components = load_components(config.model.pretrained)
+    dataset = run.build_dataset(config, components, _SingleProcess(), progress=False)
+    settings = LoopSettings(max_steps=1, gradient_accumulation=1, max_grad_norm=None, prediction_type="epsilon",
+                            snr_gamma=None, noise_offset=0.1, prior_loss_weight=1.0, seed=0)
+    losses = []
+    for cache in (True, False):
+        config.train.cache_latents = cache
+        conditioner, source = run.build_conditioner(config, components, dataset, torch.device("cpu"), progress=False)
+        batch = collate([source[3], source[0]], with_prior=True)
+        assert ("latents" in batch) == cache
+        inputs = conditioner(batch, torch.device("cpu"))
+        loss, _ = diffusion_loss(components.unet, DDPMScheduler(), inputs, micro_batch_generator(0, 5, 0), settings, torch.float32)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+
+
+class _SingleProcess:
+    device = torch.device("cpu")
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, class_dir, monkeypatch, capsys):
+    reference = train(tmp_path / "uninterrupted", class_dir)
+
+    real_save = run.save_training_checkpoint
+
+    def save_then_crash(session, step):
+        real_save(session, step)
+        if step == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(run, "save_training_checkpoint", save_then_crash)
+    with pytest.raises(Interrupted):
+        train(tmp_path / "resumed", class_dir)
+    monkeypatch.undo()
+    assert not (tmp_path / "resumed" / "adapter").exists()
+
+    capsys.readouterr()
+    resumed = train(tmp_path / "resumed", class_dir)
+    assert "Resuming from" in capsys.readouterr().out
+    expected = load_file(reference / "adapter" / "adapter_model.safetensors")
+    actual = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_output_dir_with_another_run_is_refused_unless_forced(tmp_path, class_dir):
+    from waveft_train.errors import UserError
+
+    output_dir = train(tmp_path / "run", class_dir, **{"train.max_steps": 2, "validation.every": 0})
+    other = load_config(DEMO, fast_overrides(output_dir, class_dir, **{"train.learning_rate": 5e-4}))
+    with pytest.raises(UserError, match="different config.*--force"):
+        run.train_from_config(other, progress=False)
+    run.train_from_config(other, force=True, progress=False)
+    assert load_config(output_dir / "config.yaml").train.learning_rate == 5e-4
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.waveft.target_modules
+
+
+def test_params_reports_layers_and_lora_rank():
+    text = run.describe_parameters(load_config(DEMO))
+    lines = [line for line in text.splitlines() if line.startswith(("down_blocks", "up_blocks", "mid_block"))]
+    assert len(lines) == 64 and all(line.split()[-1] == "256" for line in lines)
+    assert "trainable parameters: 16,384" in text
+    assert "LoRA with the same budget: rank 2.00" in text  # 16384 / (64 * (64 + 64))
+
+
+def test_bf16_weights_and_mixed_precision_train_and_sample(tmp_path, class_dir):
+    """The default real-SDXL precision (bf16 weights, bf16 autocast, fp32 VAE and spectrum) runs end to end."""
+    output_dir = train(tmp_path / "run", class_dir, **{"model.dtype": "bf16", "train.mixed_precision": "bf16",
+                                                       "train.max_steps": 2, "validation.every": 0})
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    tensors = load_file(output_dir / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in tensors.values())
+    assert (output_dir / "samples" / "step-000002.png").exists()
