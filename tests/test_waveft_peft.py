@@ -260,3 +260,25 @@ def test_errors_name_the_culprit():
         get_peft_model(Block(), config(target_modules=["conv"]))
     with pytest.raises(ValueError, match="bias 'lora_only'.*none, all, waveft_only"):
         get_peft_model(Block(), config(bias="lora_only"))
+
+
+def test_tiny_sdxl_unet_through_diffusers_add_adapter(tiny_components):
+    """diffusers' own entry point on a real (tiny) SDXL UNet: our layers, only spectra trainable, zero init = base."""
+    unet = tiny_components.unet
+    torch.manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16)
+    kwargs = dict(
+        encoder_hidden_states=torch.randn(1, 77, 64),
+        added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])},
+    )
+    with torch.no_grad():
+        before = unet(sample, 10, **kwargs).sample
+    unet.add_adapter(WaveFTConfig(n_frequency=100, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    adapted = [name for name, module in unet.named_modules() if isinstance(module, WaveFTLinear)]
+    assert len(adapted) == 64 and all(name.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for name in adapted)
+    trainable = [name for name, p in unet.named_parameters() if p.requires_grad]
+    assert len(trainable) == 64 and all(name.endswith("waveft_spectrum.default") for name in trainable)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(sample, 10, **kwargs).sample, before)
+    unet(sample, 10, **kwargs).sample.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters() if p.requires_grad)
