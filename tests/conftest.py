@@ -43,3 +43,14 @@ def tiny_components(tiny_model_dir: Path):
     from waveft_train.models import load_components
 
     return load_components(str(tiny_model_dir))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state; tests that train with different precisions need it reset."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -25,27 +25,33 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def prepare_output_dir(config: TrainConfig, *, force: bool) -> Path:
-    """Refuse an output folder holding a different run (unless --force, which clears that run's artifacts)."""
+def holds_other_run(config: TrainConfig, *, force: bool) -> bool:
+    """True when output.dir holds a run with a different config and --force allows replacing it.
+
+    Read-only, so every process can call it; without --force such a folder is refused.
+    """
     output_dir = Path(config.output.dir)
     previous = output_dir / "config.yaml"
-    if previous.exists():
-        try:
-            same = config_fingerprint(load_config(previous)) == config_fingerprint(config)
-        except UserError:
-            same = False
-        if not same and not force:
-            raise UserError(
-                f"The output folder {output_dir} (output.dir) holds a run with a different config ({previous}). "
-                "Rerunning with the same config resumes that run; to train something else, choose another output.dir, "
-                "or pass --force to discard that run's checkpoints, samples and metrics."
-            )
-        if not same:
-            for name in ("checkpoints", "samples", "adapter"):
-                shutil.rmtree(output_dir / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "summary.json"):
-                (output_dir / name).unlink(missing_ok=True)
-    return output_dir
+    if not previous.exists():
+        return False
+    try:
+        same = config_fingerprint(load_config(previous)) == config_fingerprint(config)
+    except UserError:
+        same = False
+    if not same and not force:
+        raise UserError(
+            f"The output folder {output_dir} (output.dir) holds a run with a different config ({previous}). "
+            "Rerunning with the same config resumes that run; to train something else, choose another output.dir, "
+            "or pass --force to discard that run's checkpoints, samples and metrics."
+        )
+    return not same
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    for name in ("checkpoints", "samples", "adapter"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        (output_dir / name).unlink(missing_ok=True)
 
 
 def validate_inputs(config: TrainConfig) -> None:

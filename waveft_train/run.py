@@ -19,7 +19,7 @@ import torch
 
 from waveft_train.config import TrainConfig, dump_config
 from waveft_train.errors import UserError
-from waveft_train.outputs import MetricsLog, atomic_write_text, prepare_output_dir, validate_inputs
+from waveft_train.outputs import MetricsLog, atomic_write_text, clear_previous_run, holds_other_run, validate_inputs
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,14 +43,16 @@ class Session:
 def train_from_config(config: TrainConfig, *, force: bool = False, progress: bool = True) -> Path:
     """Train (or resume) the run `config` describes; returns the output folder."""
     started = time.perf_counter()
-    output_dir = prepare_output_dir(config, force=force)
+    output_dir = Path(config.output.dir)
+    replace_other_run = holds_other_run(config, force=force)
     validate_inputs(config)
     check_optional_dependencies(config)
+    adapter_on_meta_unet(config)  # target_modules and n_frequency checked against the UNet before weights load
 
     from accelerate import Accelerator
     from peft import WaveFTConfig
 
-    from waveft_train import checkpoint, waveft
+    from waveft_train import waveft
     from waveft_train.models import load_components
     from waveft_train.trainer import LoopSettings, train_loop
 
@@ -60,7 +62,10 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
         project_dir=str(output_dir),
     )
     if accelerator.is_main_process:
+        if replace_other_run:
+            clear_previous_run(output_dir)
         atomic_write_text(output_dir / "config.yaml", dump_config(config))
+    accelerator.wait_for_everyone()
     torch.manual_seed(config.train.seed)
 
     components = load_components(
@@ -355,8 +360,12 @@ def finish(session: Session, result, started: float, trainable: list[torch.nn.Pa
     print(f"Done: adapter in {adapter_dir}, samples in {output_dir / 'samples'}.", flush=True)
 
 
-def describe_parameters(config: TrainConfig) -> str:
-    """Per-layer n_frequency and totals, from the UNet's config on the meta device (no weights are loaded)."""
+def adapter_on_meta_unet(config: TrainConfig):
+    """The config's UNet on the meta device (no weights) with the WaveFT adapter injected.
+
+    Catches what only the model can tell (target_modules that match nothing, an n_frequency larger than a
+    layer) in seconds, before gigabytes of weights load; the tuner's own errors become UserErrors.
+    """
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from peft import WaveFTConfig, inject_adapter_in_model
@@ -372,7 +381,18 @@ def describe_parameters(config: TrainConfig) -> str:
     waveft.register()
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
-        inject_adapter_in_model(WaveFTConfig(**config.waveft.peft_kwargs()), unet)
+        try:
+            inject_adapter_in_model(WaveFTConfig(**config.waveft.peft_kwargs()), unet)
+        except (ValueError, TypeError) as error:
+            raise UserError(f"The waveft section does not fit the UNet of {config.model.pretrained}: {error}") from None
+    return unet
+
+
+def describe_parameters(config: TrainConfig) -> str:
+    """Per-layer n_frequency and totals, from the UNet's config on the meta device (no weights are loaded)."""
+    from waveft_train import waveft
+
+    unet = adapter_on_meta_unet(config)
     rows, total, lora_unit = [], 0, 0
     for name, module in unet.named_modules():
         if isinstance(module, waveft.WaveFTLayer):
