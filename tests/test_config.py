@@ -341,6 +341,6 @@ def test_subject_config_has_the_papers_settings() -> None:
         "bf16", "bf16", True, 1024)
     assert config.prior.enabled and config.prior.num_class_images == 200
     assert config.prior.class_prompt == "a photo of dog" and config.data.instance_prompt == "a photo of sks dog"
-    assert config.prior.class_dir == str(folder / "class_images" / "dog")
+    assert config.prior.class_dir == str(folder.parent / "outputs" / "class-images" / "dog")
     assert config.data.instance_dir == str(folder / "subject" / "dog")
-    assert config.output.dir == str(folder / "outputs" / "dog")
+    assert config.output.dir == str(folder.parent / "outputs" / "dog")  # the repo's git-ignored outputs/

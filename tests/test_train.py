@@ -157,7 +157,7 @@ def test_cached_and_uncached_conditioning_give_the_same_loss(tmp_path, class_dir
 
     config = load_config(DEMO, fast_overrides(tmp_path, class_dir))
     components = load_components(config.model.pretrained)
-    dataset = run.build_dataset(config, components, _SingleProcess(), progress=False)
+    dataset = run.build_dataset(config, run.load_instance_images(config), components, _SingleProcess(), progress=False)
     settings = LoopSettings(max_steps=1, gradient_accumulation=1, max_grad_norm=None, prediction_type="epsilon",
                             snr_gamma=None, noise_offset=0.1, prior_loss_weight=1.0, seed=0)
     losses = []

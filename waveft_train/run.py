@@ -48,6 +48,7 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     validate_inputs(config)
     check_optional_dependencies(config)
     adapter_on_meta_unet(config)  # target_modules and n_frequency checked against the UNet before weights load
+    instance_images = load_instance_images(config)
 
     from accelerate import Accelerator
     from peft import WaveFTConfig
@@ -72,7 +73,7 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
         config.model.pretrained, revision=config.model.revision, vae=config.model.vae, weight_dtype=DTYPES[config.model.dtype]
     )
     device = accelerator.device
-    dataset = build_dataset(config, components, accelerator, progress)
+    dataset = build_dataset(config, instance_images, components, accelerator, progress)
     conditioner, dataset = build_conditioner(config, components, dataset, device, progress)
 
     waveft.register()
@@ -141,13 +142,19 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     return output_dir
 
 
-def build_dataset(config: TrainConfig, components, accelerator, progress: bool):
-    """Instance images, class images (generated where missing) and the DreamBooth pairing."""
-    from waveft_train.data import DreamBoothDataset, images_from_files, load_images
+def load_instance_images(config: TrainConfig):
+    """The subject photos (a local folder or a hub dataset), read before any model loads."""
+    from waveft_train.data import load_images
+
+    return load_images(config.data.instance_dir, caption_column=config.data.caption_column,
+                       default_prompt=config.data.instance_prompt)
+
+
+def build_dataset(config: TrainConfig, instance, components, accelerator, progress: bool):
+    """The instance images, class images (generated where missing) and the DreamBooth pairing."""
+    from waveft_train.data import DreamBoothDataset, images_from_files
     from waveft_train.models import build_pipeline
 
-    instance = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
-                           default_prompt=config.data.instance_prompt)
     class_images = None
     if config.prior.enabled:
         from waveft_train.prior import ensure_class_images
@@ -371,13 +378,16 @@ def adapter_on_meta_unet(config: TrainConfig):
     from peft import WaveFTConfig, inject_adapter_in_model
 
     from waveft_train import waveft
-    from waveft_train.models import resolve_pretrained
+    from waveft_train.models import ALLOWED_MODELS, resolve_pretrained
 
     path = resolve_pretrained(config.model.pretrained)
     try:
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=config.model.revision)
     except (OSError, ValueError) as error:
-        raise UserError(f"Could not read the UNet config of {config.model.pretrained} (model.pretrained): {error}") from None
+        raise UserError(
+            f"Could not read the UNet config of {config.model.pretrained!r} (model.pretrained): {_first_line(error).rstrip('.')}. "
+            f"model.pretrained takes {ALLOWED_MODELS}."
+        ) from None
     waveft.register()
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
@@ -404,3 +414,7 @@ def describe_parameters(config: TrainConfig) -> str:
              f"adapted layers: {len(rows)}", f"trainable parameters: {total:,}",
              f"LoRA with the same budget: rank {total / lora_unit:.2f} (one LoRA rank costs {lora_unit:,} parameters here)"]
     return "\n".join(lines)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -54,12 +54,14 @@ class WaveFTModel(BaseTuner):
         except NoMatchingPeftModuleError as error:
             config = self.peft_config[adapter_name]
             linear_names = [name for name, module in model.named_modules() if _linear_dims(module) is not None]
-            shown = ", ".join(linear_names[:8]) + (", ..." if len(linear_names) > 8 else "")
+            endings = sorted({_short_name(name) for name in linear_names})
+            shown = ", ".join(endings[:16]) + (", ..." if len(endings) > 16 else "")
             raise NoMatchingPeftModuleError(
                 f"WaveFT target_modules {_pattern_text(config.target_modules)} matched no module of the model "
                 f"(exclude_modules={_pattern_text(config.exclude_modules)}, "
                 f"layers_to_transform={config.layers_to_transform}). Target names match the end of a module path; "
-                f"the model has {len(linear_names)} Linear modules, e.g. {shown or 'none'}."
+                f"the model's {len(linear_names)} Linear modules end in: {shown or 'none'} "
+                f"(e.g. {linear_names[0] if linear_names else 'none'})."
             ) from error
 
     def _proportional_n_frequency(self, model: nn.Module, config) -> dict[str, int]:
@@ -136,6 +138,12 @@ class WaveFTModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.__dict__.get("_proportional_params_cache", {}).pop(adapter_name, None)
+
+
+def _short_name(module_name: str) -> str:
+    """The last path component, or the last two when the last is an index (to_out.0)."""
+    parts = module_name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def _pattern_text(pattern) -> str:

@@ -1,0 +1,161 @@
+"""`waveft-train sample` and `waveft-train export`: use a saved adapter folder without a training config.
+
+cli.py registers `sample` and `export` as Typer commands; their docstrings are the commands' help text.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from waveft_train.errors import UserError
+
+COMPARE_GROUP_GAP = 16  # white pixels between the base model's images and the adapter's in --compare-base grids
+SAMPLE_DTYPES = ("auto", "fp16", "bf16", "fp32")
+
+AdapterOption = typer.Option(
+    ...,
+    "--adapter",
+    "-a",
+    help="Adapter folder (adapter_config.json + adapter_model.safetensors), e.g. outputs/dog/adapter.",
+)
+BaseOption = typer.Option(
+    None,
+    "--base",
+    help="Base model: `tiny`, a hub id or a local diffusers folder. Default: the one named in the adapter's config.",
+    show_default=False,
+)
+
+
+def sample(
+    adapter: Path = AdapterOption,
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the grid (.png)."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (one grid row). Repeatable."),
+    prompts_file: Optional[Path] = typer.Option(
+        None, "--prompts-file", help="Text file with one prompt per line (blank lines and # comments skipped)."
+    ),
+    num_images: int = typer.Option(4, "--num-images", "-n", min=1, help="Images per prompt (grid columns)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first column; column i uses seed + i."),
+    steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps."),
+    guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
+    height: Optional[int] = typer.Option(
+        None, "--height", min=8, help="Image height, a multiple of 8. Default: the model's (1024 for SDXL).",
+        show_default=False,
+    ),
+    width: Optional[int] = typer.Option(
+        None, "--width", min=8, help="Image width, a multiple of 8. Default: the model's (1024 for SDXL).",
+        show_default=False,
+    ),
+    scale: float = typer.Option(1.0, "--scale", help="Adapter strength: 0 = base model, 1 = as trained."),
+    compare_base: bool = typer.Option(
+        False, "--compare-base", help="Put the base model's images for the same seeds left of the adapter's."
+    ),
+    base: Optional[str] = BaseOption,
+    device: Optional[str] = typer.Option(
+        None, "--device", help="torch device, e.g. cuda, cuda:1, cpu. Default: cuda if available, else cpu.",
+        show_default=False,
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="UNet/text encoder precision: auto (fp16 on GPU, fp32 on CPU), "
+                              "fp16, bf16 or fp32."),
+) -> None:
+    """Make an image grid from a saved adapter: one row per prompt, one column per seed.
+
+    With --compare-base each row holds the base model's N images, a 16-pixel white gap, then the adapter's N
+    images for the same seeds. The same seed gives the same starting noise on every device.
+    """
+    import torch
+
+    from waveft_train.models import build_pipeline
+    from waveft_train.sampling import (
+        adapters_disabled,
+        default_image_size,
+        generate_grid_images,
+        load_adapter_unet,
+        make_grid,
+    )
+
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out} must end with .png (the grid is written as a PNG image).")
+    prompts = list(prompt or []) + (_read_prompts(prompts_file) if prompts_file is not None else [])
+    if not prompts:
+        raise UserError("No prompt given. Pass --prompt \"a photo of sks dog\" (repeatable) or --prompts-file FILE.")
+    for name, value in (("--height", height), ("--width", width)):
+        if value is not None and value % 8:
+            raise UserError(f"{name} {value} is not a multiple of 8, as SDXL requires; e.g. use {value - value % 8}.")
+    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if run_device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {run_device} was asked for, but torch sees no CUDA GPU here; use --device cpu.")
+    weight_dtype = _sample_dtype(dtype, run_device)
+
+    components, unet = load_adapter_unet(adapter, base, scale=scale, dtype=weight_dtype)
+    pipeline = build_pipeline(components, unet)
+    pipeline.to(run_device)
+    size = default_image_size(pipeline)
+    seeds = list(range(seed, seed + num_images))
+    options = {"steps": steps, "guidance": guidance, "height": height or size, "width": width or size}
+    rows = generate_grid_images(pipeline, prompts, seeds, **options)
+    if compare_base:
+        with adapters_disabled(unet):
+            base_rows = generate_grid_images(pipeline, prompts, seeds, **options)
+        rows = [base_row + adapter_row for base_row, adapter_row in zip(base_rows, rows)]
+        grid = make_grid(rows, group_size=num_images, group_gap=COMPARE_GROUP_GAP)
+    else:
+        grid = make_grid(rows)
+    _save_png_atomically(grid, out)
+    layout = " (base | adapter)" if compare_base else ""
+    typer.echo(f"Wrote {out}: {len(prompts)} prompt(s) x seeds {seeds[0]}..{seeds[-1]}{layout}.")
+
+
+def export(
+    adapter: Path = AdapterOption,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the merged UNet to (diffusers format)."),
+    base: Optional[str] = BaseOption,
+    dtype: str = typer.Option("fp16", "--dtype", help="Precision of the saved weights: fp16, bf16 or fp32."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+) -> None:
+    """Export the base UNet with the adapter merged in, in diffusers format (safetensors), usable without peft.
+
+    Load it with UNet2DConditionModel.from_pretrained(OUT) and pass it to
+    StableDiffusionXLPipeline.from_pretrained(BASE, unet=...).
+    """
+    from waveft_train.sampling import export_merged
+
+    written = export_merged(adapter, out, base=base, dtype=dtype, force=force)
+    typer.echo(f"Wrote the merged UNet to {written}.")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"The prompts file {path} does not exist (or is not a file); write one prompt per line.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"Cannot read the prompts file {path} as UTF-8 text ({error}).") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _sample_dtype(name: str, device: str):
+    import torch
+
+    if name not in SAMPLE_DTYPES:
+        raise UserError(f"Unknown --dtype '{name}'; allowed: {', '.join(SAMPLE_DTYPES)}.")
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _save_png_atomically(image, out: Path) -> None:
+    """Write to a temporary file beside `out`, then rename: a reader never sees half a PNG."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format="PNG")
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

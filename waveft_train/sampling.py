@@ -1,0 +1,433 @@
+"""Images from SDXL pipelines with WaveFT adapters: prompt × seed grids, saved adapters, merged exports.
+
+The trainer's validation and `waveft-train sample` share `generate_grid_images` and `make_grid`, so a grid
+from a saved adapter looks exactly like the validation grid of the step that wrote it. Saved adapters are
+checked against the base model *before* their weights are loaded, because peft's own loader skips keys it
+cannot place (an adapter for another model would silently change nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from waveft_train.errors import UserError
+from waveft_train.models import ALLOWED_MODELS, SDXLComponents, _load, load_components, resolve_pretrained
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import PeftModel, WaveFTConfig
+    from PIL import Image
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------------- grids
+
+
+def label_height(tile_width: int) -> int:
+    """Height in pixels of one text band of `make_grid` (scales with the tile so labels stay readable)."""
+    return max(16, tile_width // 32)
+
+
+def make_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    group_size: int | None = None,
+    group_gap: int = 0,
+) -> Image.Image:
+    """Paste equally sized images into one RGB grid: one row per prompt, one column per seed.
+
+    Pixel geometry, with tiles of W×H, C columns and R rows:
+    - no labels and `group_gap=0` (the default): no padding at all; the grid is exactly (C·W, R·H) and tile
+      (r, c) sits at (c·W, r·H);
+    - `group_gap=g` inserts g white pixels after every `group_size` columns (default: all columns form one
+      group, so no gap): tile x = c·W + (c // group_size)·g;
+    - `col_labels` add one white band of `label_height(W)` pixels above the grid (label c above column c);
+      `row_labels` add one such band above every row (the label spans the row). With both, tile y =
+      L + r·(H + L) + L, where L = label_height(W) and each term is 0 when its labels are absent.
+    Labels that do not fit their width are shortened with "…".
+    """
+    from PIL import Image, ImageDraw
+
+    if not rows or not rows[0]:
+        raise ValueError("make_grid needs at least one row with at least one image.")
+    columns = len(rows[0])
+    if any(len(row) != columns for row in rows):
+        raise ValueError(f"Every grid row needs {columns} images, got {[len(row) for row in rows]}.")
+    tile_width, tile_height = rows[0][0].size
+    if any(image.size != (tile_width, tile_height) for row in rows for image in row):
+        raise ValueError(f"Every grid image must be {tile_width}x{tile_height}.")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows.")
+    if col_labels is not None and len(col_labels) != columns:
+        raise ValueError(f"{len(col_labels)} column labels for {columns} columns.")
+    group_size = columns if group_size is None else group_size
+    if group_size < 1 or group_gap < 0:
+        raise ValueError(f"group_size must be >= 1 and group_gap >= 0, got {group_size} and {group_gap}.")
+
+    band = label_height(tile_width)
+    top = band if col_labels is not None else 0
+    row_band = band if row_labels is not None else 0
+    groups = math.ceil(columns / group_size)
+    size = (columns * tile_width + (groups - 1) * group_gap, top + len(rows) * (tile_height + row_band))
+    grid = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(grid)
+    font = _label_font(band)
+
+    def x_of(column: int) -> int:
+        return column * tile_width + (column // group_size) * group_gap
+
+    if col_labels is not None:
+        for column, text in enumerate(col_labels):
+            _draw_label(draw, font, text, (x_of(column), 0), tile_width, band)
+    for row_index, row in enumerate(rows):
+        y = top + row_index * (tile_height + row_band)
+        if row_labels is not None:
+            _draw_label(draw, font, row_labels[row_index], (0, y), grid.width, band)
+        for column, image in enumerate(row):
+            grid.paste(image.convert("RGB"), (x_of(column), y + row_band))
+    return grid
+
+
+def _label_font(band: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=max(8, band * 3 // 4))
+    except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _draw_label(draw, font, text: str, origin: tuple[int, int], width: int, band: int) -> None:
+    """Black text, vertically centred in a band of `band` pixels, shortened with … to fit `width`."""
+    margin = 2
+    shown = str(text)
+    while shown and draw.textlength(shown if shown == text else shown + "…", font=font) > width - 2 * margin:
+        shown = shown[:-1]
+    if shown != text:
+        shown = shown + "…" if shown else ""
+    x, y = origin
+    draw.text((x + margin, y + band // 2), shown, fill="black", font=font, anchor="lm")
+
+
+def generate_grid_images(
+    pipeline: StableDiffusionXLPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    height: int,
+    width: int,
+    progress: bool = True,
+) -> list[list[Image.Image]]:
+    """One image per prompt × seed, as rows of prompts and columns of seeds.
+
+    Each image is generated on its own, from a CPU generator seeded with its seed: the image for (prompt,
+    seed) does not depend on the other prompts or seeds, and on CPU it is bit-identical across runs. (Batching
+    would be faster on GPUs but would tie each image to its batch.)
+    """
+    from tqdm.auto import tqdm
+
+    rows: list[list[Image.Image]] = []
+    with tqdm(total=len(prompts) * len(seeds), desc="images", unit="image", disable=not progress) as bar:
+        for prompt in prompts:
+            row = []
+            for seed in seeds:
+                result = pipeline(
+                    prompt=prompt,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=height,
+                    width=width,
+                    generator=torch.Generator("cpu").manual_seed(int(seed)),
+                    output_type="pil",
+                )
+                row.append(result.images[0])
+                bar.update(1)
+            rows.append(row)
+    return rows
+
+
+def default_image_size(pipeline: StableDiffusionXLPipeline) -> int:
+    """The size the model was trained at: UNet sample_size × VAE scale factor (1024 for SDXL, 64 for `tiny`)."""
+    return int(pipeline.default_sample_size * pipeline.vae_scale_factor)
+
+
+@contextmanager
+def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
+    """Run `unet` as the plain base model inside the block (every peft adapter layer calls its base layer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer) and not module.disable_adapters]
+    # enable_adapters(True) marks the adapter weights trainable: put every flag back as it was (frozen or training).
+    trainable = [(parameter, parameter.requires_grad) for parameter in unet.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
+
+
+# ------------------------------------------------------------------------------------------- saved adapters
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A validated adapter folder: its parsed config and the names and shapes of its saved tensors."""
+
+    folder: Path
+    config: WaveFTConfig
+    weights_path: Path
+    shapes: dict[str, tuple[int, ...]]  # in the file's key order
+
+
+def read_adapter(adapter_dir: Path | str) -> AdapterFiles:
+    """Check that `adapter_dir` is a loadable WaveFT adapter (peft format) without loading its weights."""
+    from safetensors import safe_open
+
+    folder = Path(adapter_dir).expanduser()
+    what = f"A WaveFT adapter folder holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}, as waveft-train saves it"
+    if not folder.is_dir():
+        reason = "it is a file, not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"Cannot use the adapter '{adapter_dir}': {reason} ({folder.absolute()}). {what}.")
+    config_path = folder / ADAPTER_CONFIG_NAME
+    weights_path = folder / ADAPTER_WEIGHTS_NAME
+    if not config_path.is_file():
+        raise UserError(f"The adapter folder {folder} has no {ADAPTER_CONFIG_NAME}. {what}.")
+    if not weights_path.is_file():
+        if (folder / PICKLE_WEIGHTS_NAME).is_file():
+            raise UserError(
+                f"The adapter folder {folder} holds only {PICKLE_WEIGHTS_NAME}, a pickle file; loading pickles is "
+                "refused for safety, because they can run arbitrary code. Re-save the adapter with "
+                f"save_pretrained(..., safe_serialization=True) to get {ADAPTER_WEIGHTS_NAME}."
+            )
+        raise UserError(f"The adapter folder {folder} has no {ADAPTER_WEIGHTS_NAME}. {what}.")
+
+    try:
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{config_path} is not readable JSON ({error}).") from None
+    peft_type = raw_config.get("peft_type") if isinstance(raw_config, dict) else None
+    if peft_type != "WAVEFT":
+        raise UserError(
+            f"{config_path} has peft_type {peft_type!r}; only WaveFT adapters (peft_type \"WAVEFT\") can be used here."
+        )
+    config = _parse_config(folder, config_path)
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError (an Exception) for any damage
+        raise UserError(
+            f"{weights_path} is not a valid safetensors file ({str(error).strip() or type(error).__name__}); it may be "
+            "truncated by an interrupted copy or download. Copy the adapter folder again."
+        ) from None
+    if not shapes:
+        raise UserError(f"{weights_path} holds no tensors; it is not a trained adapter.")
+    return AdapterFiles(folder=folder, config=config, weights_path=weights_path, shapes=shapes)
+
+
+def _parse_config(folder: Path, config_path: Path) -> WaveFTConfig:
+    from peft import WaveFTConfig
+
+    try:
+        return WaveFTConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{config_path} is not a valid WaveFT config: {error}") from None
+
+
+def _base_name(adapter: AdapterFiles, base: str | None) -> str:
+    if base is not None and str(base).strip():
+        return str(base)
+    named = adapter.config.base_model_name_or_path
+    if not named:
+        raise UserError(
+            f"{adapter.folder / ADAPTER_CONFIG_NAME} does not name its base model (base_model_name_or_path is empty). "
+            f"Pass the base model with --base: {ALLOWED_MODELS}."
+        )
+    return str(named)
+
+
+def _inject(unet: torch.nn.Module, adapter: AdapterFiles, base_name: str, scale: float) -> PeftModel:
+    """Wrap `unet` (modified in place) with the adapter's layers, check the saved tensors fit, load them."""
+    import copy
+
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from waveft_train.waveft import register
+
+    register()
+    config = copy.deepcopy(adapter.config)
+    config.inference_mode = True
+    config.init_weights = True  # zeros, no RNG use: the saved spectra replace them below
+    misfit = f"The adapter {adapter.folder} does not fit the base model '{base_name}'"
+    try:
+        model = PeftModel(unet, config)
+    except (ValueError, TypeError) as error:  # no target module matched, n_frequency too large for a layer, ...
+        raise UserError(f"{misfit}: {error} Pass the model it was trained on with --base.") from None
+
+    saved_by_peft = get_peft_model_state_dict(model, save_embedding_layers=False)
+    expected = {key: tuple(value.shape) for key, value in saved_by_peft.items()}
+    for key, shape in adapter.shapes.items():
+        layer = _layer_name(key)
+        if key not in expected:
+            raise UserError(
+                f"{misfit}: its layer '{layer}' ({key}) is not a WaveFT layer of this model (the module does not "
+                f"exist or is not targeted by the adapter's target_modules). Pass the model it was trained on with "
+                "--base."
+            )
+        if shape != expected[key]:
+            raise UserError(
+                f"{misfit}: layer '{layer}' has a saved {key.rsplit('.', 1)[-1]} of shape {list(shape)}, but the "
+                f"model's layer takes {list(expected[key])} with this adapter config (n_frequency "
+                f"{adapter.config.n_frequency}). Pass the model it was trained on with --base, or fix the config."
+            )
+    missing = [key for key in expected if key not in adapter.shapes]
+    if missing:
+        raise UserError(
+            f"{misfit}: {adapter.weights_path.name} has no weights for layer '{_layer_name(missing[0])}' "
+            f"({len(missing)} missing tensors in all), which the adapter config targets."
+        )
+
+    tensors = load_file(str(adapter.weights_path))
+    set_peft_model_state_dict(model, tensors)
+    if scale != 1.0:
+        _scale_adapters(unet, scale)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _layer_name(key: str) -> str:
+    """`base_model.model.down_blocks.1…to_q.waveft_spectrum` → `down_blocks.1…to_q`."""
+    name = key.removeprefix("base_model.model.")
+    return name.rsplit(".", 1)[0]
+
+
+def _scale_adapters(unet: torch.nn.Module, scale: float) -> None:
+    """Multiply every WaveFT adapter's ΔW by `scale`, through each layer's `waveft_scaling` factor.
+
+    ΔW is linear in that factor, so 1 is the adapter as trained and 0 makes ΔW zero. At 0 the layers are also
+    switched off, so the output is the base model's bit for bit, whichever arithmetic path the layer's forward
+    takes (W + 0 in one matmul, or x·Wᵀ plus a zero correction, can round differently from the plain layer).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        scaling = getattr(module, "waveft_scaling", None)
+        if isinstance(scaling, dict):
+            for name in scaling:
+                scaling[name] = scaling[name] * float(scale)
+            if scale == 0 and isinstance(module, BaseTunerLayer):
+                module.enable_adapters(False)
+
+
+def load_adapter_unet(
+    adapter_dir: Path | str, base: str | None, *, scale: float = 1.0, dtype: torch.dtype = torch.float32
+) -> tuple[SDXLComponents, UNet2DConditionModel]:
+    """Load the base model's components and apply a saved WaveFT adapter to its UNet.
+
+    `base=None` uses the adapter's own `base_model_name_or_path`. `scale` multiplies every layer's ΔW through
+    its `waveft_scaling` (0 = the base model exactly, 1 = as trained; other values interpolate/extrapolate). The adapter is
+    injected into `components.unet` in place, so the returned UNet *is* `components.unet`; use
+    `adapters_disabled(unet)` for base-model outputs. Everything that does not fit raises `UserError`.
+    """
+    adapter = read_adapter(adapter_dir)
+    base_name = _base_name(adapter, base)
+    components = load_components(base_name, weight_dtype=dtype)
+    model = _inject(components.unet, adapter, base_name, scale)
+    return components, model.base_model.model
+
+
+def _load_base_unet(base_name: str, dtype: torch.dtype) -> UNet2DConditionModel:
+    """Only the base model's UNet (an export needs nothing else), with models.py's not-found errors."""
+    from diffusers import UNet2DConditionModel
+
+    model_path = resolve_pretrained(base_name)
+    unet = _load(
+        "the unet of model",
+        base_name,
+        lambda: UNet2DConditionModel.from_pretrained(
+            model_path, subfolder="unet", torch_dtype=dtype, use_safetensors=True
+        ),
+    )
+    unet.requires_grad_(False)
+    return unet.eval()
+
+
+def export_merged(
+    adapter_dir: Path | str, out_dir: Path | str, *, base: str | None = None, dtype: str = "fp16", force: bool = False
+) -> Path:
+    """Merge the adapter into the base UNet and save it as a plain diffusers UNet (safetensors) at `out_dir`.
+
+    The merge runs in fp32 and the result is cast to `dtype` once. Loading the folder needs no peft:
+    `UNet2DConditionModel.from_pretrained(out_dir)`. It is written to a temporary sibling and renamed into
+    place, so `out_dir` is never half-written; an existing non-empty `out_dir` is replaced only with `force`.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"Unknown export dtype '{dtype}'; allowed: {', '.join(EXPORT_DTYPES)}.")
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; --out names the folder to write the merged UNet to.")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out folder.")
+    adapter = read_adapter(adapter_dir)
+    base_name = _base_name(adapter, base)
+    unet = _load_base_unet(base_name, torch.float32)
+    base_keys = set(unet.state_dict())
+    merged = _inject(unet, adapter, base_name, 1.0).merge_and_unload()
+    extra = sorted(set(merged.state_dict()) - base_keys)
+    if extra:
+        raise UserError(
+            f"The adapter {adapter.folder} adds weights the base UNet does not have (first: {extra[0]}), e.g. a "
+            "bias='waveft_only' bias on a layer without bias; a plain diffusers UNet cannot hold them. Load the "
+            "adapter with peft instead of exporting it."
+        )
+    merged.to(EXPORT_DTYPES[dtype])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        _replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Rename `staging` to `out`; an existing `out` is moved aside first and deleted only after the swap."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
