@@ -94,6 +94,11 @@ def _configure_logging(debug: bool) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
+    # diffusers' pipeline module imports CLIP's image processor, which SDXL never uses; without torchvision
+    # transformers announces a fallback on every run. It is not actionable, so it is not shown.
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage()
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:

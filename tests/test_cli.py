@@ -1,0 +1,143 @@
+"""User mistakes through the real command line: exit status 2, one paragraph naming the culprit, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from waveft_train import cli
+from waveft_train.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SUBJECT = REPO / "configs" / "demo_subject"
+
+
+def write_config(folder: Path, body: str = "", instance_dir: Path = SUBJECT) -> Path:
+    """A valid small config (no prior, no validation) plus `body` appended."""
+    path = folder / "run.yaml"
+    path.write_text(
+        f"data:\n  instance_dir: {instance_dir}\n  instance_prompt: a photo of sks toy\n  resolution: 32\n"
+        f"prior:\n  enabled: false\nvalidation:\n  every: 0\n  prompts: []\noutput:\n  dir: {folder / 'out'}\n"
+        "model:\n  pretrained: tiny\n  dtype: fp32\nwaveft:\n  n_frequency: 64\n" + body
+    )
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(arg) for arg in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_info.value.code, err
+
+
+def expect_user_error(args, capsys, *fragments: str) -> str:
+    code, err = run_cli(args, capsys)
+    assert code == 2, err
+    message = err[err.index("error: "):]  # after any progress bars (e.g. the first build of the tiny model)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_missing_config_file(tmp_path, capsys):
+    expect_user_error(["--config", tmp_path / "nope.yaml"], capsys, "nope.yaml", "does not exist")
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  instance_dir: x\n  instance_prompt: [unclosed\n")
+    err = expect_user_error(["--config", path], capsys, "broken.yaml")
+    assert "line" in err or ":3:" in err or ":4:" in err
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path, capsys):
+    expect_user_error(["--config", write_config(tmp_path, "train:\n  learning_rat: 1.0e-4\n")], capsys,
+                      "train.learning_rat", "did you mean `train.learning_rate`")
+
+
+def test_wrong_type(tmp_path, capsys):
+    expect_user_error(["--config", write_config(tmp_path, "train:\n  max_steps: lots\n")], capsys,
+                      "train.max_steps", "lots")
+
+
+def test_instance_folder_missing_or_empty(tmp_path, capsys):
+    expect_user_error(["--config", write_config(tmp_path, instance_dir=tmp_path / "missing")], capsys,
+                      str(tmp_path / "missing"), "data.instance_dir")
+    (tmp_path / "empty").mkdir()
+    expect_user_error(["--config", write_config(tmp_path, instance_dir=tmp_path / "empty")], capsys,
+                      str(tmp_path / "empty"), ".png")
+
+
+def test_corrupt_image_is_named(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "good.png").write_bytes((SUBJECT / "ball_01.png").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    expect_user_error(["--config", write_config(tmp_path, instance_dir=folder)], capsys, "broken.jpg")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("waveft.n_frequency=0", ("waveft.n_frequency",)),
+        ("waveft.n_frequency=5000", ("n_frequency=5000", "64x64", "1 to 4096", "to_q")),
+        ("waveft.wavelet_family=db99", ("db99", "db1-db38")),
+        ("waveft.target_modules=[to_z]", ("to_z", "matched no module", "to_out.0")),
+        ("model.pretrained=someone/no-such-model", ("someone/no-such-model", "model.pretrained")),
+        ("model.pretrained=/no/such/folder", ("/no/such/folder",)),
+    ],
+)
+def test_adapter_and_model_mistakes_fail_before_training(tmp_path, capsys, override, fragments):
+    expect_user_error(["--config", write_config(tmp_path), "--set", override], capsys, *fragments)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_output_dir_holding_another_run(tmp_path, capsys):
+    path = write_config(tmp_path)
+    (tmp_path / "out").mkdir()
+    other = write_config(tmp_path / "out", "train:\n  learning_rate: 0.5\n")
+    (tmp_path / "out" / "config.yaml").write_text(other.read_text())
+    expect_user_error(["--config", path], capsys, "different config", "--force")
+
+
+def test_sample_and_export_on_bad_adapters(tmp_path, capsys):
+    expect_user_error(["sample", "--adapter", tmp_path / "nope", "--prompt", "x", "--out", tmp_path / "g.png"],
+                      capsys, "nope")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "WAVEFT", "base_model_name_or_path": "tiny"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    expect_user_error(["export", "--adapter", adapter, "--out", tmp_path / "merged"], capsys,
+                      "adapter_model.safetensors")
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")
+    expect_user_error(["sample", "--adapter", adapter, "--prompt", "x", "--out", tmp_path / "g.png"], capsys,
+                      "pickle")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(UserError):
+        cli.main(["--debug", "--config", str(tmp_path / "nope.yaml")])
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    """The real entry point, in its own process, as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "waveft_train", "--config", str(write_config(tmp_path, "train:\n  max_step: 3\n"))],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "did you mean `train.max_steps`" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_writes_a_starter_config_that_loads(tmp_path, capsys):
+    from waveft_train.config import load_config
+
+    target = tmp_path / "starter.yaml"
+    cli.main(["init", str(target)])
+    assert load_config(target).waveft.n_frequency == 2592
+    expect_user_error(["init", target], capsys, "already exists", "--force")
