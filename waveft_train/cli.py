@@ -87,10 +87,15 @@ def _configure_logging(debug: bool) -> None:
     """Our own INFO lines (e.g. how many class images get generated); libraries stay at their warnings."""
     import logging
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is at the time (it may be replaced after start-up)."""
+
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
     logger = logging.getLogger("waveft_train")
-    if not logger.handlers:
+    if not any(isinstance(handler, logging.StreamHandler) for handler in logger.handlers):
+        handler = CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
