@@ -141,3 +141,12 @@ def test_init_writes_a_starter_config_that_loads(tmp_path, capsys):
     cli.main(["init", str(target)])
     assert load_config(target).waveft.n_frequency == 2592
     expect_user_error(["init", target], capsys, "already exists", "--force")
+
+
+def test_missing_optional_optimizer_is_named(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    expect_user_error(["--config", write_config(tmp_path), "--set", "train.optimizer=adamw8bit"], capsys,
+                      "bitsandbytes", "waveft-train[bnb]", "adamw")

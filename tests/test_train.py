@@ -230,7 +230,9 @@ def test_every_shipped_config_validates(path):
 
 
 def test_params_reports_layers_and_lora_rank():
-    text = run.describe_parameters(load_config(DEMO))
+    from waveft_train.params import describe_parameters
+
+    text = describe_parameters(load_config(DEMO))
     lines = [line for line in text.splitlines() if line.startswith(("down_blocks", "up_blocks", "mid_block"))]
     assert len(lines) == 64 and all(line.split()[-1] == "256" for line in lines)
     assert "trainable parameters: 16,384" in text

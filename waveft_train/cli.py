@@ -57,7 +57,7 @@ def params(
 ) -> None:
     """Show per-layer n_frequency, trainable parameters and the LoRA rank with the same budget, without training."""
     from waveft_train.config import load_config
-    from waveft_train.run import describe_parameters
+    from waveft_train.params import describe_parameters
 
     typer.echo(describe_parameters(load_config(config, overrides or ())))
 

@@ -20,6 +20,7 @@ import torch
 from waveft_train.config import TrainConfig, dump_config
 from waveft_train.errors import UserError
 from waveft_train.outputs import MetricsLog, atomic_write_text, clear_previous_run, holds_other_run, validate_inputs
+from waveft_train.params import adapter_on_meta_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -55,7 +56,7 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
 
     from waveft_train import waveft
     from waveft_train.models import load_components
-    from waveft_train.trainer import LoopSettings, train_loop
+    from waveft_train.trainer import train_loop
 
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
@@ -92,29 +93,8 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     if accelerator.is_main_process and config.train.report_to == "tensorboard":
         accelerator.init_trackers("waveft-train")
 
-    from torch.utils.data import DataLoader
-
-    from waveft_train.data import ProcessBatchSampler, collate
-
-    sampler = ProcessBatchSampler(
-        len(dataset), batch_size=config.train.batch_size, seed=config.train.seed,
-        start=start_step * config.train.gradient_accumulation,
-        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-    )
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=partial(collate, with_prior=config.prior.enabled),
-        num_workers=config.data.dataloader_workers,
-    )
-    settings = LoopSettings(
-        max_steps=config.train.max_steps,
-        gradient_accumulation=config.train.gradient_accumulation,
-        max_grad_norm=config.train.max_grad_norm,
-        prediction_type=config.train.prediction_type or components.scheduler.config.get("prediction_type", "epsilon"),
-        snr_gamma=config.train.snr_gamma,
-        noise_offset=config.train.noise_offset,
-        prior_loss_weight=config.prior.loss_weight if config.prior.enabled else None,
-        seed=config.train.seed,
-    )
+    loader = make_loader(config, dataset, start_step, accelerator)
+    settings = loop_settings(config, components)
     input_dtype = torch.float32 if config.train.mixed_precision != "no" else DTYPES[config.model.dtype]
 
     def after_step(step: int, metrics: dict) -> None:
@@ -135,11 +115,40 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     )
     if start_step < config.train.max_steps and config.train.checkpoint_every:
         save_training_checkpoint(session, result.step)
-    if config.validation.every or config.validation.prompts:
-        validate(session, result.step, progress)
+    validate(session, result.step, progress)  # the final grid (whenever validation prompts are set)
     finish(session, result, started, trainable, metrics_log)
     accelerator.end_training()
     return output_dir
+
+
+def make_loader(config: TrainConfig, dataset, start_step: int, accelerator):
+    """This process's endless batches, starting where step `start_step` left off."""
+    from torch.utils.data import DataLoader
+
+    from waveft_train.data import ProcessBatchSampler, collate
+
+    sampler = ProcessBatchSampler(
+        len(dataset), batch_size=config.train.batch_size, seed=config.train.seed,
+        start=start_step * config.train.gradient_accumulation,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+    )
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, with_prior=config.prior.enabled),
+                      num_workers=config.data.dataloader_workers)
+
+
+def loop_settings(config: TrainConfig, components):
+    from waveft_train.trainer import LoopSettings
+
+    return LoopSettings(
+        max_steps=config.train.max_steps,
+        gradient_accumulation=config.train.gradient_accumulation,
+        max_grad_norm=config.train.max_grad_norm,
+        prediction_type=config.train.prediction_type or components.scheduler.config.get("prediction_type", "epsilon"),
+        snr_gamma=config.train.snr_gamma,
+        noise_offset=config.train.noise_offset,
+        prior_loss_weight=config.prior.loss_weight if config.prior.enabled else None,
+        seed=config.train.seed,
+    )
 
 
 def load_instance_images(config: TrainConfig):
@@ -365,56 +374,3 @@ def finish(session: Session, result, started: float, trainable: list[torch.nn.Pa
     }
     atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"Done: adapter in {adapter_dir}, samples in {output_dir / 'samples'}.", flush=True)
-
-
-def adapter_on_meta_unet(config: TrainConfig):
-    """The config's UNet on the meta device (no weights) with the WaveFT adapter injected.
-
-    Catches what only the model can tell (target_modules that match nothing, an n_frequency larger than a
-    layer) in seconds, before gigabytes of weights load; the tuner's own errors become UserErrors.
-    """
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from peft import WaveFTConfig, inject_adapter_in_model
-
-    from waveft_train import waveft
-    from waveft_train.models import ALLOWED_MODELS, resolve_pretrained
-
-    path = resolve_pretrained(config.model.pretrained)
-    try:
-        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=config.model.revision)
-    except (OSError, ValueError) as error:
-        raise UserError(
-            f"Could not read the UNet config of {config.model.pretrained!r} (model.pretrained): {_first_line(error).rstrip('.')}. "
-            f"model.pretrained takes {ALLOWED_MODELS}."
-        ) from None
-    waveft.register()
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
-        try:
-            inject_adapter_in_model(WaveFTConfig(**config.waveft.peft_kwargs()), unet)
-        except (ValueError, TypeError) as error:
-            raise UserError(f"The waveft section does not fit the UNet of {config.model.pretrained}: {error}") from None
-    return unet
-
-
-def describe_parameters(config: TrainConfig) -> str:
-    """Per-layer n_frequency and totals, from the UNet's config on the meta device (no weights are loaded)."""
-    from waveft_train import waveft
-
-    unet = adapter_on_meta_unet(config)
-    rows, total, lora_unit = [], 0, 0
-    for name, module in unet.named_modules():
-        if isinstance(module, waveft.WaveFTLayer):
-            n = module.waveft_n_frequency["default"]
-            rows.append(f"{name:<72} {module.out_features:>5}x{module.in_features:<5} {n:>8}")
-            total += n + (module.out_features if "default" in module.waveft_bias else 0)
-            lora_unit += module.in_features + module.out_features
-    lines = [f"{'layer':<72} {'d_out x d_in':>11} {'n_freq':>8}", *rows, "",
-             f"adapted layers: {len(rows)}", f"trainable parameters: {total:,}",
-             f"LoRA with the same budget: rank {total / lora_unit:.2f} (one LoRA rank costs {lora_unit:,} parameters here)"]
-    return "\n".join(lines)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -1,0 +1,59 @@
+"""`waveft-train params` and the adapter preflight: the UNet's architecture on the meta device, no weights."""
+
+from __future__ import annotations
+
+from waveft_train.config import TrainConfig
+from waveft_train.errors import UserError
+
+
+def adapter_on_meta_unet(config: TrainConfig):
+    """The config's UNet on the meta device (no weights) with the WaveFT adapter injected.
+
+    Catches what only the model can tell (target_modules that match nothing, an n_frequency larger than a
+    layer) in seconds, before gigabytes of weights load; the tuner's own errors become UserErrors.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import WaveFTConfig, inject_adapter_in_model
+
+    from waveft_train import waveft
+    from waveft_train.models import ALLOWED_MODELS, resolve_pretrained
+
+    path = resolve_pretrained(config.model.pretrained)
+    try:
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=config.model.revision)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"Could not read the UNet config of {config.model.pretrained!r} (model.pretrained): {_first_line(error).rstrip('.')}. "
+            f"model.pretrained takes {ALLOWED_MODELS}."
+        ) from None
+    waveft.register()
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        try:
+            inject_adapter_in_model(WaveFTConfig(**config.waveft.peft_kwargs()), unet)
+        except (ValueError, TypeError) as error:
+            raise UserError(f"The waveft section does not fit the UNet of {config.model.pretrained}: {error}") from None
+    return unet
+
+
+def describe_parameters(config: TrainConfig) -> str:
+    """Per-layer n_frequency and totals, from the UNet's config on the meta device (no weights are loaded)."""
+    from waveft_train import waveft
+
+    unet = adapter_on_meta_unet(config)
+    rows, total, lora_unit = [], 0, 0
+    for name, module in unet.named_modules():
+        if isinstance(module, waveft.WaveFTLayer):
+            n = module.waveft_n_frequency["default"]
+            rows.append(f"{name:<72} {module.out_features:>5}x{module.in_features:<5} {n:>8}")
+            total += n + (module.out_features if "default" in module.waveft_bias else 0)
+            lora_unit += module.in_features + module.out_features
+    lines = [f"{'layer':<72} {'d_out x d_in':>11} {'n_freq':>8}", *rows, "",
+             f"adapted layers: {len(rows)}", f"trainable parameters: {total:,}",
+             f"LoRA with the same budget: rank {total / lora_unit:.2f} (one LoRA rank costs {lora_unit:,} parameters here)"]
+    return "\n".join(lines)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
