@@ -98,6 +98,11 @@ def model_card(config: TrainConfig, *, base_model: str, trainable_params: int, s
     """README.md of the final adapter: what it is, how it was trained, how to load it with stock peft."""
     waveft = config.waveft
     samples = "\n![Validation samples: base model left, adapter right](samples.png)\n" if has_samples else ""
+    bias_note = (
+        "**Note:** this adapter trains a `waveft_bias` per layer (`waveft.bias: waveft_only`), which stock peft "
+        "ignores; load it with waveft-train (`waveft-train sample`, or `waveft_train.waveft.register()` before "
+        "`PeftModel.from_pretrained`).\n\n" if waveft.bias == "waveft_only" else ""
+    )
     prompts = "\n".join(f"- `{prompt}`" for prompt in config.validation.prompts) or "- (none)"
     return f"""---
 library_name: peft
@@ -138,5 +143,5 @@ pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/adapter")
 image = pipe("{config.data.instance_prompt}", num_inference_steps=25).images[0]
 ```
 
-Or: `waveft-train sample --adapter path/to/this/adapter --prompt "{config.data.instance_prompt}" --out grid.png`.
+{bias_note}Or: `waveft-train sample --adapter path/to/this/adapter --prompt "{config.data.instance_prompt}" --out grid.png`.
 """
