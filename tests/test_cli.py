@@ -150,3 +150,33 @@ def test_missing_optional_optimizer_is_named(tmp_path, capsys):
         pytest.skip("bitsandbytes is installed here")
     expect_user_error(["--config", write_config(tmp_path), "--set", "train.optimizer=adamw8bit"], capsys,
                       "bitsandbytes", "waveft-train[bnb]", "adamw")
+
+
+def test_out_of_memory_is_one_paragraph_with_what_to_change(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from waveft_train import trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(trainer, "diffusion_loss", out_of_memory)
+    expect_user_error(["--config", write_config(tmp_path)], capsys, "ran out of memory", "gradient_checkpointing",
+                      "batch_size")
+
+
+def test_full_disk_outside_checkpoints_is_one_paragraph(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from waveft_train import run
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(run, "atomic_write_text", full_disk)
+    expect_user_error(["--config", write_config(tmp_path)], capsys, "config.yaml", "No space left on device")
+
+
+def test_fp16_weights_without_loss_scaling_are_refused(tmp_path, capsys):
+    expect_user_error(["--config", write_config(tmp_path), "--set", "model.dtype=fp16", "--set",
+                       "train.mixed_precision=no"], capsys, "model.dtype: fp16", "train.mixed_precision")

@@ -195,8 +195,8 @@ def test_corrupt_manifest_is_tolerated(tmp_path: Path, tiny_components, caplog: 
         again = ensure(class_dir, factory, num_images=2)
 
     assert "cannot be read" in caplog.text and str(class_dir / MANIFEST_NAME) in caplog.text
-    assert factory.calls == 1  # no generated image counts without a manifest ...
-    assert again == images  # ... and the generated names are not mistaken for user images
+    assert factory.calls == 0  # the files of the current settings are recognized by name ...
+    assert again == images  # ... and not mistaken for user images
     assert len(json.loads((class_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["images"]) == 2
 
     (class_dir / MANIFEST_NAME).write_text(json.dumps({"version": 99, "images": []}), encoding="utf-8")
@@ -204,7 +204,21 @@ def test_corrupt_manifest_is_tolerated(tmp_path: Path, tiny_components, caplog: 
     factory = CountingFactory(tiny_components)
     with caplog.at_level(logging.WARNING, logger="waveft_train.prior"):
         assert ensure(class_dir, factory, num_images=2) == images
-    assert "version-1 manifest" in caplog.text and factory.calls == 1
+    assert "version-1 manifest" in caplog.text and factory.calls == 0
+
+
+def test_images_of_an_interrupted_generation_are_kept(tmp_path: Path, tiny_components) -> None:
+    """A run killed after writing some images (before recording them) loses none of them."""
+    class_dir = tmp_path / "class"
+    first = ensure(class_dir, CountingFactory(tiny_components), num_images=2)
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in first}
+    (class_dir / MANIFEST_NAME).unlink()  # died between writing the images and the manifest
+
+    factory = CountingFactory(tiny_components)
+    four = ensure(class_dir, factory, num_images=4)
+    assert four[:2] == first and factory.calls == 1
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in first} == before  # not regenerated
+    assert sorted(entry["index"] for entry in json.loads((class_dir / MANIFEST_NAME).read_text())["images"]) == [0, 1, 2, 3]
 
 
 def test_returned_list_length_and_order(tmp_path: Path, tiny_components, caplog: pytest.LogCaptureFixture) -> None:

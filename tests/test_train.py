@@ -248,3 +248,42 @@ def test_bf16_weights_and_mixed_precision_train_and_sample(tmp_path, class_dir):
     tensors = load_file(output_dir / "adapter" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in tensors.values())
     assert (output_dir / "samples" / "step-000002.png").exists()
+
+
+def test_without_periodic_checkpoints_a_rerun_resumes_and_max_steps_extends(tmp_path, class_dir, capsys):
+    options = {"train.checkpoint_every": 0, "train.max_steps": 2, "validation.every": 0}
+    output_dir = train(tmp_path / "run", class_dir, **options)
+    assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["step-000002"]  # the final state
+    metrics = (output_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    train(tmp_path / "run", class_dir, **options)
+    assert "already holds the finished run (2 steps)" in capsys.readouterr().out
+    assert (output_dir / "metrics.jsonl").read_text() == metrics  # nothing trained again
+
+    train(tmp_path / "run", class_dir, **{**options, "train.max_steps": 3})
+    assert "Resuming from" in capsys.readouterr().out
+    assert json.loads((output_dir / "summary.json").read_text())["steps"] == 3
+    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_extra_trainable_parameters_train_in_float32(tiny_model_dir):
+    """bias: all makes base biases trainable; kept in bf16, an Adam step of 1e-3 would round away."""
+    from peft import WaveFTConfig
+
+    from waveft_train.models import load_components
+    from waveft_train.waveft import register
+
+    register()
+    unet = load_components(str(tiny_model_dir), weight_dtype=torch.bfloat16).unet
+    unet.add_adapter(WaveFTConfig(n_frequency=64, target_modules=["to_q", "to_v"], bias="all"))
+    trainable = run.trainable_parameters_in_float32(unet)
+    biases = [p for name, p in unet.named_parameters() if p.requires_grad and name.endswith(".bias")]
+    assert len(biases) > 50 and all(p.dtype == torch.float32 for p in trainable)
+    assert unet.conv_in.weight.dtype == torch.bfloat16  # frozen weights keep their dtype
+    before = [p.detach().clone() for p in biases]
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0).step()
+    assert all(torch.allclose(b - p.detach(), torch.full_like(p, 1e-3), atol=1e-6) for b, p in zip(before, biases))

@@ -7,6 +7,7 @@ and exit status 2; `--debug` shows the full traceback instead.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -106,6 +107,15 @@ def _configure_logging(debug: bool) -> None:
     )
 
 
+RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS}
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning user mistakes into exit status 2 without a traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -119,6 +129,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    except OSError as error:
+        if debug or error.errno not in RESOURCE_ERRNOS:
+            raise
+        typer.echo(f"error: could not write {error.filename or 'a file'}: {error.strerror}. Free some space or fix "
+                   "the folder's permissions, then rerun the same command: training resumes from the newest "
+                   "complete checkpoint.", err=True)
+        sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("Aborted.", err=True)
         sys.exit(130)
@@ -130,4 +147,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(2)
         if isinstance(error, click.exceptions.Exit):
             sys.exit(error.exit_code)
+        if _is_out_of_memory(error) and not debug:
+            typer.echo(f"error: the GPU ran out of memory ({str(error).splitlines()[0]}). Lower the memory a step "
+                       "needs: train.gradient_checkpointing: true, train.batch_size: 1 (raise "
+                       "train.gradient_accumulation instead), train.cache_latents: true, model.dtype: bf16, a smaller "
+                       "validation.resolution or data.resolution; then rerun the same command to resume.", err=True)
+            sys.exit(2)
         raise

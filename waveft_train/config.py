@@ -209,6 +209,13 @@ class TrainConfig(BaseModel):
                 filled[name] = {}
         return filled
 
+    @model_validator(mode="after")
+    def _fp16_needs_loss_scaling(self) -> TrainConfig:
+        if self.model.dtype == "fp16" and self.train.mixed_precision == "no":
+            raise ValueError("model.dtype: fp16 with train.mixed_precision: no would train without loss scaling "
+                             "(small gradients vanish); set train.mixed_precision: fp16 (or bf16), or model.dtype: bf16")
+        return self
+
     def validation_resolution(self) -> int:
         return self.validation.resolution or self.data.resolution
 

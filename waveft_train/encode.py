@@ -70,10 +70,11 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
     """A DreamBooth dataset whose images were VAE-encoded once (epoch 0's crops and flips are kept).
 
     Items look like the source dataset's, with `latents` in place of `pixel_values`; index i maps to position
-    i % len, so the same samplers work on both.
+    i % len, so the same samplers work on both. One image at a time by default: a 1024 px SDXL VAE encode in
+    float32 needs several GB of activations.
     """
 
-    def __init__(self, dataset, vae, *, batch_size: int = 4, progress: bool = True):
+    def __init__(self, dataset, vae, *, batch_size: int = 1, progress: bool = True):
         self.items: list[dict[str, dict[str, Any]]] = []
         pending: list[tuple[dict, torch.Tensor]] = []
 

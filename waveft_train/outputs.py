@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -83,6 +84,9 @@ class MetricsLog:
         self.last = json.loads(kept[-1]) if kept else None
 
     def write(self, record: dict) -> None:
+        # strict JSON: a non-finite value (an fp16 overflow step's grad norm) is written as null
+        record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in record.items()}
         self.last = record
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")

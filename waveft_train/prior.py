@@ -100,8 +100,9 @@ class ClassImagePlan:
     """What a class folder holds for the current settings and which generation indices are missing."""
 
     user_images: tuple[Path, ...]  # sorted; at most num_images of them are used
-    existing: dict[int, Path]  # generation index -> file, recorded for the current settings and present
+    existing: dict[int, Path]  # generation index -> file of the current settings, present on disk
     missing: tuple[int, ...]  # generation indices to generate (ascending)
+    unrecorded: tuple[int, ...] = ()  # existing files the manifest does not list yet (an interrupted run)
 
     def images(self, settings: GenerationSettings, class_dir: Path, num_images: int) -> list[Path]:
         """User images first, then generated ones by index; exactly num_images once complete."""
@@ -128,13 +129,14 @@ def read_manifest(class_dir: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        logger.warning("Ignoring the class-image manifest %s, which cannot be read (%s); the images it "
-                       "listed are not used and will be generated again.", path, error)
+        logger.warning("Ignoring the class-image manifest %s, which cannot be read (%s); generated images of the "
+                       "current settings are recognized by their names, others are not used.", path, error)
         return []
     if not (isinstance(data, dict) and data.get("version") == MANIFEST_VERSION
             and isinstance(data.get("images"), list)):
         logger.warning("Ignoring the class-image manifest %s: it is not a version-%d manifest "
-                       '({"version": %d, "images": [...]}); the images it listed will be generated again.',
+                       '({"version": %d, "images": [...]}); generated images of the current settings are '
+                       "recognized by their names, others are not used.",
                        path, MANIFEST_VERSION, MANIFEST_VERSION)
         return []
     entries = [
@@ -198,6 +200,13 @@ def plan_class_images(class_dir: Path, settings: GenerationSettings, num_images:
         path = class_dir / entry["file"]
         if settings.matches(entry) and entry["index"] not in existing and path.is_file():
             existing[entry["index"]] = path
+    # Files are written atomically under a name that hashes the settings: one of ours with the current
+    # digest is complete and matches, even if the run that made it died before recording it.
+    recorded = set(existing)
+    for path in class_dir.glob(f"class-{settings.digest()}-*.png"):
+        match = GENERATED_NAME.fullmatch(path.name)
+        if match and int(path.stem.rsplit("-", 1)[1]) not in existing:
+            existing[int(path.stem.rsplit("-", 1)[1])] = path
     wanted = max(0, num_images - len(user_images))
     kept = dict(sorted(existing.items())[:wanted])
     missing: list[int] = []
@@ -206,7 +215,8 @@ def plan_class_images(class_dir: Path, settings: GenerationSettings, num_images:
         if index not in kept:
             missing.append(index)
         index += 1
-    return ClassImagePlan(tuple(user_images), kept, tuple(missing))
+    unrecorded = tuple(index for index in kept if index not in recorded)
+    return ClassImagePlan(tuple(user_images), kept, tuple(missing), unrecorded)
 
 
 def shard_indices(indices: Sequence[int], process_index: int, num_processes: int) -> list[int]:
@@ -279,6 +289,8 @@ def ensure_class_images(
         logger.info("Class images in %s: %d provided, %d generated earlier with these settings; generating %d "
                     "(prompt %r).", class_dir, len(plan.user_images), len(plan.existing), len(plan.missing), prompt)
     if not plan.missing:
+        if is_main and plan.unrecorded:
+            _record_generated(class_dir, settings, plan.unrecorded)
         return plan.images(settings, class_dir, num_images)
     if accelerator is not None:  # every process plans from the same folder state before anyone writes
         accelerator.wait_for_everyone()
@@ -293,7 +305,7 @@ def ensure_class_images(
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if is_main:
-        _record_generated(class_dir, settings, plan.missing)
+        _record_generated(class_dir, settings, plan.missing + plan.unrecorded)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return plan.images(settings, class_dir, num_images)

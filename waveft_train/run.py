@@ -51,18 +51,13 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     adapter_on_meta_unet(config)  # target_modules and n_frequency checked against the UNet before weights load
     instance_images = load_instance_images(config)
 
-    from accelerate import Accelerator
     from peft import WaveFTConfig
 
     from waveft_train import waveft
     from waveft_train.models import load_components
     from waveft_train.trainer import train_loop
 
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision,
-        log_with="tensorboard" if config.train.report_to == "tensorboard" else None,
-        project_dir=str(output_dir),
-    )
+    accelerator = make_accelerator(config, output_dir)
     if accelerator.is_main_process:
         if replace_other_run:
             clear_previous_run(output_dir)
@@ -75,20 +70,27 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     )
     device = accelerator.device
     dataset = build_dataset(config, instance_images, components, accelerator, progress)
-    conditioner, dataset = build_conditioner(config, components, dataset, device, progress)
+    conditioner, dataset = build_conditioner(config, components, dataset, device,
+                                             progress and accelerator.is_main_process)
 
     waveft.register()
     unet = components.unet.to(device)
     unet.add_adapter(WaveFTConfig(**config.waveft.peft_kwargs()))
     if config.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    trainable = trainable_parameters_in_float32(unet)
     optimizer = make_optimizer(config, trainable)
     lr_scheduler = make_lr_scheduler(config, optimizer)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     session = Session(config, output_dir, accelerator, components, unet, optimizer, lr_scheduler)
 
     start_step = resume(session)
+    if start_step >= config.train.max_steps and (output_dir / "summary.json").exists():
+        if accelerator.is_main_process:
+            print(f"{output_dir} already holds the finished run ({start_step} steps); nothing to do. Raise "
+                  "train.max_steps to train further.", flush=True)
+        accelerator.end_training()
+        return output_dir
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", start_step) if accelerator.is_main_process else None
     if accelerator.is_main_process and config.train.report_to == "tensorboard":
         accelerator.init_trackers("waveft-train")
@@ -113,12 +115,38 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
         settings=settings, trainable_params=trainable, start_step=start_step, input_dtype=input_dtype,
         after_step=after_step, progress=progress,
     )
-    if start_step < config.train.max_steps and config.train.checkpoint_every:
+    if start_step < config.train.max_steps:  # always: a rerun or a raised max_steps continues from here
         save_training_checkpoint(session, result.step)
     validate(session, result.step, progress)  # the final grid (whenever validation prompts are set)
     finish(session, result, started, trainable, metrics_log)
     accelerator.end_training()
     return output_dir
+
+
+def make_accelerator(config: TrainConfig, output_dir: Path):
+    """accelerate for one or many processes; DeepSpeed/FSDP configs are refused (plain data parallel only)."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        log_with="tensorboard" if config.train.report_to == "tensorboard" else None,
+        project_dir=str(output_dir),
+        kwargs_handlers=[
+            # The adapter's index tensors are buffers; they never change, so DDP need not re-send them each step.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            # Validation and class images run on the main process while the others wait at a barrier.
+            InitProcessGroupKwargs(timeout=timedelta(hours=3)),
+        ],
+    )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        raise UserError(
+            f"This accelerate configuration uses {accelerator.distributed_type.value}, which waveft-train does not "
+            "support yet: the adapter is tiny, so plain data parallelism is what pays. Launch with "
+            "`accelerate launch --multi_gpu --num_processes N -m waveft_train --config ...` instead."
+        )
+    return accelerator
 
 
 def make_loader(config: TrainConfig, dataset, start_step: int, accelerator):
@@ -213,6 +241,19 @@ def build_conditioner(config: TrainConfig, components, dataset, device: torch.de
         components.vae.to("cpu")
         return Conditioner(prompt_cache, config.data.resolution), cached
     return Conditioner(prompt_cache, config.data.resolution, vae=vae), dataset
+
+
+def trainable_parameters_in_float32(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters, moved to float32 (as diffusers' `cast_training_params` does).
+
+    The spectrum already is; base biases (`waveft.bias: all`) and `modules_to_save` copies would otherwise keep
+    the frozen weights' bf16/fp16, where Adam's small steps round away and fp16 gradients cannot be unscaled.
+    Mixed precision (autocast) then runs them next to half-precision weights.
+    """
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.data = parameter.data.float()
+    return trainable
 
 
 def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -314,6 +355,10 @@ def validate(session: Session, step: int, progress: bool) -> None:
             module.to(device)
         unet.eval()
         pipeline = build_pipeline(components, unet=unet)
+        if config.train.prediction_type:  # sample the way the adapter was trained
+            pipeline.scheduler = type(pipeline.scheduler).from_config(
+                pipeline.scheduler.config, prediction_type=config.train.prediction_type
+            )
         seeds = [config.validation.seed + i for i in range(config.validation.num_images)]
         resolution = config.validation_resolution()
         options = dict(steps=config.validation.steps, guidance=config.validation.guidance, height=resolution,
@@ -373,4 +418,5 @@ def finish(session: Session, result, started: float, trainable: list[torch.nn.Pa
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
     atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(f"Done: adapter in {adapter_dir}, samples in {output_dir / 'samples'}.", flush=True)
+    samples = f", samples in {output_dir / 'samples'}" if session.last_samples is not None else ""
+    print(f"Done: adapter in {adapter_dir}{samples}.", flush=True)

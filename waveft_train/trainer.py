@@ -71,7 +71,8 @@ def diffusion_loss(
         noisy.to(input_dtype),
         timesteps,
         encoder_hidden_states=inputs.prompt_embeds.to(input_dtype),
-        added_cond_kwargs={"text_embeds": inputs.pooled.to(input_dtype), "time_ids": inputs.time_ids.to(input_dtype)},
+        # time ids stay float32: sizes like 1179 are not representable in bf16, and the UNet casts their embedding
+        added_cond_kwargs={"text_embeds": inputs.pooled.to(input_dtype), "time_ids": inputs.time_ids.float()},
         return_dict=False,
     )[0].float()
     if settings.prediction_type == "v_prediction":
@@ -133,7 +134,7 @@ def train_loop(
             syncing = micro == accumulation - 1
             with nullcontext() if syncing else accelerator.no_sync(unet):
                 loss, parts = diffusion_loss(unet, noise_scheduler, inputs, generator, settings, input_dtype)
-                if not torch.isfinite(loss):
+                if not _finite_everywhere(accelerator, loss):  # every process stops together, none hangs
                     raise TrainingDiverged(_diverged_message(step + 1, "loss", loss.item()))
                 accelerator.backward(loss / accumulation)
             for name, value in {"loss": loss.detach(), **parts}.items():
@@ -159,6 +160,13 @@ def train_loop(
     # The first step pays for warm-up (allocations, kernel selection): leave it out of the average when possible.
     timed = step_seconds[1:] or step_seconds
     return LoopResult(step=step, final_loss=final_loss, seconds_per_step=sum(timed) / len(timed) if timed else None)
+
+
+def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite)
+    return bool(finite.min() > 0)
 
 
 def _diverged_message(step: int, what: str, value: float) -> str:
