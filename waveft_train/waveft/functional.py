@@ -1,37 +1,284 @@
-"""The WaveFT linear map: y = x (W + Σ scaling·ΔW(spectrum))ᵀ + b, as one matmul."""
+"""The WaveFT linear map for training: y = x (W + Σ scaling·ΔW)ᵀ + b, at close to the frozen layer's cost.
+
+peft's reference builds a dense ΔW through a padded 2-D IDWT and runs a second `F.linear`, with autograd through
+all of it. Here one small custom autograd function does the work (ΔW = R M Cᵀ, see transform.py; x is (T, d_in),
+g = dL/dy is (T, d_out)), on one of two paths:
+
+- merged: y = x (W + ΔW)ᵀ is one matmul, and backward's dx = g (W + ΔW) another. While ΔW is patch-sparse, W + ΔW
+  costs n·L² writes: into the cast copy of W that autocast makes anyway, or into W itself, restored bit-exactly
+  right after the matmul. Otherwise it is a fresh dense copy, dropped after use: no weight-size tensor is kept
+  between forward and backward.
+- factorized (few tokens and a dense ΔW build, e.g. long filters on cross-attention's 77 text tokens): ΔW is never
+  formed; y = x Wᵀ + (R (M (x C)ᵀ))ᵀ and dx = g W + (C (Mᵀ (g R)ᵀ))ᵀ, with M a sparse CSR matrix.
+
+The spectrum gradient is the same on both paths: ds_k = scaling · Σ_t (g R)[t, gi_k] · (x C)[t, xi_k], a sampled
+dense-dense product of both factors held transposed (tokens contiguous), each made by one block-banded GEMM.
+
+Dtypes: the matmuls with W run in the autocast dtype under autocast, else in the weight's dtype (as the frozen layer
+would); everything that touches the spectrum runs in float32 (float64 in gradcheck), so its gradient accumulates
+in float32. In low precision the merged path rounds W + ΔW to that precision, as the merged inference weights will.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .transform import SparseIDWT
+
+Adapter = tuple[torch.Tensor, SparseIDWT, float]
+MERGED, FACTORIZED, AUTO = "merged", "factorized", "auto"
+# Above this fraction of the wavelet-domain matrix, one dense product then a gather beats the sampled product.
+DENSE_SAMPLING_FRACTION = 0.05
+GATHER_CHUNK_ELEMENTS = 1 << 22  # bounds the (coefficients × tokens) buffers of the "gather" sampled product
+# Token chunks of the spectrum gradient on CPU: the two transposed factors of a chunk (up to ~4 MiB each) stay in
+# cache between being made and being sampled (measured best: 1024 tokens at widths 640-1280).
+CPU_CHUNK_ELEMENTS, MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 1 << 20, 256, 1024
+# Relative cost of one patch entry and of one element of a dense ΔW build, in units of one element of factorized
+# work; measured on CPU (scripts/bench_layer.py --calibrate; BENCHMARKS.md): scattered index ops cost far more per
+# element than streaming ones.
+PATCH_COST, DENSE_BUILD_COST = 48.0, 10.0
 
 
-def combined_delta(adapters: Sequence[tuple[torch.Tensor, nn.Module, float]]) -> torch.Tensor:
-    """Σ scaling · ΔW over the given (spectrum, transform, scaling) triples, in the spectra's dtype (float32)."""
-    delta = None
-    for spectrum, transform, scaling in adapters:
-        term = transform(spectrum) * scaling
-        delta = term if delta is None else delta + term
-    return delta
+def choose_path(tokens: int, out_features: int, in_features: int, transforms: Sequence[SparseIDWT]) -> str:
+    """Merged or factorized, by which extra work is smaller.
+
+    Both paths share backward's spectrum gradient. Beyond it, merged writes W + ΔW twice (forward and backward):
+    n·L² patch entries, or a dense d_out·d_in build when ΔW is not patch-sparse; factorized analyzes and
+    synthesizes both sides and multiplies by M twice: ~T·(d_in + d_out + 2n).
+    """
+    coefficients = sum(transform.n for transform in transforms)
+    if all(transform.use_patches for transform in transforms):
+        merged = PATCH_COST * sum(transform.n * transform.taps**2 for transform in transforms)
+    else:
+        merged = DENSE_BUILD_COST * out_features * in_features
+    factorized = tokens * (in_features + out_features + 2 * coefficients)
+    return FACTORIZED if factorized < merged else MERGED
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The non-tensor inputs of one call."""
+
+    transforms: tuple[SparseIDWT, ...]
+    scalings: tuple[float, ...]
+    path: str
+    dtype: torch.dtype  # of the matmuls with W
+    patchable: bool  # every ΔW is patch-sparse
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs (gradcheck): what sums over tokens and spectra are kept in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without a dispatcher round trip when it is already that (this code runs per layer)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _patch_weight(weight: torch.Tensor, spectra: Sequence[torch.Tensor], plan: _Plan):
+    """(W + Σ scaling·ΔW in the matmul dtype, restore list for `_restore_weight`).
+
+    Patch-sparse ΔW is added entry by entry into the autocast copy of W, or into W itself, whose overwritten values
+    are returned for `_restore_weight` to put back bit-exactly (a position listed twice saves the same value twice).
+    The in-place write goes through `.data`, leaving autograd's version counters alone; callers restore in a
+    `finally`, and nothing else runs while W is patched (a module serves one thread at a time, as in training).
+    A separable ΔW, a non-contiguous W, or tracing by torch.compile gets a fresh merged copy instead.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if not (plan.patchable and weight.is_contiguous() and not torch.compiler.is_compiling()):
+        merged = torch.empty(weight.shape, dtype=_accumulate_dtype(weight.dtype), device=weight.device)
+        merged.copy_(weight)
+        for spectrum, transform, scaling in zip(spectra, plan.transforms, plan.scalings):
+            transform.add_delta_(merged, spectrum * scaling)
+        return merged.to(plan.dtype), saved
+    in_place = weight.dtype == plan.dtype
+    target = weight.data if in_place else weight.detach().to(plan.dtype)
+    flat, accumulate = target.view(-1), _accumulate_dtype(target.dtype)
+    try:
+        for spectrum, transform, scaling in zip(spectra, plan.transforms, plan.scalings):
+            if in_place:
+                saved.append((flat, transform.patch_index, flat.index_select(0, transform.patch_index)))
+            entries = transform.patch_entries(_cast(spectrum, accumulate) * scaling)
+            flat.index_add_(0, transform.patch_index, _cast(entries, flat.dtype))
+    except BaseException:
+        _restore_weight(saved)
+        raise
+    return target, saved
+
+
+def _restore_weight(saved: list) -> None:
+    """Undo `_patch_weight`'s in-place writes (last adapter first)."""
+    for flat, positions, values in reversed(saved):
+        flat.index_copy_(0, positions, values)
+
+
+def sampled_products(
+    rows_t: torch.Tensor, cols_t: torch.Tensor, transform: SparseIDWT, scaling: float = 1.0, kernel: str = AUTO
+) -> torch.Tensor:
+    """scaling · Σ_t rows_t[gi_k, t] · cols_t[xi_k, t] for every coefficient k, in coefficient order.
+
+    rows_t (2·H2, T) and cols_t (2·W2, T) are contiguous with tokens last, as all kernels want: "dense" (one full
+    product, then a gather: dense spectra), "csr" (`torch.sparse.sampled_addmm`: fastest on CPU), "gather"
+    (chunked row gathers and batched dot products: any device and dtype; cuSPARSE's SDDMM lacks bf16). "auto"
+    picks by density and device.
+    """
+    if kernel == AUTO:
+        dense = transform.n >= DENSE_SAMPLING_FRACTION * rows_t.shape[0] * cols_t.shape[0]
+        csr = rows_t.device.type == "cpu" and not torch.compiler.is_compiling()  # dynamo has no sparse tensors
+        kernel = "dense" if dense else "csr" if csr else "gather"
+    if kernel == "dense":
+        return (rows_t @ cols_t.t())[transform.row_slot.long(), transform.col_slot.long()] * scaling
+    if kernel == "csr":
+        pattern = transform.slot_matrix(None, like=rows_t)
+        values = torch.sparse.sampled_addmm(pattern, rows_t, cols_t.t(), beta=0.0, alpha=scaling).values()
+        return torch.empty_like(values).index_copy_(0, transform.csr_coefficient, values)
+    if kernel != "gather":
+        raise ValueError(f"unknown sampled-product kernel {kernel!r}; use auto, dense, csr or gather")
+    chunk = max(1, GATHER_CHUNK_ELEMENTS // max(1, rows_t.shape[1]))
+    parts = []
+    for start in range(0, transform.n, chunk):
+        picked_rows = rows_t.index_select(0, transform.row_slot[start : start + chunk])
+        picked_cols = cols_t.index_select(0, transform.col_slot[start : start + chunk])
+        parts.append(torch.bmm(picked_rows.unsqueeze(1), picked_cols.unsqueeze(2)).view(-1))
+    return torch.cat(parts) * scaling
+
+
+def _slot_product(transform: SparseIDWT, values: torch.Tensor, z_t: torch.Tensor, transposed: bool = False):
+    """M z_t, or Mᵀ z_t, for M holding `values` (coefficient order) at (row slot, column slot)."""
+    if not torch.compiler.is_compiling():
+        return torch.sparse.mm(transform.slot_matrix(values, transposed), z_t)
+    # Traced by torch.compile, which has no sparse tensors: the same product as a gather and a scatter-add.
+    source, target = transform.col_slot, transform.row_slot
+    if transposed:
+        source, target = target, source
+    width = transform.cols.width if transposed else transform.rows.width
+    picked = z_t.index_select(0, source) * values[:, None]
+    return z_t.new_zeros(width, z_t.shape[1]).index_add_(0, target, picked)
+
+
+class _WaveFTLinear(torch.autograd.Function):
+    """y = x (W + Σ scaling·ΔW(spectrum))ᵀ + b for 2-D x; gradients for x, W, b and every spectrum."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: _Plan, *spectra):
+        ctx.plan = plan
+        ctx.save_for_backward(x, weight, *spectra)
+        if plan.path == MERGED:
+            merged, saved = _patch_weight(weight, spectra, plan)
+            try:
+                return F.linear(x, merged, bias)
+            finally:
+                _restore_weight(saved)
+        y = F.linear(x, weight.to(plan.dtype), bias)
+        x_acc = x.to(_accumulate_dtype(x.dtype))
+        for spectrum, transform, scaling in zip(spectra, plan.transforms, plan.scalings):
+            x_slots = transform.cols.analyze_transposed(x_acc, transform.col_block)  # (x C)ᵀ
+            row_slots = _slot_product(transform, spectrum.to(x_acc.dtype) * scaling, x_slots)
+            y += transform.rows.synthesize_transposed(row_slots, transform.row_block).t()
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, *spectra = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_spectra = ctx.needs_input_grad[4:]
+        grad_x = grad_weight = grad_bias = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.contiguous()
+            if need_weight:
+                grad_weight = (g.t() @ x).to(weight.dtype)
+            if need_bias:
+                grad_bias = g.sum(0)
+            if need_x and plan.path == MERGED:
+                merged, saved = _patch_weight(weight, spectra, plan)
+                try:
+                    grad_x = g @ merged
+                finally:
+                    _restore_weight(saved)
+            elif need_x:
+                grad_x = g @ weight.to(plan.dtype)
+                _add_factorized_grad_x(grad_x, g, spectra, plan)
+            grad_spectra = _spectrum_grads(g, x, plan, need_spectra)
+        return (grad_x, grad_weight, grad_bias, None, *grad_spectra)
+
+
+def _token_chunk(g: torch.Tensor, transforms: Sequence[SparseIDWT]) -> int:
+    """Tokens per chunk of the spectrum gradient (one chunk off CPU, where cache reuse is not the bottleneck)."""
+    if g.device.type != "cpu":
+        return max(1, g.shape[0])
+    width = max(max(t.rows.width, t.cols.width) for t in transforms)
+    return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, CPU_CHUNK_ELEMENTS // width))
+
+
+def _spectrum_grads(g, x, plan: _Plan, needed: Sequence[bool]) -> list[Optional[torch.Tensor]]:
+    """scaling · Σ_t (g R)[t, gi] · (x C)[t, xi] for each adapter that needs it, over chunks of tokens.
+
+    Why chunks: on CPU the two transposed factors of a chunk stay in cache between being made and being sampled,
+    which is most of this step's cost at thousands of tokens.
+    """
+    accumulate = _accumulate_dtype(g.dtype)
+    g_acc, x_acc = _cast(g, accumulate), _cast(x, accumulate)
+    grads: list[Optional[torch.Tensor]] = [None] * len(needed)
+    if not any(needed):
+        return grads
+    chunk = _token_chunk(g, plan.transforms)
+    for start in range(0, g.shape[0], chunk):
+        g_chunk, x_chunk = g_acc[start : start + chunk], x_acc[start : start + chunk]
+        factors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # adapters with equal transforms share them
+        for index, (transform, scaling, need) in enumerate(zip(plan.transforms, plan.scalings, needed)):
+            if not need:
+                continue
+            if transform.key not in factors:
+                factors[transform.key] = (
+                    transform.rows.analyze_transposed(g_chunk, transform.row_block),  # (g R)ᵀ
+                    transform.cols.analyze_transposed(x_chunk, transform.col_block),  # (x C)ᵀ
+                )
+            part = sampled_products(*factors[transform.key], transform, scaling)
+            grads[index] = part if grads[index] is None else grads[index].add_(part)
+    return grads
+
+
+def _add_factorized_grad_x(grad_x: torch.Tensor, g: torch.Tensor, spectra, plan: _Plan) -> None:
+    """grad_x += Σ scaling · g ΔW, as (C (Mᵀ (g R)ᵀ))ᵀ per adapter (the factorized path)."""
+    g_acc = g.to(_accumulate_dtype(g.dtype))
+    for spectrum, transform, scaling in zip(spectra, plan.transforms, plan.scalings):
+        g_slots = transform.rows.analyze_transposed(g_acc, transform.row_block)
+        col_slots = _slot_product(transform, spectrum.to(g_acc.dtype) * scaling, g_slots, transposed=True)
+        grad_x += transform.cols.synthesize_transposed(col_slots, transform.col_block).t()
 
 
 def waveft_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
-    adapters: Sequence[tuple[torch.Tensor, nn.Module, float]],
+    adapters: Sequence[Adapter],
+    path: str = AUTO,
 ) -> torch.Tensor:
-    """Apply a frozen (d_out, d_in) weight plus WaveFT adapters to `x`; the output has `x`'s dtype.
+    """Apply a (d_out, d_in) weight plus WaveFT adapters to `x` (…, d_in); the output has `x`'s dtype.
 
-    Under autocast, `F.linear` runs in the autocast dtype; otherwise `x` is cast to the weight's dtype, as the
-    frozen base layer would require.
+    Under autocast the matmuls run in the autocast dtype; otherwise `x` is cast to the weight's dtype, as the
+    frozen base layer would require. `path` forces "merged" or "factorized" (tests, benchmarks); "auto" chooses by
+    shape (`choose_path`).
     """
-    out_dtype = x.dtype
-    merged = weight + combined_delta(adapters).to(weight.dtype)
-    if not torch.is_autocast_enabled(x.device.type):
-        x = x.to(merged.dtype)
-        bias = bias.to(merged.dtype) if bias is not None else None
-    return F.linear(x, merged, bias).to(out_dtype)
+    out_features, in_features = weight.shape
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    x2d = _cast(x.reshape(-1, in_features), dtype)
+    transforms = tuple(transform for _, transform, _ in adapters)
+    if path == AUTO:
+        path = choose_path(x2d.shape[0], out_features, in_features, transforms)
+    elif path not in (MERGED, FACTORIZED):
+        raise ValueError(f"path must be one of {AUTO!r}, {MERGED!r}, {FACTORIZED!r}; got {path!r}.")
+    patchable = all(transform.use_patches for transform in transforms)
+    scalings = tuple(float(scaling) for _, _, scaling in adapters)
+    plan = _Plan(transforms=transforms, scalings=scalings, path=path, dtype=dtype, patchable=patchable)
+    spectra = [spectrum for spectrum, _, _ in adapters]
+    with torch.autocast(device_type, enabled=False):
+        y = _WaveFTLinear.apply(x2d, weight, _cast(bias, dtype) if bias is not None else None, plan, *spectra)
+    return _cast(y.reshape(*x.shape[:-1], out_features), x.dtype)

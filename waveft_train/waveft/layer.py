@@ -1,8 +1,9 @@
 """WaveFT tuner layers, compatible with peft's `WaveFTLayer` state-dict keys and semantics.
 
 Differences from peft's reference, all deliberate:
-- ΔW comes from `SparseIDWT` (scatter + one strided 1-D transposed conv) instead of a dense padded IDWT, and the
-  forward pass is one matmul on W + ΔW instead of two.
+- ΔW comes from `SparseIDWT` (its patch entries, or a scatter + one strided 1-D transposed conv) instead of a dense
+  padded IDWT, and training runs through `functional.waveft_linear`: one matmul on W + ΔW (or, for few tokens, a
+  factorized product) with a custom backward whose spectrum gradient is a sampled product, near the frozen cost.
 - Every PyWavelets family in WaveFT's documented range works (the reference crashes on db11+, sym11+, coif6+).
 - Coefficient locations and the transform's index tensors are non-persistent buffers: they move with the module
   and are never re-copied per call.

@@ -1,0 +1,340 @@
+"""Benchmark one full UNet training step (forward, backward, AdamW step): ours vs peft's reference WaveFT vs LoRA.
+
+The adapted layers are SDXL's attention linears (to_q, to_k, to_v, to_out.0). LoRA gets one rank for all layers,
+the one whose total parameter count is closest to WaveFT's (n_frequency per layer). All three methods wrap the same
+frozen base layers of one UNet; every round swaps each method in and times one step, in rotating order.
+
+Models:
+- tiny: the embedded tiny SDXL UNet (waveft_train.tiny), 32x32 latents.
+- sdxl: the SDXL-base UNet *architecture* (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json values written
+  below; nothing is downloaded) with random weights; 2.57 B parameters. `--transformer-layers` can reduce its
+  transformer depth; the output then says so.
+
+Reported per method: median step time, its ratio to LoRA's and to the reference's (medians over rounds of per-round
+ratios), and memory: resident adapter state (parameters, buffers, optimizer state: counted tensor by tensor) plus the
+peak a step adds over what was resident before it (CPU: VmHWM reset through /proc/self/clear_refs, with glibc told to
+return every block of 64 KiB or more to the system on free, so the resident size follows live memory; CUDA:
+torch.cuda.max_memory_allocated).
+
+Usage:
+    python scripts/bench_step.py --model sdxl                          # CPU fp32, 32x32 latents, batch 1
+    python scripts/bench_step.py --model tiny
+    python scripts/bench_step.py --model sdxl --device cuda --latent 128 --batch 2   # bf16 autocast, bf16 weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_layer import (  # noqa: E402
+    cpu_peak_step_bytes,
+    machine,
+    return_freed_memory_to_system,
+    wait_until_quiet,
+    waveft_config,
+)
+
+SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": (5, 10, 20),
+    "block_out_channels": (320, 640, 1280),
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": (1, 2, 10),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+METHODS = ("ours", "reference", "lora")
+TEXT_TOKENS = 77
+
+
+def build_unet(args) -> tuple[nn.Module, str]:
+    """(frozen UNet, description) on args.device in args.dtype."""
+    from diffusers import UNet2DConditionModel
+
+    if args.model == "tiny":
+        from waveft_train.tiny import tiny_model_dir
+
+        unet = UNet2DConditionModel.from_pretrained(tiny_model_dir() / "unet")
+        description = "tiny SDXL UNet (waveft_train.tiny)"
+    else:
+        config = dict(SDXL_UNET_CONFIG)
+        description = "SDXL-base UNet architecture, random weights"
+        if args.transformer_layers:
+            config["transformer_layers_per_block"] = tuple(args.transformer_layers)
+            description += f", REDUCED transformer depth {tuple(args.transformer_layers)} (SDXL: (1, 2, 10))"
+        with torch.random.fork_rng(devices=[]), torch.device(args.device):  # initialize where it will run
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(**config)
+    if args.dtype != torch.float32:
+        unet = unet.to(dtype=args.dtype)
+    return unet.to(args.device).requires_grad_(False).train(), description
+
+
+def target_linears(unet: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, base Linear) of every targeted attention linear."""
+    found = []
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in TARGETS):
+            parent_name, _, attribute = name.rpartition(".")
+            found.append((unet.get_submodule(parent_name), attribute, module))
+    return found
+
+
+def make_wrapper(method: str, base: nn.Linear, args, lora_rank: int) -> nn.Module:
+    if method == "ours":
+        from waveft_train.waveft import WaveFTLinear
+
+        return WaveFTLinear(base, "default", waveft_config(args.n_frequency, args.family), n_frequency=args.n_frequency)
+    if method == "reference":
+        from peft.tuners.waveft.layer import WaveFTLinear as Reference
+
+        return Reference(base, "default", waveft_config(args.n_frequency, args.family), n_frequency=args.n_frequency)
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layer = LoraLinear(base, "default", config=LoraConfig(r=lora_rank, lora_alpha=lora_rank), r=lora_rank, lora_alpha=lora_rank)
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
+    return layer
+
+
+class Methods:
+    """Wrappers of every method around the same base layers; `install` swaps one method's wrappers in."""
+
+    def __init__(self, unet: nn.Module, methods, args):
+        self.targets = target_linears(unet)
+        sizes = sum(base.in_features + base.out_features for _, _, base in self.targets)
+        self.lora_rank = max(1, round(args.n_frequency * len(self.targets) / sizes))
+        self.wrappers = {m: [make_wrapper(m, base, args, self.lora_rank).to(args.device) for _, _, base in self.targets] for m in methods}
+        self.optimizers = {m: torch.optim.AdamW(self.parameters(m), lr=1e-4) for m in methods}
+
+    def parameters(self, method: str) -> list[nn.Parameter]:
+        return [p for wrapper in self.wrappers[method] for p in wrapper.parameters() if p.requires_grad]
+
+    def install(self, method: str) -> None:
+        for (parent, attribute, _), wrapper in zip(self.targets, self.wrappers[method]):
+            setattr(parent, attribute, wrapper)
+
+    def resident_bytes(self, method: str) -> int:
+        """Parameters, buffers and optimizer state of a method's adapters (the shared base layers excluded)."""
+        tensors = []
+        for wrapper in self.wrappers[method]:
+            tensors += [t for name, t in wrapper.named_parameters() if not name.startswith("base_layer")]
+            tensors += [t for name, t in wrapper.named_buffers() if not name.startswith("base_layer")]
+            tensors += [t for t in getattr(wrapper, "waveft_indices", {}).values() if isinstance(t, torch.Tensor)]
+        for state in self.optimizers[method].state.values():
+            tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
+        seen, total = set(), 0
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+
+def make_batch(unet: nn.Module, args) -> dict:
+    config = unet.config
+    generator = torch.Generator().manual_seed(0)
+    text_embeds = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(args.device, args.dtype)
+
+    return {
+        "sample": randn(args.batch, config.in_channels, args.latent, args.latent),
+        "timestep": torch.randint(0, 1000, (args.batch,), generator=generator).to(args.device),
+        "encoder_hidden_states": randn(args.batch, TEXT_TOKENS, config.cross_attention_dim),
+        "added_cond_kwargs": {"text_embeds": randn(args.batch, text_embeds), "time_ids": randn(args.batch, 6)},
+        "target": randn(args.batch, config.out_channels, args.latent, args.latent),
+    }
+
+
+def train_step(unet: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, autocast: bool) -> float:
+    inputs = {k: v for k, v in batch.items() if k != "target"}
+    context = torch.autocast(batch["sample"].device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    with context:
+        prediction = unet(**inputs).sample
+    loss = torch.nn.functional.mse_loss(prediction.float(), batch["target"].float())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(unet, methods: Methods, names, batch, args) -> dict[str, list[float]]:
+    times = {m: [] for m in names}
+    for method in names:
+        methods.install(method)
+        for _ in range(args.warmup):
+            train_step(unet, batch, methods.optimizers[method], args.autocast)
+    for round_index in range(args.rounds):
+        wait_until_quiet(args.quiet_wait)
+        shift = round_index % len(names)
+        for method in names[shift:] + names[:shift]:
+            methods.install(method)
+            synchronize(args.device)
+            start = time.perf_counter()
+            train_step(unet, batch, methods.optimizers[method], args.autocast)
+            synchronize(args.device)
+            times[method].append(time.perf_counter() - start)
+            print(f"    round {round_index}: {method:10s} {times[method][-1]:8.3f} s", flush=True)
+    return times
+
+
+def step_peak_bytes(unet, methods: Methods, method: str, batch, args) -> int:
+    """Peak memory one step adds over what was resident right before it."""
+    methods.install(method)
+    gc.collect()
+    if args.device == "cuda":
+        train_step(unet, batch, methods.optimizers[method], args.autocast)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(unet, batch, methods.optimizers[method], args.autocast)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return cpu_peak_step_bytes(lambda: train_step(unet, batch, methods.optimizers[method], args.autocast))
+
+
+def ratios(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    return round(statistics.median(a / b for a, b in zip(times[numerator], times[denominator])), 3)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["tiny", "sdxl"], default="sdxl")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--latent", type=int, help="latent side (default: 32 on CPU, 128 on CUDA)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 1 on CPU, 2 on CUDA)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--n-frequency", type=int, help="per layer (default: 2592 for sdxl, 256 for tiny)")
+    parser.add_argument("--family", default="db1")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--transformer-layers", type=int, nargs=3, metavar="N", help="reduce SDXL's (1, 2, 10)")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS", help="see bench_layer.py")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.latent = args.latent or (128 if cuda else 32)
+    args.batch = args.batch or (2 if cuda else 1)
+    args.n_frequency = args.n_frequency or (2592 if args.model == "sdxl" else 256)
+    args.dtype = torch.bfloat16 if cuda else torch.float32
+    args.autocast = cuda
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    started = time.perf_counter()
+    unet, description = build_unet(args)
+    methods = Methods(unet, args.methods, args)
+    batch = make_batch(unet, args)
+    results = {
+        "machine": machine(args.device),
+        "command": "python " + " ".join(sys.argv),
+        "model": description,
+        "setup": f"{args.latent}x{args.latent} latents, batch {args.batch}, "
+        + ("bf16 weights under bf16 autocast" if args.autocast else "fp32")
+        + f", {len(methods.targets)} adapted linears, WaveFT n_frequency={args.n_frequency} ({args.family}), "
+        f"LoRA rank {methods.lora_rank}",
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"# {results['machine']}\n# {description}; {results['setup']}", flush=True)
+    times = time_steps(unet, methods, list(args.methods), batch, args)
+    summary = {m: {"median_s": round(statistics.median(times[m]), 3)} for m in args.methods}
+    for method in args.methods:
+        for other in ("lora", "reference"):
+            if other in times and other != method:
+                summary[method][f"time_vs_{other}"] = ratios(times, method, other)
+    if not args.no_memory:
+        if args.device == "cpu":
+            return_freed_memory_to_system()
+        for method in args.methods:
+            peak = step_peak_bytes(unet, methods, method, batch, args)
+            resident = methods.resident_bytes(method)
+            summary[method].update(
+                adapter_resident_MiB=round(resident / 2**20, 1),
+                step_peak_MiB=round(peak / 2**20, 1),
+                training_memory_MiB=round((resident + peak) / 2**20, 1),
+            )
+        base = sum(t.untyped_storage().nbytes() for t in unet.parameters()) / 2**20
+        results["base_weights_MiB"] = round(base, 1)
+        if "lora" in summary:
+            lora = summary["lora"]["training_memory_MiB"]
+            for method in args.methods:
+                own = summary[method]["training_memory_MiB"]
+                summary[method]["memory_vs_lora"] = round(own / lora, 3)
+                summary[method]["memory_with_weights_vs_lora"] = round((own + base) / (lora + base), 3)
+    results["methods"] = summary
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,301 @@
+"""The fast training path (waveft_train/waveft/functional.py) against its oracles.
+
+Oracles: torch.autograd.gradcheck in float64 (every custom function, both paths, both ways of building ΔW), and
+peft's reference WaveFT layer with plain autograd (outputs and gradients to 1e-5 relative). Speed is measured by
+scripts/bench_layer.py and scripts/bench_step.py, never here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import WaveFTConfig
+from peft.tuners.waveft.layer import WaveFTLinear as ReferenceLinear
+from torch.utils.checkpoint import checkpoint
+
+from waveft_train.waveft import SparseIDWT, WaveFTLinear, coefficient_locations
+from waveft_train.waveft import functional
+from waveft_train.waveft.functional import FACTORIZED, MERGED, choose_path, sampled_products, waveft_linear
+
+PATHS = [MERGED, FACTORIZED]
+# (family, use_idwt); None = use_idwt off (the spectrum placed directly).
+FAMILIES = {"db1": ("db1", True), "db2": ("db2", True), "sym3": ("sym3", True), "coif1": ("coif1", True),
+            "no_idwt": ("db1", False)}  # fmt: skip
+
+
+def transform(out_features, in_features, n, family="db1", use_idwt=True, seed=3) -> SparseIDWT:
+    locations = coefficient_locations(out_features, in_features, n, seed)
+    return SparseIDWT(out_features, in_features, locations, family, use_idwt)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def pair(family: str, use_idwt: bool, shape=(40, 48), n=150, bias=True, seed=0):
+    """(peft reference layer, our layer) around one shared frozen base layer, with the same random spectrum."""
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(shape[1], shape[0], bias=bias).requires_grad_(False)
+    config = WaveFTConfig(n_frequency=n, wavelet_family=family, use_idwt=use_idwt, init_weights=False, scaling=7.0)
+    reference = ReferenceLinear(base, "default", config, n_frequency=n)
+    ours = WaveFTLinear(base, "default", config, n_frequency=n)
+    with torch.no_grad():
+        ours.waveft_spectrum["default"].copy_(reference.waveft_spectrum["default"])
+    return reference, ours
+
+
+def adapters_of(layer: WaveFTLinear, names=("default",)):
+    return [(layer.waveft_spectrum[n], layer.waveft_transform[n], layer.waveft_scaling[n]) for n in names]
+
+
+# ---- gradcheck ---------------------------------------------------------------------------------------------------
+
+# (shape, n): 24x20 with few coefficients builds ΔW from patches for the short filters; n=60 forces the separable
+# build for every family, so both builders are checked on both paths.
+@pytest.mark.parametrize("sizes", [((24, 20), 12), ((7, 10), 9), ((24, 20), 60)], ids=["patches", "odd", "separable"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck_float64(path, family, sizes):
+    (out_features, in_features), n = sizes
+    name, use_idwt = FAMILIES[family]
+    t = transform(out_features, in_features, n, name, use_idwt).double()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, in_features, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(out_features, in_features, dtype=torch.float64, requires_grad=family == "db2")
+    bias = torch.randn(out_features, dtype=torch.float64, requires_grad=True)
+    spectrum = torch.randn(n, dtype=torch.float64, requires_grad=True)
+
+    def function(x, weight, bias, spectrum):
+        return waveft_linear(x, weight, bias, [(spectrum, t, 1.5)], path=path)
+
+    assert torch.autograd.gradcheck(function, (x, weight, bias, spectrum))
+
+
+def test_both_builders_are_exercised():
+    assert transform(24, 20, 12, "db1").use_patches and transform(24, 20, 12, "sym3", False).use_patches
+    assert not any(transform(24, 20, 60, family).use_patches for family in ("db1", "db2", "sym3", "coif1"))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck_two_adapters(path):
+    first = transform(12, 10, 8, "db1", seed=1).double()
+    second = transform(12, 10, 20, "sym2", seed=2).double()
+    torch.manual_seed(2)
+    x = torch.randn(5, 10, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(12, 10, dtype=torch.float64)
+    spectra = [torch.randn(size, dtype=torch.float64, requires_grad=True) for size in (8, 20)]
+
+    def function(x, a, b):
+        return waveft_linear(x, weight, None, [(a, first, 2.0), (b, second, -0.5)], path=path)
+
+    assert torch.autograd.gradcheck(function, (x, *spectra))
+
+
+# ---- against peft's reference (autograd) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [(40, 48), (33, 25)])
+def test_matches_reference_autograd(path, family, shape):
+    reference, ours = pair(*FAMILIES[family], shape=shape)
+    x = torch.randn(3, 21, shape[1], requires_grad=True)
+    grad = torch.randn(3, 21, shape[0])
+    expected = reference(x)
+    expected.backward(grad)
+    expected_dx, x.grad = x.grad, None
+    actual = waveft_linear(x, ours.base_layer.weight, ours.base_layer.bias, adapters_of(ours), path=path)
+    actual.backward(grad)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, expected_dx, rtol=1e-5, atol=1e-6)
+    expected_ds = reference.waveft_spectrum["default"].grad
+    assert relative_error(ours.waveft_spectrum["default"].grad, expected_ds) < 1e-5
+
+
+def test_several_adapters_match_reference():
+    reference, ours = pair("db1", True, n=120)
+    second = WaveFTConfig(n_frequency=90, wavelet_family="sym3", random_loc_seed=5, init_weights=False, scaling=3.0)
+    reference.update_layer("second", 90, second)
+    ours.update_layer("second", 90, second)
+    with torch.no_grad():
+        ours.waveft_spectrum["second"].copy_(reference.waveft_spectrum["second"])
+    reference.set_adapter(["default", "second"])
+    ours.set_adapter(["default", "second"])
+    x = torch.randn(50, 48)
+    grad = torch.randn(50, 40)
+    reference(x).backward(grad)
+    for path in PATHS:
+        for parameter in ours.waveft_spectrum.values():
+            parameter.grad = None
+        adapters = adapters_of(ours, ("default", "second"))
+        output = waveft_linear(x, ours.base_layer.weight, ours.base_layer.bias, adapters, path=path)
+        torch.testing.assert_close(output, reference(x), rtol=1e-5, atol=1e-6)
+        output.backward(grad)
+        for name in ("default", "second"):
+            assert relative_error(ours.waveft_spectrum[name].grad, reference.waveft_spectrum[name].grad) < 1e-5
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)  # and through the layer itself
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_merged_weights_equal_the_reference(family):
+    reference, ours = pair(*FAMILIES[family], shape=(64, 72), n=200)  # patches for short filters at this size
+    before = ours.base_layer.weight.detach().clone()
+    expected_delta = reference.get_delta_weight("default")
+    torch.testing.assert_close(ours.get_delta_weight("default"), expected_delta, rtol=1e-5, atol=1e-6)
+    ours.merge()
+    torch.testing.assert_close(ours.base_layer.weight, before + expected_delta, rtol=0, atol=1e-6)
+
+
+# ---- the merged path leaves W alone ------------------------------------------------------------------------------
+
+
+def test_merged_path_restores_w_exactly_and_saves_no_weight_sized_tensor():
+    _, ours = pair("db1", True, shape=(64, 72), n=200)
+    weight = ours.base_layer.weight
+    assert ours.waveft_transform["default"].use_patches
+    before, version = weight.detach().clone(), weight._version
+    saved = []
+    x = torch.randn(40, 72, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = waveft_linear(x, weight, ours.base_layer.bias, adapters_of(ours), path=MERGED)
+    assert torch.equal(weight, before) and weight._version == version
+    weight_sized = [t for t in saved if t.shape == weight.shape]
+    assert all(t.data_ptr() == weight.data_ptr() for t in weight_sized)  # W itself, never W + ΔW
+    y.sum().backward()
+    assert torch.equal(weight, before) and weight._version == version
+
+
+def test_w_is_restored_when_the_matmul_fails(monkeypatch):
+    _, ours = pair("db1", True, shape=(64, 72), n=200)
+    before = ours.base_layer.weight.detach().clone()
+
+    def failing_linear(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(functional.F, "linear", failing_linear)
+    with pytest.raises(RuntimeError, match="simulated"):
+        waveft_linear(torch.randn(4, 72), ours.base_layer.weight, None, adapters_of(ours), path=MERGED)
+    assert torch.equal(ours.base_layer.weight, before)
+
+
+def test_inference_mode_and_no_grad():
+    reference, ours = pair("db1", True, shape=(64, 72), n=200)
+    x = torch.randn(9, 72)
+    before = ours.base_layer.weight.detach().clone()
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours.base_layer.weight, before)
+
+
+# ---- checkpointing and autocast ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradient_checkpointing(path):
+    _, ours = pair("db2", True)
+    x = torch.randn(30, 48, requires_grad=True)
+
+    def block(inputs):
+        output = waveft_linear(inputs, ours.base_layer.weight, ours.base_layer.bias, adapters_of(ours), path=path)
+        return torch.tanh(output)
+
+    block(x).square().sum().backward()
+    expected = ours.waveft_spectrum["default"].grad.clone(), x.grad.clone()
+    ours.waveft_spectrum["default"].grad, x.grad = None, None
+    checkpoint(block, x, use_reentrant=False).square().sum().backward()
+    torch.testing.assert_close(ours.waveft_spectrum["default"].grad, expected[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad, expected[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_autocast_is_close_to_float32(path, weight_dtype):
+    reference, ours = pair("db1", True, shape=(64, 72), n=200)
+    x = torch.randn(40, 72, requires_grad=True)
+    grad = torch.randn(40, 64)
+    expected = reference(x)
+    expected.backward(grad)
+    expected_ds = reference.waveft_spectrum["default"].grad
+    weight = ours.base_layer.weight.detach().to(weight_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = waveft_linear(x, weight, ours.base_layer.bias, adapters_of(ours), path=path)
+    assert actual.dtype == torch.float32  # the input's dtype, as in peft
+    actual.backward(grad)
+    spectrum_grad = ours.waveft_spectrum["default"].grad
+    assert spectrum_grad.dtype == torch.float32
+    assert relative_error(actual, expected) < 2e-2
+    assert relative_error(spectrum_grad, expected_ds) < 2e-2
+    assert torch.equal(ours.base_layer.weight.detach().to(weight_dtype), weight)  # restored
+
+
+# ---- the pieces --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["db1", "db3", "sym4", "coif2", "db20"])
+@pytest.mark.parametrize("length", [16, 17, 40])
+def test_transposed_synthesis_is_the_adjoint_of_the_transposed_analysis(family, length):
+    t = transform(length, length, 10, family).double()
+    axis, block = t.rows, t.row_block.double()
+    y, z = torch.randn(7, length, dtype=torch.float64), torch.randn(axis.width, 7, dtype=torch.float64)
+    analyzed, synthesized = axis.analyze_transposed(y, block), axis.synthesize_transposed(z, block)
+    assert analyzed.shape == (axis.width, 7) and analyzed.is_contiguous() and synthesized.shape == (length, 7)
+    torch.testing.assert_close((analyzed * z).sum(), (y.t() * synthesized).sum())
+    # and the synthesis matches the row-by-row one the dense ΔW is built with
+    torch.testing.assert_close(synthesized.t(), axis.synthesize(z.t(), t.filters.double()))
+
+
+@pytest.mark.parametrize("n", [30, 150])  # sparse, and dense enough for the "dense" kernel to be chosen
+def test_sampled_product_kernels_agree(n):
+    t = transform(20, 16, n, "db2").double()
+    rows_t = torch.randn(t.rows.width, 33, dtype=torch.float64)
+    cols_t = torch.randn(t.cols.width, 33, dtype=torch.float64)
+    expected = 1.5 * (rows_t @ cols_t.t())[t.row_slot.long(), t.col_slot.long()]
+    for kernel in ("auto", "dense", "csr", "gather"):
+        torch.testing.assert_close(sampled_products(rows_t, cols_t, t, 1.5, kernel=kernel), expected)
+
+
+def test_choose_path_by_shape():
+    patches = transform(640, 640, 2592, "db1")
+    assert patches.use_patches
+    for tokens, d_in, d_out in [(8192, 640, 640), (2048, 1280, 1280), (154, 2048, 1280), (77, 2048, 640)]:
+        assert choose_path(tokens, d_out, d_in, [transform(d_out, d_in, 2592, "db1")]) == MERGED
+    separable = transform(1280, 2048, 2592, "db8")  # 16 taps: patches would be denser than a quarter of W
+    assert not separable.use_patches
+    assert choose_path(154, 1280, 2048, [separable]) == FACTORIZED
+    assert choose_path(8192, 1280, 2048, [separable]) == MERGED
+
+
+def test_unknown_path_is_rejected():
+    t = transform(8, 8, 4)
+    with pytest.raises(ValueError, match="path must be one of"):
+        waveft_linear(torch.randn(2, 8), torch.randn(8, 8), None, [(torch.zeros(4), t, 1.0)], path="fast")
+
+
+def test_output_keeps_leading_dims_and_dtype():
+    t = transform(8, 6, 5)
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    weight, spectrum = torch.randn(8, 6), torch.randn(5)
+    out = waveft_linear(x, weight, None, [(spectrum, t, 2.0)])
+    assert out.shape == (2, 3, 4, 8) and out.dtype == torch.float64  # computed in the weight's dtype, returned in x's
+    torch.testing.assert_close(out, F.linear(x.float(), weight + 2.0 * t(spectrum)).double())
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_compile_friendly_fallbacks_match_reference(path, monkeypatch):
+    """Under torch.compile the sparse kernels and the in-place W patch give way to dense equivalents (dynamo has no
+    sparse tensors; with them there are no graph breaks, see BENCHMARKS.md). Run those equivalents eagerly here."""
+    reference, ours = pair("db2", True, shape=(64, 72), n=200)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(30, 72, requires_grad=True)
+    grad = torch.randn(30, 64)
+    expected = reference(x)
+    expected.backward(grad)
+    expected_dx, x.grad = x.grad, None
+    actual = waveft_linear(x, ours.base_layer.weight, ours.base_layer.bias, adapters_of(ours), path=path)
+    actual.backward(grad)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, expected_dx, rtol=1e-5, atol=1e-6)
+    assert relative_error(ours.waveft_spectrum["default"].grad, reference.waveft_spectrum["default"].grad) < 1e-5
