@@ -69,7 +69,17 @@ def synthesis_filters(family: str) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def coefficient_locations(out_features: int, in_features: int, n_frequency: int, seed: int) -> torch.Tensor:
-    """The (2, n) row/column locations of the learnable coefficients, derived exactly as peft derives them."""
+    """The (2, n) row/column locations of the learnable coefficients, derived exactly as peft derives them.
+
+    peft draws a full permutation of d_out·d_in per layer; layers of one shape share one seed, so the draw is
+    memoized per (shape, n, seed): SDXL's 560 attention linears have only a handful of shapes. A fresh copy is
+    returned each time, so callers may keep or modify it.
+    """
+    return _locations(out_features, in_features, n_frequency, seed).clone()
+
+
+@lru_cache(maxsize=64)
+def _locations(out_features: int, in_features: int, n_frequency: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     flat = torch.randperm(out_features * in_features, generator=generator)[:n_frequency]
     return torch.stack([flat // in_features, flat % in_features], dim=0)
