@@ -364,3 +364,21 @@ def test_truncated_safetensors_is_refused(tmp_path, name):
     (folder / name).write_bytes(b"\xff" * 12)
     with pytest.raises(UserError, match=rf"{folder / name} .*truncated or corrupt"):
         load_checkpoint(folder)
+
+
+def test_grad_scaler_state_round_trips_for_fp16_resume():
+    """fp16 runs checkpoint accelerate's GradScaler; a resumed run must continue with the same loss scale."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    weight = nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    for grad in (float("inf"), 1.0, 1.0):  # one overflow (the scale halves), then two good steps
+        optimizer.zero_grad()
+        scaler.scale((weight * grad).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    tensors, skeleton = flatten_state({"scaler": scaler.state_dict(), "step": 3})
+    restored = unflatten_state(tensors, json.loads(json.dumps(skeleton)))
+    fresh = torch.amp.GradScaler("cpu")
+    fresh.load_state_dict(restored["scaler"])
+    assert fresh.state_dict() == scaler.state_dict()
+    assert fresh.get_scale() == 2.0**15 and restored["step"] == 3
