@@ -45,6 +45,20 @@ def pair(family: str, use_idwt: bool, shape=(40, 48), n=150, bias=True, seed=0):
     return reference, ours
 
 
+def assert_matches_reference(reference, ours: WaveFTLinear, x: torch.Tensor, path: str) -> None:
+    """Output, dx and the spectrum gradient of `waveft_linear` on `path` against the reference layer's autograd."""
+    x.requires_grad_(True)
+    grad = torch.randn(*x.shape[:-1], ours.out_features)
+    expected = reference(x)
+    expected.backward(grad)
+    expected_dx, x.grad = x.grad, None
+    actual = waveft_linear(x, ours.base_layer.weight, ours.base_layer.bias, adapters_of(ours), path=path)
+    actual.backward(grad)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, expected_dx, rtol=1e-5, atol=1e-6)
+    assert relative_error(ours.waveft_spectrum["default"].grad, reference.waveft_spectrum["default"].grad) < 1e-5
+
+
 def adapters_of(layer: WaveFTLinear, names=("default",)):
     return [(layer.waveft_spectrum[n], layer.waveft_transform[n], layer.waveft_scaling[n]) for n in names]
 
@@ -100,17 +114,7 @@ def test_gradcheck_two_adapters(path):
 @pytest.mark.parametrize("shape", [(40, 48), (33, 25)])
 def test_matches_reference_autograd(path, family, shape):
     reference, ours = pair(*FAMILIES[family], shape=shape)
-    x = torch.randn(3, 21, shape[1], requires_grad=True)
-    grad = torch.randn(3, 21, shape[0])
-    expected = reference(x)
-    expected.backward(grad)
-    expected_dx, x.grad = x.grad, None
-    actual = waveft_linear(x, ours.base_layer.weight, ours.base_layer.bias, adapters_of(ours), path=path)
-    actual.backward(grad)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad, expected_dx, rtol=1e-5, atol=1e-6)
-    expected_ds = reference.waveft_spectrum["default"].grad
-    assert relative_error(ours.waveft_spectrum["default"].grad, expected_ds) < 1e-5
+    assert_matches_reference(reference, ours, torch.randn(3, 21, shape[1]), path)
 
 
 def test_several_adapters_match_reference():
@@ -289,13 +293,4 @@ def test_compile_friendly_fallbacks_match_reference(path, monkeypatch):
     sparse tensors; with them there are no graph breaks, see BENCHMARKS.md). Run those equivalents eagerly here."""
     reference, ours = pair("db2", True, shape=(64, 72), n=200)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    x = torch.randn(30, 72, requires_grad=True)
-    grad = torch.randn(30, 64)
-    expected = reference(x)
-    expected.backward(grad)
-    expected_dx, x.grad = x.grad, None
-    actual = waveft_linear(x, ours.base_layer.weight, ours.base_layer.bias, adapters_of(ours), path=path)
-    actual.backward(grad)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad, expected_dx, rtol=1e-5, atol=1e-6)
-    assert relative_error(ours.waveft_spectrum["default"].grad, reference.waveft_spectrum["default"].grad) < 1e-5
+    assert_matches_reference(reference, ours, torch.randn(30, 72), path)
