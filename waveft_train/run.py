@@ -343,7 +343,7 @@ def save_training_checkpoint(session: Session, step: int) -> None:
 def validate(session: Session, step: int, progress: bool) -> None:
     """samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, for the same seeds."""
     from waveft_train.models import build_pipeline
-    from waveft_train.sampling import generate_grid_images, make_grid
+    from waveft_train.sampling import adapters_disabled, generate_grid_images, make_grid
 
     config, accelerator = session.config, session.accelerator
     accelerator.wait_for_everyone()
@@ -366,11 +366,8 @@ def validate(session: Session, step: int, progress: bool) -> None:
         with torch.no_grad():
             adapted = generate_grid_images(pipeline, config.validation.prompts, seeds, **options)
             if session.base_samples is None:
-                unet.disable_adapters()
-                try:
+                with adapters_disabled(unet):
                     session.base_samples = generate_grid_images(pipeline, config.validation.prompts, seeds, **options)
-                finally:
-                    unet.enable_adapters()
         grid = make_grid([base + ours for base, ours in zip(session.base_samples, adapted)])
         path = session.output_dir / "samples" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
