@@ -5,14 +5,13 @@ cli.py registers `sample` and `export` as Typer commands; their docstrings are t
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from waveft_train.errors import UserError
+from waveft_train.files import save_png_atomically
 
 COMPARE_GROUP_GAP = 16  # white pixels between the base model's images and the adapter's in --compare-base grids
 SAMPLE_DTYPES = ("auto", "fp16", "bf16", "fp32")
@@ -105,7 +104,7 @@ def sample(
         grid = make_grid(rows, group_size=num_images, group_gap=COMPARE_GROUP_GAP)
     else:
         grid = make_grid(rows)
-    _save_png_atomically(grid, out)
+    save_png_atomically(grid, out)
     layout = " (base | adapter)" if compare_base else ""
     typer.echo(f"Wrote {out}: {len(prompts)} prompt(s) x seeds {seeds[0]}..{seeds[-1]}{layout}.")
 
@@ -146,16 +145,3 @@ def _sample_dtype(name: str, device: str):
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def _save_png_atomically(image, out: Path) -> None:
-    """Write to a temporary file beside `out`, then rename: a reader never sees half a PNG."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG")
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 from pathlib import Path
@@ -13,17 +12,7 @@ import torch
 
 from waveft_train.config import TrainConfig, config_fingerprint, load_config
 from waveft_train.errors import UserError
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary sibling and rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+from waveft_train.files import atomic_write_text
 
 
 def holds_other_run(config: TrainConfig, *, force: bool) -> bool:

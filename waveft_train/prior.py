@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 
 from waveft_train.data import IMAGE_EXTENSIONS
 from waveft_train.errors import UserError
+from waveft_train.files import atomic_write_text, save_png_atomically
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -150,29 +149,15 @@ def read_manifest(class_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a hidden temp file in the same folder, then os.replace: readers see old or new, never half."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(class_dir: Path, entries: Iterable[dict[str, Any]]) -> None:
     """Write the manifest atomically, sorted by file name (stable bytes for the same content)."""
     images = sorted(entries, key=lambda entry: entry["file"])
     text = json.dumps({"version": MANIFEST_VERSION, "images": images}, indent=2, ensure_ascii=False) + "\n"
-    _write_atomically(class_dir / MANIFEST_NAME, lambda stream: stream.write(text.encode("utf-8")))
+    atomic_write_text(class_dir / MANIFEST_NAME, text)
 
 
 def save_image_atomically(image: Image.Image, path: Path) -> None:
-    _write_atomically(path, lambda stream: image.save(stream, format="PNG"))
+    save_png_atomically(image, path)
 
 
 # ----------------------------------------------------------------------------------------------- planning

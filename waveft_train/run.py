@@ -8,7 +8,6 @@ checkpoints, samples and the final adapter. Only the main process writes files.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +18,8 @@ import torch
 
 from waveft_train.config import TrainConfig, dump_config
 from waveft_train.errors import UserError
-from waveft_train.outputs import MetricsLog, atomic_write_text, clear_previous_run, holds_other_run, validate_inputs
+from waveft_train.files import atomic_write_text, save_png_atomically, write_atomically
+from waveft_train.outputs import MetricsLog, clear_previous_run, holds_other_run, validate_inputs
 from waveft_train.params import adapter_on_meta_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -370,10 +370,7 @@ def validate(session: Session, step: int, progress: bool) -> None:
                     session.base_samples = generate_grid_images(pipeline, config.validation.prompts, seeds, **options)
         grid = make_grid([base + ours for base, ours in zip(session.base_samples, adapted)])
         path = session.output_dir / "samples" / f"step-{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        grid.save(temporary, format="PNG")
-        temporary.replace(path)
+        save_png_atomically(grid, path)
         session.last_samples = path
         for module in (components.text_encoder, components.text_encoder_2):
             module.to("cpu")
@@ -400,9 +397,8 @@ def finish(session: Session, result, started: float, trainable: list[torch.nn.Pa
     checkpoint.save_adapter(adapter_dir, accelerator.unwrap_model(session.unet),
                             base_model_name_or_path=session.components.model_path, model_card=card)
     if session.last_samples is not None:
-        temporary = adapter_dir / ".samples.png.tmp"
-        shutil.copyfile(session.last_samples, temporary)
-        temporary.replace(adapter_dir / "samples.png")
+        last = session.last_samples.read_bytes()
+        write_atomically(adapter_dir / "samples.png", lambda stream: stream.write(last))
     final_loss = result.final_loss if result.final_loss is not None else (metrics_log.last or {}).get("loss")
     summary = {
         "trainable_params": trainable_params,
