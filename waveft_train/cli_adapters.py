@@ -140,8 +140,10 @@ def _read_prompts(path: Path) -> list[str]:
 def _sample_dtype(name: str, device: str):
     import torch
 
+    from waveft_train.models import DTYPES
+
     if name not in SAMPLE_DTYPES:
         raise UserError(f"Unknown --dtype '{name}'; allowed: {', '.join(SAMPLE_DTYPES)}.")
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return DTYPES[name]

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_MODEL_NAME = "tiny"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype names configs and flags use
 ALLOWED_MODELS = (
     "`tiny` (the embedded test model), a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0, "
     "or a local diffusers folder containing model_index.json"

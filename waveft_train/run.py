@@ -19,10 +19,10 @@ import torch
 from waveft_train.config import TrainConfig, dump_config
 from waveft_train.errors import UserError
 from waveft_train.files import atomic_write_text, save_png_atomically, write_atomically
+from waveft_train.models import DTYPES
 from waveft_train.outputs import MetricsLog, clear_previous_run, holds_other_run, validate_inputs
 from waveft_train.params import adapter_on_meta_unet
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------- training

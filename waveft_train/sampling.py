@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from waveft_train.errors import UserError
-from waveft_train.models import ALLOWED_MODELS, SDXLComponents, _load, load_components, resolve_pretrained
+from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, _load, load_components, resolve_pretrained
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # --------------------------------------------------------------------------------------------------- grids
@@ -386,8 +385,8 @@ def export_merged(
     `UNet2DConditionModel.from_pretrained(out_dir)`. It is written to a temporary sibling and renamed into
     place, so `out_dir` is never half-written; an existing non-empty `out_dir` is replaced only with `force`.
     """
-    if dtype not in EXPORT_DTYPES:
-        raise UserError(f"Unknown export dtype '{dtype}'; allowed: {', '.join(EXPORT_DTYPES)}.")
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown export dtype '{dtype}'; allowed: {', '.join(DTYPES)}.")
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; --out names the folder to write the merged UNet to.")
@@ -405,7 +404,7 @@ def export_merged(
             "bias='waveft_only' bias on a layer without bias; a plain diffusers UNet cannot hold them. Load the "
             "adapter with peft instead of exporting it."
         )
-    merged.to(EXPORT_DTYPES[dtype])
+    merged.to(DTYPES[dtype])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
