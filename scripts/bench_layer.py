@@ -2,7 +2,7 @@
 
 The four: the frozen base layer; peft's reference WaveFT; LoRA with about WaveFT's parameter count (rank
 round(n / (d_in + d_out)), at least 1); and ours (waveft_train's WaveFT). All wrap the same base weight and run on
-the same input; every round times each of them once, in rotating order, so machine noise hits all of them alike.
+the same input; every round times each of them once, in shuffled order, so machine noise hits all of them alike.
 Reported: median step time, the median over rounds of each method's time divided by the frozen layer's time in the
 same round, and the peak memory a step adds over what was resident before it.
 
@@ -32,6 +32,7 @@ import ctypes
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -163,6 +164,15 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.1) -> None:
         pass
 
 
+def round_order(methods, round_index: int) -> list:
+    """This round's order of the methods: a seeded shuffle, so that over the rounds every method follows every
+    other about equally often. (A fixed cyclic rotation would always run one method right after the same
+    neighbour, e.g. ours after the cache-flushing reference and frozen after ours, which biases the ratios.)"""
+    order = list(methods)
+    random.Random(round_index).shuffle(order)
+    return order
+
+
 def time_interleaved(setup: Setup, methods, rounds: int, device: str, quiet_wait: float = 0.0) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {method: [] for method in methods}
     for method in methods:  # warm-up: allocator, lazy init, caches
@@ -171,8 +181,7 @@ def time_interleaved(setup: Setup, methods, rounds: int, device: str, quiet_wait
     synchronize(device)
     for round_index in range(rounds):
         wait_until_quiet(quiet_wait)
-        shift = round_index % len(methods)
-        for method in methods[shift:] + methods[:shift]:
+        for method in round_order(methods, round_index):
             synchronize(device)
             start = time.perf_counter()
             setup.step(method)

@@ -2,7 +2,7 @@
 
 The adapted layers are SDXL's attention linears (to_q, to_k, to_v, to_out.0). LoRA gets one rank for all layers,
 the one whose total parameter count is closest to WaveFT's (n_frequency per layer). All three methods wrap the same
-frozen base layers of one UNet; every round swaps each method in and times one step, in rotating order.
+frozen base layers of one UNet; every round swaps each method in and times one step, in shuffled order.
 
 Models:
 - tiny: the embedded tiny SDXL UNet (waveft_train.tiny), 32x32 latents.
@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_layer import (  # noqa: E402
     cpu_peak_step_bytes,
+    round_order,
     machine,
     return_freed_memory_to_system,
     wait_until_quiet,
@@ -227,8 +228,7 @@ def time_steps(unet, methods: Methods, names, batch, args) -> dict[str, list[flo
             train_step(unet, batch, methods.optimizers[method], args.autocast)
     for round_index in range(args.rounds):
         wait_until_quiet(args.quiet_wait)
-        shift = round_index % len(names)
-        for method in names[shift:] + names[:shift]:
+        for method in round_order(names, round_index):
             methods.install(method)
             synchronize(args.device)
             start = time.perf_counter()

@@ -1,0 +1,105 @@
+"""A/B one adapted layer's training step: this working tree's WaveFT against another commit's, interleaved.
+
+Small changes (a few µs per call) drown in this machine's noise when two runs of bench_layer.py are compared; here
+both versions run in one process, round by round, on the same base weight and inputs, and what is reported is the
+median over rounds of the per-round time ratio new/old (and each against the frozen layer).
+
+Usage:
+    python scripts/bench_ab.py HEAD~1                 # the three SDXL shapes of bench_layer.py
+    python scripts/bench_ab.py main --shapes 2 --rounds 41
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_layer import SHAPES, round_order, waveft_config  # noqa: E402
+
+
+def import_old(ref: str, into: Path):
+    """waveft_train/waveft as of `ref`, importable as the package `waveft_old`; returns its layer module."""
+    package = into / "waveft_old"
+    package.mkdir()
+    names = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{ref}:waveft_train/waveft"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    for name in names:
+        if name.endswith(".py"):
+            source = subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{ref}:waveft_train/waveft/{name}"],
+                check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            (package / name).write_text(source)
+    sys.path.insert(0, str(into))
+    return importlib.import_module("waveft_old.layer")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref", help="the git commit (or branch) to compare against")
+    parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-frequency", type=int, default=2592)
+    parser.add_argument("--family", default="db1")
+    parser.add_argument("--shapes", nargs="*", type=int, help="indices into bench_layer's shape table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from waveft_train.waveft.layer import WaveFTLinear as New
+
+    with tempfile.TemporaryDirectory() as folder:
+        Old = import_old(args.ref, Path(folder)).WaveFTLinear
+        names = list(SHAPES)
+        for index in args.shapes if args.shapes is not None else range(len(names)):
+            tokens, in_features, out_features = SHAPES[names[index]]
+            torch.manual_seed(0)
+            base = torch.nn.Linear(in_features, out_features, bias=False).requires_grad_(False)
+            config = waveft_config(args.n_frequency, args.family)
+            modules = {"frozen": base}
+            for label, cls in (("old", Old), ("new", New)):
+                modules[label] = cls(base, "default", config, n_frequency=args.n_frequency)
+                torch.nn.init.normal_(modules[label].waveft_spectrum["default"], std=0.01)
+            x = torch.randn(tokens, in_features, requires_grad=True)
+            grad = torch.randn(tokens, out_features)
+
+            def step(module):
+                x.grad = None
+                for parameter in module.parameters():
+                    parameter.grad = None
+                module(x).backward(grad)
+
+            times = {label: [] for label in modules}
+            for module in modules.values():
+                step(module), step(module)
+            labels = list(modules)
+            for round_index in range(args.rounds):
+                for label in round_order(labels, round_index):
+                    start = time.perf_counter()
+                    step(modules[label])
+                    times[label].append(time.perf_counter() - start)
+
+            def ratio(a, b):
+                return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+            print(
+                f"{names[index]}: frozen {statistics.median(times['frozen']) * 1e3:.3f} ms, "
+                f"old x{ratio('old', 'frozen'):.3f}, new x{ratio('new', 'frozen'):.3f} frozen; "
+                f"new/old {ratio('new', 'old'):.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
