@@ -237,9 +237,12 @@ class SparseIDWT(nn.Module):
             weight = (row_weight[:, :, None] * col_weight[:, None, :]).reshape(-1)
             coefficient = torch.arange(self.n)[:, None].expand(self.n, self.taps**2).reshape(-1)
             order = torch.argsort(flat)
-            self.register_buffer("patch_index", flat[order], persistent=False)  # int64: the hot index
+            self.register_buffer("patch_index", flat[order].int(), persistent=False)
             self.register_buffer("patch_coefficient", coefficient[order].int(), persistent=False)
             self.register_buffer("patch_weight", weight[order].float(), persistent=False)
+            # The distinct positions (a position may appear in two patches): what patching W saves and restores.
+            # int64, as `take` and `put_` require.
+            self.register_buffer("patch_positions", torch.unique_consecutive(flat[order]), persistent=False)
         else:  # separable build: the row step's taps per coefficient
             self.register_buffer("row_index", row_index.int(), persistent=False)
             self.register_buffer("row_weight", row_weight.float(), persistent=False)
@@ -258,6 +261,11 @@ class SparseIDWT(nn.Module):
         block_slots = max(BLOCK_SLOTS, -(-(self.taps - 1) // 2))
         self.register_buffer("row_block", self.rows.block_matrix(filters.float(), block_slots), persistent=False)
         self.register_buffer("col_block", self.cols.block_matrix(filters.float(), block_slots), persistent=False)
+        self._patterns: dict[tuple, torch.Tensor] = {}  # M's sampling pattern per (dtype, device): slot_matrix
+
+    def _apply(self, fn, recurse=True):
+        self._patterns = {}  # buffers are about to move or change dtype: cached patterns would go stale
+        return super()._apply(fn, recurse)
 
     @staticmethod
     def _patch_side(slot: torch.Tensor, band: torch.Tensor, axis: Axis, filters: torch.Tensor):
@@ -294,10 +302,12 @@ class SparseIDWT(nn.Module):
         zeros of `like`'s dtype and device when `values` is None (a sampling pattern)."""
         name = "csr_t" if transposed else "csr"
         shape = (self.cols.width, self.rows.width) if transposed else (self.rows.width, self.cols.width)
-        if values is None:
-            values = like.new_zeros(self.n)
-        else:
-            values = values.index_select(0, getattr(self, f"{name}_coefficient"))
+        if values is None:  # a pattern is the same every call: made once per dtype and device
+            key = (like.dtype, like.device, transposed)
+            if key not in self._patterns:
+                self._patterns[key] = self.slot_matrix(like.new_zeros(self.n), transposed)
+            return self._patterns[key]
+        values = values.index_select(0, getattr(self, f"{name}_coefficient"))
         crow, col = getattr(self, f"{name}_crow"), getattr(self, f"{name}_col")
         if torch.compiler.is_compiling():  # dynamo cannot trace warning filters
             return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
