@@ -170,6 +170,37 @@ def test_merged_path_restores_w_exactly_and_saves_no_weight_sized_tensor():
     assert torch.equal(weight, before) and weight._version == version
 
 
+def test_backward_rewrites_the_forward_patch_even_twice_and_with_overlapping_adapters():
+    """Backward writes forward's W + ΔW values again: the gradients equal the reference's on a second backward
+    (retain_graph) too, with two adapters whose patches overlap, and W ends bit-exactly as it started."""
+    reference, ours = pair("db1", True, shape=(64, 72), n=250)
+    second = WaveFTConfig(n_frequency=250, wavelet_family="db1", random_loc_seed=777, init_weights=False, scaling=3.0)
+    for layer in (reference, ours):
+        layer.update_layer("second", 250, second)
+        layer.set_adapter(["default", "second"])
+    with torch.no_grad():
+        ours.waveft_spectrum["second"].copy_(reference.waveft_spectrum["second"])
+    positions = [set(ours.waveft_transform[name].patch_positions.tolist()) for name in ("default", "second")]
+    assert positions[0] & positions[1]  # some entries of W are patched by both adapters
+    weight = ours.base_layer.weight
+    before = weight.detach().clone()
+    x = torch.randn(30, 72, requires_grad=True)
+    grad = torch.randn(30, 64)
+    reference(x).backward(grad)
+    expected = (x.grad, *(reference.waveft_spectrum[name].grad for name in ("default", "second")))
+    x.grad = None
+    y = waveft_linear(x, weight, ours.base_layer.bias, adapters_of(ours, ("default", "second")), path=MERGED)
+    for _ in range(2):
+        y.backward(grad, retain_graph=True)
+        actual = (x.grad, *(ours.waveft_spectrum[name].grad for name in ("default", "second")))
+        for a, e in zip(actual, expected):
+            assert relative_error(a, e) < 1e-5
+        assert torch.equal(weight, before)
+        x.grad = None
+        for name in ("default", "second"):
+            ours.waveft_spectrum[name].grad = None
+
+
 def test_w_is_restored_when_the_matmul_fails(monkeypatch):
     _, ours = pair("db1", True, shape=(64, 72), n=200)
     before = ours.base_layer.weight.detach().clone()
