@@ -170,8 +170,8 @@ def test_merged_path_restores_w_exactly_and_saves_no_weight_sized_tensor():
     assert torch.equal(weight, before) and weight._version == version
 
 
-def test_backward_rewrites_the_forward_patch_even_twice_and_with_overlapping_adapters():
-    """Backward writes forward's W + ΔW values again: the gradients equal the reference's on a second backward
+def test_patching_twice_per_step_with_overlapping_adapters_and_a_second_backward():
+    """Forward and backward each patch W and restore it: the gradients equal the reference's on a second backward
     (retain_graph) too, with two adapters whose patches overlap, and W ends bit-exactly as it started."""
     reference, ours = pair("db1", True, shape=(64, 72), n=250)
     second = WaveFTConfig(n_frequency=250, wavelet_family="db1", random_loc_seed=777, init_weights=False, scaling=3.0)
@@ -180,7 +180,7 @@ def test_backward_rewrites_the_forward_patch_even_twice_and_with_overlapping_ada
         layer.set_adapter(["default", "second"])
     with torch.no_grad():
         ours.waveft_spectrum["second"].copy_(reference.waveft_spectrum["second"])
-    positions = [set(ours.waveft_transform[name].patch_positions.tolist()) for name in ("default", "second")]
+    positions = [set(ours.waveft_transform[name].patch_index.tolist()) for name in ("default", "second")]
     assert positions[0] & positions[1]  # some entries of W are patched by both adapters
     weight = ours.base_layer.weight
     before = weight.detach().clone()

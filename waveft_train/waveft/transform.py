@@ -237,12 +237,10 @@ class SparseIDWT(nn.Module):
             weight = (row_weight[:, :, None] * col_weight[:, None, :]).reshape(-1)
             coefficient = torch.arange(self.n)[:, None].expand(self.n, self.taps**2).reshape(-1)
             order = torch.argsort(flat)
-            self.register_buffer("patch_index", flat[order].int(), persistent=False)
+            # int64: `take` and `put_` save and restore W's values at these positions (the fastest index ops here)
+            self.register_buffer("patch_index", flat[order], persistent=False)
             self.register_buffer("patch_coefficient", coefficient[order].int(), persistent=False)
             self.register_buffer("patch_weight", weight[order].float(), persistent=False)
-            # The distinct positions (a position may appear in two patches): what patching W saves and restores.
-            # int64, as `take` and `put_` require.
-            self.register_buffer("patch_positions", torch.unique_consecutive(flat[order]), persistent=False)
         else:  # separable build: the row step's taps per coefficient
             self.register_buffer("row_index", row_index.int(), persistent=False)
             self.register_buffer("row_weight", row_weight.float(), persistent=False)
