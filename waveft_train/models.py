@@ -179,6 +179,22 @@ def _load_vae(
     )
 
 
+def load_unet(pretrained: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
+    """Only the UNet of an SDXL model (an export needs nothing else), frozen, with the same not-found errors as
+    `load_components`."""
+    from diffusers import UNet2DConditionModel
+
+    model_path = resolve_pretrained(pretrained)
+    unet = _load(
+        "the unet of model",
+        pretrained,
+        lambda: UNet2DConditionModel.from_pretrained(
+            model_path, subfolder="unet", revision=revision, torch_dtype=dtype, use_safetensors=True
+        ),
+    )
+    return _frozen(unet)
+
+
 def load_components(
     pretrained: str,
     *,
@@ -193,7 +209,6 @@ def load_components(
     in fp32, as diffusers' SDXL training scripts do, and puts any other VAE in `weight_dtype`.
     `revision` applies to the base model only, not to a separate `vae`.
     """
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     model_path = resolve_pretrained(pretrained)
@@ -217,10 +232,7 @@ def load_components(
         "text_encoder_2",
         lambda: CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", **weights),
     ).to(dtype=weight_dtype)
-    unet = part(
-        "unet",
-        lambda: UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=weight_dtype, **weights),
-    )
+    unet = load_unet(pretrained, revision=revision, dtype=weight_dtype)
     if vae is None:
         vae_model = part("vae", lambda: _load_vae(model_path, "vae", revision, vae_dtype, weight_dtype))
     else:
@@ -229,7 +241,7 @@ def load_components(
             "the VAE", vae, lambda: _load_vae(vae_path, vae_subfolder, None, vae_dtype, weight_dtype), ALLOWED_VAES
         )
     return SDXLComponents(
-        unet=_frozen(unet),
+        unet=unet,
         vae=_frozen(vae_model),
         text_encoder=_frozen(text_encoder),
         text_encoder_2=_frozen(text_encoder_2),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from waveft_train.errors import UserError
-from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, _load, load_components, resolve_pretrained
+from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_unet
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -360,22 +360,6 @@ def load_adapter_unet(
     return components, model.base_model.model
 
 
-def _load_base_unet(base_name: str, dtype: torch.dtype) -> UNet2DConditionModel:
-    """Only the base model's UNet (an export needs nothing else), with models.py's not-found errors."""
-    from diffusers import UNet2DConditionModel
-
-    model_path = resolve_pretrained(base_name)
-    unet = _load(
-        "the unet of model",
-        base_name,
-        lambda: UNet2DConditionModel.from_pretrained(
-            model_path, subfolder="unet", torch_dtype=dtype, use_safetensors=True
-        ),
-    )
-    unet.requires_grad_(False)
-    return unet.eval()
-
-
 def export_merged(
     adapter_dir: Path | str, out_dir: Path | str, *, base: str | None = None, dtype: str = "fp16", force: bool = False
 ) -> Path:
@@ -394,7 +378,7 @@ def export_merged(
         raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out folder.")
     adapter = read_adapter(adapter_dir)
     base_name = _base_name(adapter, base)
-    unet = _load_base_unet(base_name, torch.float32)
+    unet = load_unet(base_name, dtype=torch.float32)
     base_keys = set(unet.state_dict())
     merged = _inject(unet, adapter, base_name, 1.0).merge_and_unload()
     extra = sorted(set(merged.state_dict()) - base_keys)
