@@ -171,6 +171,8 @@ def test_two_processes_share_the_work_and_write_once(tmp_path, class_dir):
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # one writer
     assert result.stdout.count("Done: adapter in") == 1
+    assert result.stderr.count("Loading weights:   0%") == 2  # the two text encoders' bars, from one process only
+    assert "broadcast_buffers" not in result.stderr
     assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
     manifest = json.loads((shared_class_dir / "manifest.json").read_text())
     assert sorted(entry["index"] for entry in manifest["images"]) == [0, 1, 2]

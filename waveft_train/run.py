@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -81,7 +82,11 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     trainable = trainable_parameters_in_float32(unet)
     optimizer = make_optimizer(config, trainable)
     lr_scheduler = make_lr_scheduler(config, optimizer)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    with warnings.catch_warnings():
+        # torch ≥ 2.13 deprecates DDP's broadcast_buffers, which accelerate's handler still passes; its replacement
+        # differs only in a one-time sync at start, and our buffers are equal on every process anyway.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        unet, optimizer = accelerator.prepare(unet, optimizer)
     session = Session(config, output_dir, accelerator, components, unet, optimizer, lr_scheduler)
 
     start_step = resume(session)
@@ -146,6 +151,13 @@ def make_accelerator(config: TrainConfig, output_dir: Path):
             "support yet: the adapter is tiny, so plain data parallelism is what pays. Launch with "
             "`accelerate launch --multi_gpu --num_processes N -m waveft_train --config ...` instead."
         )
+    if not accelerator.is_main_process:  # one set of loading bars and library warnings, not one per process
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        for library in (diffusers.utils.logging, transformers.utils.logging):
+            library.disable_progress_bar()
+            library.set_verbosity_error()
     return accelerator
 
 
