@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,10 @@ def test_corrupt_image_is_named(tmp_path, capsys):
     ],
 )
 def test_adapter_and_model_mistakes_fail_before_training(tmp_path, capsys, override, fragments):
-    expect_user_error(["--config", write_config(tmp_path), "--set", override], capsys, *fragments)
+    with warnings.catch_warnings(record=True) as caught:  # nothing but our one paragraph reaches the user
+        warnings.simplefilter("always")
+        expect_user_error(["--config", write_config(tmp_path), "--set", override], capsys, *fragments)
+    assert [str(w.message) for w in caught] == []
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 

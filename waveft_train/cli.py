@@ -105,6 +105,11 @@ def _configure_logging(debug: bool) -> None:
     logging.getLogger("transformers.utils.import_utils").addFilter(
         lambda record: "requires torchvision (not installed)" not in record.getMessage()
     )
+    # diffusers still passes this deprecated argument to huggingface_hub on every config download; it changes
+    # nothing and would print above our own error when a model id is wrong.
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
 
 
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS}
