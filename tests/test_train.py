@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,18 @@ def test_extra_trainable_parameters_train_in_float32(tiny_model_dir):
         p.grad = torch.ones_like(p)
     torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0).step()
     assert all(torch.allclose(b - p.detach(), torch.full_like(p, 1e-3), atol=1e-6) for b, p in zip(before, biases))
+
+
+def test_waveft_only_bias_warns_at_start_and_in_the_card(tmp_path, class_dir, caplog):
+    """Stock peft drops waveft_bias keys without an error, so the user is told when training starts and in the card."""
+    logger = logging.getLogger("waveft_train")  # the CLI's logger may not propagate to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
+        output_dir = train(tmp_path / "run", class_dir, **{"waveft.bias": "waveft_only", "train.max_steps": 1,
+                                                           "validation.every": 0})
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert any("waveft_only" in r.getMessage() and "stock peft drops" in r.getMessage() for r in caplog.records)
+    assert "stock peft ignores" in (output_dir / "adapter" / "README.md").read_text()
+    keys = load_file(output_dir / "adapter" / "adapter_model.safetensors").keys()
+    assert any(key.endswith(".waveft_bias") for key in keys)

@@ -8,6 +8,7 @@ checkpoints, samples and the final adapter. Only the main process writes files.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from waveft_train.files import atomic_write_text, save_png_atomically, write_ato
 from waveft_train.models import DTYPES
 from waveft_train.outputs import MetricsLog, clear_previous_run, holds_other_run, validate_inputs
 from waveft_train.params import adapter_on_meta_unet
+
+logger = logging.getLogger(__name__)
 
 
 
@@ -60,6 +63,12 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
 
     accelerator = make_accelerator(config, output_dir)
     if accelerator.is_main_process:
+        if config.waveft.bias == "waveft_only":
+            logger.warning(
+                "waveft.bias is waveft_only: each adapted layer trains a waveft_bias that stock peft drops without an "
+                "error when it loads the adapter. Load it with waveft-train (waveft-train sample, or "
+                "waveft_train.waveft.register() before PeftModel.from_pretrained), or export it merged."
+            )
         if replace_other_run:
             clear_previous_run(output_dir)
         atomic_write_text(output_dir / "config.yaml", dump_config(config))
