@@ -90,6 +90,7 @@ def test_corrupt_image_is_named(tmp_path, capsys):
         ("waveft.target_modules=[to_z]", ("to_z", "matched no module", "to_out.0")),
         ("model.pretrained=someone/no-such-model", ("someone/no-such-model", "model.pretrained")),
         ("model.pretrained=/no/such/folder", ("/no/such/folder",)),
+        ("model.vae=/no/such/vae", ("/no/such/vae", "VAE")),
     ],
 )
 def test_adapter_and_model_mistakes_fail_before_training(tmp_path, capsys, override, fragments):
@@ -105,6 +106,7 @@ def test_output_dir_holding_another_run(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     other = write_config(tmp_path / "out", "train:\n  learning_rate: 0.5\n")
     (tmp_path / "out" / "config.yaml").write_text(other.read_text())
+    (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.1}\n')  # that run produced something
     expect_user_error(["--config", path], capsys, "different config", "--force")
 
 
@@ -184,3 +186,33 @@ def test_full_disk_outside_checkpoints_is_one_paragraph(tmp_path, capsys, monkey
 def test_fp16_weights_without_loss_scaling_are_refused(tmp_path, capsys):
     expect_user_error(["--config", write_config(tmp_path), "--set", "model.dtype=fp16", "--set",
                        "train.mixed_precision=no"], capsys, "model.dtype: fp16", "train.mixed_precision")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["sampel"], ["--bogus"], ["sample"], ["sample", "--adapter", "a", "--prompt", "p", "--out", "g.png",
+                                            "--scale", "abc"]],
+    ids=["unknown-command", "unknown-option", "missing-option", "bad-value"],
+)
+def test_usage_errors_exit_2_with_the_usage_and_no_traceback(args, capsys):
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "Usage:" in err, err
+
+
+def test_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
+    """A shell's `train && export` must not go on after an interrupted run."""
+    from waveft_train import trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "diffusion_loss", interrupted)
+    code, err = run_cli(["--config", write_config(tmp_path)], capsys)
+    assert code == 130 and "Aborted." in err
+
+
+def test_output_dir_that_is_a_file_is_one_paragraph(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    expect_user_error(["--config", write_config(tmp_path), "--set", f"output.dir={blocker / 'out'}"], capsys,
+                      str(blocker))

@@ -112,7 +112,15 @@ def _configure_logging(debug: bool) -> None:
     warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
 
 
-RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS}
+# Errors of the file system that a user fixes (space, permissions, a path that is a file where a folder must be).
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR,
+               errno.EISDIR}
+
+
+def _is_click_exception(error: BaseException, name: str) -> bool:
+    """Whether `error` is click's `name` exception (UsageError, ClickException, Exit), from click itself or from
+    the copy of click that typer ≥ 0.29 bundles (typer._click), whose classes are different objects."""
+    return any(cls.__name__ == name for cls in type(error).__mro__)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -128,29 +136,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     _configure_logging(debug)
     _register_adapter_commands()
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)  # Ctrl-C comes back as 130 (typer turns it into Exit(130))
     except UserError as error:
         if debug:
             raise
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
     except OSError as error:
-        if debug or error.errno not in RESOURCE_ERRNOS:
+        if debug or error.errno not in USER_ERRNOS:
             raise
-        typer.echo(f"error: could not write {error.filename or 'a file'}: {error.strerror}. Free some space or fix "
-                   "the folder's permissions, then rerun the same command: training resumes from the newest "
-                   "complete checkpoint.", err=True)
+        where = f"{error.filename}: " if error.filename else ""
+        typer.echo(f"error: could not write or create {where}{error.strerror}. Free some space, fix the folder's permissions "
+                   "or choose another path, then rerun the same command (a training run resumes from its newest "
+                   "complete checkpoint).", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("Aborted.", err=True)
-        sys.exit(130)
-    except Exception as error:  # click's own usage errors
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
+        code = 130
+    except Exception as error:
+        if _is_click_exception(error, "ClickException"):  # usage errors: unknown command or option, bad value
             error.show()
             sys.exit(2)
-        if isinstance(error, click.exceptions.Exit):
+        if _is_click_exception(error, "Exit"):
             sys.exit(error.exit_code)
         if _is_out_of_memory(error) and not debug:
             typer.echo(f"error: the GPU ran out of memory ({str(error).splitlines()[0]}). Lower the memory a step "
@@ -159,3 +165,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                        "validation.resolution or data.resolution; then rerun the same command to resume.", err=True)
             sys.exit(2)
         raise
+    if code == 130:
+        typer.echo("Aborted.", err=True)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
