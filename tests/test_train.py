@@ -224,6 +224,49 @@ def test_output_dir_with_another_run_is_refused_unless_forced(tmp_path, class_di
     assert load_config(output_dir / "config.yaml").train.learning_rate == 5e-4
 
 
+def test_a_run_that_fails_while_loading_changes_nothing_in_the_output_folder(tmp_path, class_dir, monkeypatch):
+    """--force replaces the previous run only once the new one has loaded; a failed start leaves no config.yaml
+    behind that would refuse the corrected rerun."""
+    from waveft_train import models
+    from waveft_train.errors import UserError
+
+    output_dir = train(tmp_path / "run", class_dir, **{"train.max_steps": 1, "validation.every": 0})
+    before = {name: (output_dir / name).read_bytes() for name in files_under(output_dir)}
+    other = load_config(DEMO, fast_overrides(output_dir, class_dir, **{"train.learning_rate": 5e-4,
+                                                                       "validation.every": 0}))
+
+    def broken_model(*args, **kwargs):
+        raise UserError("the model folder is broken (simulated)")
+
+    monkeypatch.setattr(models, "load_components", broken_model)
+    with pytest.raises(UserError, match="simulated"):
+        run.train_from_config(other, force=True, progress=False)
+    assert {name: (output_dir / name).read_bytes() for name in files_under(output_dir)} == before
+
+    fresh = load_config(DEMO, fast_overrides(tmp_path / "fresh", class_dir, **{"validation.every": 0}))
+    with pytest.raises(UserError, match="simulated"):
+        run.train_from_config(fresh, progress=False)
+    assert not (tmp_path / "fresh" / "config.yaml").exists()
+    monkeypatch.undo()
+
+    (tmp_path / "fresh").mkdir(exist_ok=True)  # a config.yaml with nothing it produced, as older versions left
+    (tmp_path / "fresh" / "config.yaml").write_text((output_dir / "config.yaml").read_text())
+    fixed = load_config(DEMO, fast_overrides(tmp_path / "fresh", class_dir, **{"train.max_steps": 1,
+                                                                                "validation.every": 0}))
+    run.train_from_config(fixed, progress=False)  # not refused: there was nothing to lose
+    assert (tmp_path / "fresh" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_resuming_past_a_lowered_max_steps_says_so(tmp_path, class_dir, capsys):
+    options = {"train.checkpoint_every": 1, "train.max_steps": 3, "validation.every": 0}
+    output_dir = train(tmp_path / "run", class_dir, **options)
+    (output_dir / "summary.json").unlink()  # as if interrupted after its last checkpoint
+    capsys.readouterr()
+    train(tmp_path / "run", class_dir, **{**options, "train.max_steps": 2})
+    out = capsys.readouterr().out
+    assert "step 3, past train.max_steps 2" in out and "step 3 of 2" not in out
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     config = load_config(path)

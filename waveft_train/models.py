@@ -114,7 +114,7 @@ def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
     return name
 
 
-def _resolve_vae(vae: str) -> tuple[str, str | None]:
+def resolve_vae(vae: str) -> tuple[str, str | None]:
     """A separate VAE as (path or hub id, subfolder): an AutoencoderKL folder, a pipeline folder's vae/, or a hub id."""
     name = str(vae).strip()
     local = Path(name).expanduser()
@@ -236,7 +236,7 @@ def load_components(
     if vae is None:
         vae_model = part("vae", lambda: _load_vae(model_path, "vae", revision, vae_dtype, weight_dtype))
     else:
-        vae_path, vae_subfolder = _resolve_vae(vae)
+        vae_path, vae_subfolder = resolve_vae(vae)
         vae_model = _load(
             "the VAE", vae, lambda: _load_vae(vae_path, vae_subfolder, None, vae_dtype, weight_dtype), ALLOWED_VAES
         )

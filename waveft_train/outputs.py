@@ -24,6 +24,8 @@ def holds_other_run(config: TrainConfig, *, force: bool) -> bool:
     previous = output_dir / "config.yaml"
     if not previous.exists():
         return False
+    if not any((output_dir / name).exists() for name in RUN_OUTPUTS):
+        return True  # a config.yaml and nothing it produced (e.g. a run that failed at its start): nothing to lose
     try:
         same = config_fingerprint(load_config(previous)) == config_fingerprint(config)
     except UserError:
@@ -37,11 +39,16 @@ def holds_other_run(config: TrainConfig, *, force: bool) -> bool:
     return not same
 
 
+RUN_OUTPUTS = ("checkpoints", "samples", "adapter", "metrics.jsonl", "summary.json")  # what a run writes
+
+
 def clear_previous_run(output_dir: Path) -> None:
-    for name in ("checkpoints", "samples", "adapter"):
-        shutil.rmtree(output_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "summary.json"):
-        (output_dir / name).unlink(missing_ok=True)
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def validate_inputs(config: TrainConfig) -> None:

@@ -53,6 +53,10 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     validate_inputs(config)
     check_optional_dependencies(config)
     adapter_on_meta_unet(config)  # target_modules and n_frequency checked against the UNet before weights load
+    if config.model.vae is not None:
+        from waveft_train.models import resolve_vae
+
+        resolve_vae(config.model.vae)  # a wrong VAE path fails now, not after the base model has loaded
     instance_images = load_instance_images(config)
 
     from peft import WaveFTConfig
@@ -69,10 +73,6 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
                 "error when it loads the adapter. Load it with waveft-train (waveft-train sample, or "
                 "waveft_train.waveft.register() before PeftModel.from_pretrained), or export it merged."
             )
-        if replace_other_run:
-            clear_previous_run(output_dir)
-        atomic_write_text(output_dir / "config.yaml", dump_config(config))
-    accelerator.wait_for_everyone()
     torch.manual_seed(config.train.seed)
 
     components = load_components(
@@ -98,6 +98,13 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
         unet, optimizer = accelerator.prepare(unet, optimizer)
     session = Session(config, output_dir, accelerator, components, unet, optimizer, lr_scheduler)
 
+    # Only now, with everything loaded and built, is the output folder touched: a run that fails before this
+    # point leaves the previous run (even one being replaced with --force) as it was, and no config.yaml behind.
+    if accelerator.is_main_process:
+        if replace_other_run:
+            clear_previous_run(output_dir)
+        atomic_write_text(output_dir / "config.yaml", dump_config(config))
+    accelerator.wait_for_everyone()
     start_step = resume(session)
     if start_step >= config.train.max_steps and (output_dir / "summary.json").exists():
         if accelerator.is_main_process:
@@ -324,9 +331,11 @@ def resume(session: Session) -> int:
     session.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if session.accelerator.scaler is not None and state.get("scaler"):
         session.accelerator.scaler.load_state_dict(state["scaler"])
-    step = int(state["step"])
+    step, max_steps = int(state["step"]), session.config.train.max_steps
     if session.accelerator.is_main_process:
-        print(f"Resuming from {latest} (step {step} of {session.config.train.max_steps}).", flush=True)
+        where = (f"step {step} of {max_steps}" if step <= max_steps else
+                 f"step {step}, past train.max_steps {max_steps}: the run finishes there without training further")
+        print(f"Resuming from {latest} ({where}).", flush=True)
     return step
 
 
