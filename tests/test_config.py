@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from waveft_train.config import (TrainConfig, WaveFTSection, config_fingerprint, dump_config, load_config,
-                                 starter_config_text)
+from waveft_train.config import (TrainConfig, WaveFTSection, config_fingerprint, config_from_mapping, dump_config,
+                                 load_config, starter_config_text)
 from waveft_train.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,9 +174,72 @@ def test_section_of_the_wrong_type(tmp_path: Path) -> None:
     ("train:\n  snr_gamma: 0\n", "`train.snr_gamma`: got 0 (int)"),
     ("validation:\n  resolution: 1001\n", "`validation.resolution`: got 1001 (int), expected a multiple of 8"),
     ("validation:\n  prompts: []\n", "validation.prompts is empty but validation.every is 100"),
+    ("validation:\n  prompts: [ok, '  ']\n", "`validation.prompts[1]`: must not be empty or only whitespace"),
+    ("validation:\n  prompts: [ok, '']\n", "`validation.prompts[1]`: must not be empty or only whitespace"),
+    ("waveft:\n  scaling: 0\n", "`waveft.scaling`: 0 would make the adapter do nothing"),
+    ("waveft:\n  scaling: 0.0\n", "`waveft.scaling`: 0 would make the adapter do nothing"),
+    ("train:\n  lr_warmup_steps: 50\n",
+     "train.lr_warmup_steps is 50 but train.lr_scheduler 'constant' has no warmup (the steps would be ignored); "
+     "use a scheduler with warmup (constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial), "
+     "or set train.lr_warmup_steps: 0"),
+    ("train:\n  max_steps: true\n", "`train.max_steps`: got True (bool), expected a valid integer"),
+    ("train:\n  learning_rate: false\n", "`train.learning_rate`: got False (bool), expected a valid number"),
+    ("train:\n  max_grad_norm: true\n", "`train.max_grad_norm`: got True (bool), expected a number or null"),
+    ("waveft:\n  layers_to_transform: [0, true]\n",
+     "`waveft.layers_to_transform`: got [0, True] (list), expected an integer or a list of integers or null"),
+    ("waveft:\n  n_frequency_pattern: {mid.x: true}\n", "`waveft.n_frequency_pattern`: got {'mid.x': True} (dict)"),
 ])
 def test_value_checks(tmp_path: Path, snippet: str, expected: str) -> None:
     assert expected in load_error(tmp_path, MINIMAL + snippet)
+
+
+@pytest.mark.parametrize("snippet", [
+    "waveft:\n  scaling: -25.0\n", "waveft:\n  scaling: 0.001\n",
+    "train:\n  lr_scheduler: constant_with_warmup\n  lr_warmup_steps: 50\n",
+    "train:\n  lr_scheduler: cosine\n  lr_warmup_steps: 50\n", "train:\n  lr_scheduler: constant\n  lr_warmup_steps: 0\n",
+    "train:\n  cache_latents: false\n  gradient_checkpointing: true\n",  # booleans where booleans belong
+    "waveft:\n  layers_to_transform: [0, 1]\n  layers_pattern: attentions\n",
+])
+def test_values_next_to_the_refused_ones_still_load(tmp_path: Path, snippet: str) -> None:
+    load_config(write(tmp_path, MINIMAL + snippet))
+
+
+def _number_fields() -> list[tuple[str, object]]:
+    """Every int or float field of every section (read from the annotations' text, independent of config.py)."""
+    return [(f"{section}.{name}", field.annotation)
+            for section, model in TrainConfig.model_fields.items()
+            for name, field in model.annotation.model_fields.items()
+            if re.search(r"\b(int|float)\b", str(field.annotation))]
+
+
+def test_a_boolean_is_refused_for_every_number_field(tmp_path: Path) -> None:
+    fields = _number_fields()
+    assert {"train.max_steps", "train.learning_rate", "waveft.scaling", "validation.resolution",
+            "waveft.n_frequency_pattern", "waveft.layers_to_transform"} <= {key for key, _ in fields}
+    for key, annotation in fields:
+        mapping = "dict" in str(annotation)
+        value = "{mid.x: true}" if mapping else "true"
+        message = load_error(tmp_path, MINIMAL, (f"{key}={value}",))
+        shown = "{'mid.x': True} (dict)" if mapping else "True (bool)"
+        assert f"`{key}`: got {shown}, expected " in message, (key, message)
+        assert "invalid config (1 problem)" in message, (key, message)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ('instance_prompt: "a photo of sks dog"', 'instance_prompt: "   "'),
+    ('instance_prompt: "a photo of sks dog"', 'instance_prompt: ""'),
+    ('instance_prompt: "a photo of sks dog"', 'instance_prompt: "\\t\\n"'),
+])
+def test_blank_instance_prompt_is_refused(tmp_path: Path, old: str, new: str) -> None:
+    message = load_error(tmp_path, MINIMAL.replace(old, new))
+    assert "`data.instance_prompt`: must not be empty or only whitespace" in message
+
+
+def test_blank_class_prompt_is_refused_like_an_empty_one(tmp_path: Path) -> None:
+    for prompt in ('""', '"   "'):
+        text = MINIMAL.replace('class_prompt: "a photo of dog"', f"class_prompt: {prompt}")
+        assert "prior.class_prompt is required when prior.enabled is true" in load_error(tmp_path, text)
+        assert load_config(write(tmp_path, text + "  enabled: false\n")).prior.enabled is False
 
 
 def test_data_resolution_must_be_a_multiple_of_8(tmp_path: Path) -> None:
@@ -275,6 +340,90 @@ def test_override_paths_resolve_against_the_working_directory(tmp_path: Path,
     assert config.output.dir == str(work / "runs" / "a")
     assert config.prior.class_dir == str(tmp_path / "cls")
     assert config.data.instance_dir == str(folder / "photos")
+
+
+FOLDER_OVERLAPS = [
+    # (overrides, key, relation, other key): paths relative to the config file's folder
+    ({"prior.class_dir": "photos"}, "prior.class_dir", "is the same folder as", "data.instance_dir"),
+    ({"prior.class_dir": "photos/class"}, "prior.class_dir", "is inside", "data.instance_dir"),
+    ({"prior.class_dir": ".", "output.dir": "../out"}, "prior.class_dir", "contains", "data.instance_dir"),
+    ({"output.dir": "photos"}, "output.dir", "is the same folder as", "data.instance_dir"),
+    ({"output.dir": "photos/run"}, "output.dir", "is inside", "data.instance_dir"),
+    ({"output.dir": ".", "prior.class_dir": "../class"}, "output.dir", "contains", "data.instance_dir"),
+    ({"output.dir": "class"}, "output.dir", "is the same folder as", "prior.class_dir"),
+    ({"output.dir": "class/run"}, "output.dir", "is inside", "prior.class_dir"),
+    ({"output.dir": "runs", "prior.class_dir": "runs/dog/class"}, "output.dir", "contains", "prior.class_dir"),
+]
+
+
+def _with_folders(folder: Path, values: dict[str, str]) -> str:
+    text = MINIMAL.replace("./class", values.get("prior.class_dir", "./class"))
+    return text + f"output:\n  dir: {values['output.dir']}\n" if "output.dir" in values else text
+
+
+@pytest.mark.parametrize(("values", "key", "relation", "other"), FOLDER_OVERLAPS)
+def test_overlapping_folders_are_refused(tmp_path: Path, values: dict[str, str], key: str, relation: str,
+                                         other: str) -> None:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    message = load_error(folder, _with_folders(folder, values))
+    paths = {"data.instance_dir": "photos", "prior.class_dir": values.get("prior.class_dir", "class"),
+             "output.dir": values.get("output.dir", "outputs/run")}
+    assert message.startswith(f"{folder / 'run.yaml'}: invalid config (1 problem)"), message
+    expected = (f"{key} ({os.path.normpath(folder / paths[key])}) {relation} {other} "
+                f"({os.path.normpath(folder / paths[other])}): ")
+    assert expected in message and f"give {key} a folder of its own, apart from {other}" in message, message
+
+
+def test_one_line_per_overlapping_pair(tmp_path: Path) -> None:
+    message = load_error(tmp_path, MINIMAL.replace("./class", "./photos") + "output:\n  dir: ./photos\n")
+    assert "invalid config (3 problems)" in message
+    assert "--force" in message and "subject photos" in message and "class images" in message
+
+
+@pytest.mark.parametrize("values", [
+    {"output.dir": "photos2", "prior.class_dir": "photos-class"},  # a shared name prefix is not nesting
+    {"output.dir": "runs/dog", "prior.class_dir": "runs/class"},  # siblings
+    {"output.dir": "class/run", "prior.enabled": "false"},  # class_dir is unused without prior preservation
+])
+def test_separate_folders_load(tmp_path: Path, values: dict[str, str]) -> None:
+    text = _with_folders(tmp_path, values)
+    if "prior.enabled" in values:
+        text = text.replace("prior:\n", "prior:\n  enabled: false\n")
+    load_config(write(tmp_path, text))
+
+
+def test_a_hub_dataset_id_is_not_a_folder(tmp_path: Path) -> None:
+    text = MINIMAL.replace("./photos", "user/dogs") + "output:\n  dir: ./user/dogs/run\n"
+    assert load_config(write(tmp_path, text)).data.instance_dir == "user/dogs"
+
+
+def test_overlap_is_found_through_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "photos", target_is_directory=True)
+    message = load_error(tmp_path, MINIMAL + "output:\n  dir: ./link/run\n")
+    assert f"output.dir ({tmp_path / 'link' / 'run'}) is inside data.instance_dir ({tmp_path / 'photos'})" in message
+
+
+def test_overlap_compares_file_and_override_paths_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = write(folder, MINIMAL)
+    assert load_config(path, ["output.dir=photos"]).output.dir == str(tmp_path / "photos")  # not the file's photos
+    with pytest.raises(UserError, match=r"output\.dir \(\S+configs/photos/run\) is inside data\.instance_dir"):
+        load_config(path, ["output.dir=configs/photos/run"])
+
+
+def test_config_from_mapping_checks_folders_as_the_working_directory_reads_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load(MINIMAL)
+    assert config_from_mapping(data).prior.class_dir == "./class"  # no path resolution
+    with pytest.raises(UserError, match=r"^<config>: invalid config .*\n.*prior\.class_dir \(\S+\) is the same"):
+        config_from_mapping({**data, "prior": {**data["prior"], "class_dir": "photos"}})
+    data["data"]["instance_dir"] = "user/dogs"
+    assert config_from_mapping({**data, "output": {"dir": "user/dogs"}}).data.instance_dir == "user/dogs"
 
 
 # ------------------------------------------------------------------------------------ dump, fingerprint

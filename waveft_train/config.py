@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationError, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
+                      PositiveFloat, PositiveInt, ValidationError, ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from waveft_train.errors import UserError
 
@@ -29,9 +30,51 @@ WAVELET_FAMILIES: frozenset[str] = frozenset(
 WAVELET_FAMILIES_TEXT = "db1-db38, sym2-sym20, coif1-coif17, haar"
 Resolution = Annotated[int, Field(gt=0, multiple_of=8)]  # the SDXL VAE downsamples by 8
 UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+# diffusers' get_scheduler passes num_warmup_steps to every scheduler but "constant", which ignores it.
+WARMUP_SCHEDULERS: tuple[str, ...] = tuple(name for name in get_args(LrScheduler) if name != "constant")
 
 
-class ModelSection(BaseModel):
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace; write the prompt, e.g. \"a photo of sks dog\"")
+    return value
+
+
+Prompt = Annotated[str, AfterValidator(_not_blank)]
+
+
+def _bool_for_number(value: Any, annotation: Any) -> bool:
+    """True when a YAML true/false stands where `annotation` wants a number (pydantic would read true as 1),
+    also inside lists and mapping values."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _bool_for_number(value, args[0])
+    if origin in (Union, types.UnionType):
+        return bool not in args and any(_bool_for_number(value, arg) for arg in args)
+    if isinstance(value, bool):
+        return annotation in (int, float)
+    if origin is list and isinstance(value, list):
+        return any(_bool_for_number(item, args[0]) for item in value)
+    if origin is dict and isinstance(value, Mapping):
+        return any(_bool_for_number(item, args[1]) for item in value.values())
+    return False
+
+
+class _Section(BaseModel):
+    """A config section: refuses true/false for every number (int and float) field."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if _bool_for_number(value, annotation):
+            expected = {int: "a valid integer", float: "a valid number"}.get(annotation) or _describe(annotation)
+            raise PydanticCustomError("bool_for_number", "Input should be {expected}", {"expected": expected})
+        return value
+
+
+class ModelSection(_Section):
     """Which SDXL to personalize: "tiny" (embedded test model), a hub id, or a local folder."""
     model_config = ConfigDict(extra="forbid")
     pretrained: str = Field("tiny", min_length=1)
@@ -40,7 +83,7 @@ class ModelSection(BaseModel):
     dtype: Literal["fp32", "fp16", "bf16"] = "bf16"  # weight dtype of the frozen parts
 
 
-class WaveFTSection(BaseModel):
+class WaveFTSection(_Section):
     """Every field of peft's `WaveFTConfig`, with peft's defaults (target modules: SDXL attention)."""
     model_config = ConfigDict(extra="forbid")
     n_frequency: PositiveInt = 2592
@@ -64,6 +107,14 @@ class WaveFTSection(BaseModel):
     def _known_family(cls, value: str) -> str:
         if value not in WAVELET_FAMILIES:
             raise ValueError(f"unknown wavelet family {value!r}; allowed: {WAVELET_FAMILIES_TEXT}")
+        return value
+
+    @field_validator("scaling")
+    @classmethod
+    def _nonzero_scaling(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("0 would make the adapter do nothing (it multiplies ΔW); use any other number, "
+                             "e.g. 25.0 (the default; negative values flip ΔW)")
         return value
 
     @field_validator("target_modules")
@@ -93,11 +144,11 @@ class WaveFTSection(BaseModel):
         return kwargs
 
 
-class DataSection(BaseModel):
+class DataSection(_Section):
     """The subject photos: a local folder or a hub dataset id, and the prompt with the rare token."""
     model_config = ConfigDict(extra="forbid")
     instance_dir: str = Field(min_length=1)
-    instance_prompt: str = Field(min_length=1)
+    instance_prompt: Prompt
     caption_column: str | None = None  # per-image captions from a dataset column instead of instance_prompt
     resolution: Resolution = 1024
     center_crop: bool = False
@@ -106,7 +157,7 @@ class DataSection(BaseModel):
     dataloader_workers: NonNegativeInt = 0
 
 
-class PriorSection(BaseModel):
+class PriorSection(_Section):
     """DreamBooth prior preservation: generated class images keep the class from drifting."""
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
@@ -120,7 +171,8 @@ class PriorSection(BaseModel):
 
     @model_validator(mode="after")
     def _class_fields_when_enabled(self) -> PriorSection:
-        missing = [key for key in ("class_dir", "class_prompt") if self.enabled and not getattr(self, key)]
+        blank = [key for key in ("class_dir", "class_prompt") if not (getattr(self, key) or "").strip()]
+        missing = blank if self.enabled else []
         if missing:
             names = " and ".join(f"prior.{key}" for key in missing)
             raise ValueError(f"{names} {'is' if len(missing) == 1 else 'are'} required when prior.enabled is "
@@ -129,14 +181,13 @@ class PriorSection(BaseModel):
         return self
 
 
-class TrainSection(BaseModel):
+class TrainSection(_Section):
     model_config = ConfigDict(extra="forbid")
     max_steps: PositiveInt = 500
     batch_size: PositiveInt = 1
     gradient_accumulation: PositiveInt = 4
     learning_rate: PositiveFloat = 1e-4
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                          "polynomial"] = "constant"
+    lr_scheduler: LrScheduler = "constant"
     lr_warmup_steps: NonNegativeInt = 0
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     adam_beta1: UnitInterval = 0.9
@@ -162,10 +213,18 @@ class TrainSection(BaseModel):
         """YAML reads a bare `no` as false; that is what the user meant."""
         return "no" if value is False else value
 
+    @model_validator(mode="after")
+    def _warmup_needs_a_warmup_scheduler(self) -> TrainSection:
+        if self.lr_warmup_steps > 0 and self.lr_scheduler not in WARMUP_SCHEDULERS:
+            raise ValueError(f"train.lr_warmup_steps is {self.lr_warmup_steps} but train.lr_scheduler "
+                             f"{self.lr_scheduler!r} has no warmup (the steps would be ignored); use a scheduler "
+                             f"with warmup ({', '.join(WARMUP_SCHEDULERS)}), or set train.lr_warmup_steps: 0")
+        return self
 
-class ValidationSection(BaseModel):
+
+class ValidationSection(_Section):
     model_config = ConfigDict(extra="forbid")
-    prompts: list[str] = Field(default_factory=lambda: ["a photo of sks dog in a bucket",
+    prompts: list[Prompt] = Field(default_factory=lambda: ["a photo of sks dog in a bucket",
                                                         "a photo of sks dog on the beach"])
     every: NonNegativeInt = 100  # 0 = off
     num_images: PositiveInt = 4
@@ -182,7 +241,7 @@ class ValidationSection(BaseModel):
         return self
 
 
-class OutputSection(BaseModel):
+class OutputSection(_Section):
     model_config = ConfigDict(extra="forbid")
     dir: str = Field("outputs/run", min_length=1)
 
@@ -320,6 +379,10 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             path, annotation = _field_at(item["loc"])
             by_path.setdefault(path, (annotation, []))[1].append(item)
     lines += [_problem_line(path, items, annotation) for path, (annotation, items) in by_path.items()]
+    return _problems_text(source, lines)
+
+
+def _problems_text(source: str, lines: list[str]) -> str:
     lines = list(dict.fromkeys(lines))
     plural = "s" if len(lines) > 1 else ""
     return f"{source}: invalid config ({len(lines)} problem{plural}):\n" + "\n".join(f"  - {x}" for x in lines)
@@ -399,12 +462,19 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: st
     node[parts[-1]] = value
 
 
-def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> TrainConfig:
-    """Validate already-parsed data (no path resolution); problems become one `UserError` naming `source`."""
+def _validated(data: Mapping[str, Any], source: str) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, source)) from None
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> TrainConfig:
+    """Validate already-parsed data (no path resolution; relative folders are checked as the working directory
+    reads them); problems become one `UserError` naming `source`."""
+    config = _validated(data, source)
+    _check_folders(_resolve_paths(config, Path.cwd(), set()), source)
+    return config
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
@@ -439,10 +509,51 @@ def _resolve_paths(config: TrainConfig, file_dir: Path, overridden: set[str]) ->
     return config.model_copy(update={"model": model, "data": data, "prior": prior, "output": output})
 
 
+def _relation(folder: str, other: str) -> str | None:
+    """How `folder` lies relative to `other` (both absolute; symlinks followed), or None when apart."""
+    one, two = Path(os.path.realpath(folder)), Path(os.path.realpath(other))
+    if one == two:
+        return "is the same folder as"
+    if two in one.parents:
+        return "is inside"
+    return "contains" if one in two.parents else None
+
+
+_MIXED_IMAGES = ("the two image sets would mix (subject photos counted as class images, or generated class images "
+                 "read as subject photos)")
+_RUN_WRITES = "a run writes its checkpoints and samples into output.dir (and --force deletes them)"
+
+
+def folder_problems(config: TrainConfig) -> list[str]:
+    """Folders that must stay apart, one line each, for a config whose local paths are absolute (as
+    `_resolve_paths` leaves them); a `data.instance_dir` that is not absolute is a hub dataset id, not a folder."""
+    folders = {"data.instance_dir": config.data.instance_dir} if os.path.isabs(config.data.instance_dir) else {}
+    if config.prior.enabled and config.prior.class_dir:
+        folders["prior.class_dir"] = config.prior.class_dir
+    folders["output.dir"] = config.output.dir
+    pairs = [("prior.class_dir", "data.instance_dir", _MIXED_IMAGES),
+             ("output.dir", "data.instance_dir", f"{_RUN_WRITES}, so it must share no folder with the subject photos"),
+             ("output.dir", "prior.class_dir", f"{_RUN_WRITES}, so it must share no folder with the class images")]
+    problems = []
+    for key, other, why in pairs:
+        if key in folders and other in folders:
+            relation = _relation(folders[key], folders[other])
+            if relation:
+                problems.append(f"{key} ({folders[key]}) {relation} {other} ({folders[other]}): {why}; give {key} "
+                                 f"a folder of its own, apart from {other} (not inside it, not containing it)")
+    return problems
+
+
+def _check_folders(config: TrainConfig, source: str) -> None:
+    problems = folder_problems(config)
+    if problems:
+        raise UserError(_problems_text(source, problems))
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML config, apply `section.key=value` overrides (values parsed as YAML), validate, and make
-    paths absolute. Relative paths written in the file resolve against the file's folder; relative paths
-    given with --set resolve against the current working directory, where the user typed them.
+    """Read a YAML config, apply `section.key=value` overrides (values parsed as YAML), validate, make paths
+    absolute and check that the folders stay apart. Relative paths written in the file resolve against the file's
+    folder; relative paths given with --set resolve against the current working directory, where the user typed them.
     `model.pretrained: tiny` is the embedded test model, never a folder. Raises `UserError`."""
     config_path = Path(path).expanduser()
     data = _read_mapping(config_path)
@@ -452,8 +563,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         _apply_override(data, parts, value, text)
         overridden.add(".".join(parts))
     source = f"{config_path} (with --set {' '.join(overrides)})" if overrides else str(config_path)
-    config = config_from_mapping(data, source)
-    return _resolve_paths(config, config_path.absolute().parent, overridden)
+    config = _resolve_paths(_validated(data, source), config_path.absolute().parent, overridden)
+    _check_folders(config, source)
+    return config
 
 
 def dump_config(config: TrainConfig) -> str:
