@@ -182,6 +182,29 @@ def test_checkpoint_files_and_adapter_round_trip(tmp_path):
     torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_and_adapters_get_the_modes_of_normal_files(tmp_path, umask):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        net = adapted_net(3)
+        folder = save_checkpoint(tmp_path, 7, unet=net, base_model_name_or_path="tiny", training_state={"step": 7},
+                                 keep=3)
+        adapter = save_adapter(tmp_path / "adapter", net, base_model_name_or_path="tiny", model_card="card")
+    finally:
+        os.umask(previous)
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    for made in (folder, tmp_path / "checkpoints", adapter):
+        assert mode(made) == 0o777 & ~umask, made
+    for file in [*folder.iterdir(), *adapter.iterdir()]:
+        assert mode(file) == 0o666 & ~umask, file
+
+
 def test_loading_adapter_weights_that_do_not_fit_is_refused(tmp_path):
     tensors = adapter_state_dict(adapted_net(1))
     with pytest.raises(UserError, match=r"2 unexpected \(base_model.model.blocks.0.to_k.waveft_spectrum"):

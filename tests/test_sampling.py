@@ -312,18 +312,105 @@ def test_exported_unet_matches_the_adapter_and_loads_without_peft(adapter_dir, a
         assert (unet_output(unet, inputs) - expected).abs().max() > 1e-3, "the merge changed the UNet"
 
 
-def test_export_writes_half_precision_and_replaces_only_with_force(adapter_dir, tmp_path, capsys):
+def test_export_writes_half_precision_and_replaces_only_an_earlier_export_with_force(adapter_dir, tmp_path, capsys):
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out.mkdir()  # an empty folder is fine without --force
+    code, _, stderr = run_cli(["export", "--adapter", adapter_dir, "--out", out, "--dtype", "fp32"], capsys)
+    assert code == 0, stderr
     code, _, stderr = run_cli(["export", "--adapter", adapter_dir, "--out", out], capsys)
-    assert code == 2 and "--force" in stderr and (out / "keep.txt").exists()
+    assert code == 2 and "already holds a merged UNet" in stderr and "--force" in stderr
 
     assert export_merged(adapter_dir, out, force=True) == out.absolute()
-    assert not (out / "keep.txt").exists()
     with safe_open(str(out / "diffusion_pytorch_model.safetensors"), framework="pt") as weights:
         assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F16"}
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def foreign_file(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "precious.txt").write_text("mine")
+    return "precious.txt"
+
+
+def export_plus_notes(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (folder / "notes").mkdir()
+    return "notes"
+
+
+def other_model_config(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    return "AutoencoderKL"
+
+
+@pytest.mark.parametrize("fill", [foreign_file, export_plus_notes, other_model_config])
+def test_export_force_never_deletes_a_folder_that_is_not_an_earlier_export(fill, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "keepme"
+    culprit = fill(out)
+    before = sorted(p.name for p in out.rglob("*"))
+    for force in ([], ["--force"]):
+        code, _, stderr = run_cli(["export", "--adapter", adapter_dir, "--out", out, *force], capsys)
+        message = " ".join(stderr.split())
+        assert code == 2 and "Traceback" not in stderr
+        assert str(out) in message and "not an earlier UNet export" in message and culprit in message
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keepme"], "no staging folder left"
+
+
+@pytest.mark.parametrize(
+    ("out_of", "expected"),
+    [
+        (lambda adapter: adapter, "is the adapter folder"),
+        (lambda adapter: adapter / "merged", "lies inside the adapter folder"),
+        (lambda adapter: adapter.parent, "contains the adapter folder"),
+    ],
+    ids=["same", "inside", "containing"],
+)
+def test_export_refuses_an_out_folder_overlapping_the_adapter(out_of, expected, adapter_dir, tmp_path, capsys):
+    adapter = copy_adapter(adapter_dir, tmp_path)
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    code, _, stderr = run_cli(["export", "--adapter", adapter, "--out", out_of(adapter), "--force"], capsys)
+    message = " ".join(stderr.split())
+    assert code == 2 and expected in message and "--out" in message and "Traceback" not in stderr
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_and_sample_outputs_get_the_modes_of_normal_files(umask, adapter_dir, tmp_path, capsys):
+    import logging
+    import stat
+
+    notices: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notices.append(record.getMessage())
+
+    handler = Collect()
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_logger.addHandler(handler)
+    previous = os.umask(umask)
+    try:
+        code, _, stderr = run_cli(["export", "--adapter", adapter_dir, "--out", tmp_path / "merged"], capsys)
+        assert code == 0, stderr
+        code, _, stderr = run_cli(sample_args(adapter_dir, tmp_path / "grid.png", "-p", "a dog", "-n", 1), capsys)
+        assert code == 0, stderr
+    finally:
+        os.umask(previous)
+        diffusers_logger.removeHandler(handler)
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    assert mode(tmp_path / "merged") == 0o777 & ~umask
+    for path in [*(tmp_path / "merged").iterdir(), tmp_path / "grid.png"]:
+        assert mode(path) == 0o666 & ~umask, path
+    assert not [notice for notice in notices if "should be kept in float32" in notice], notices
+    assert "should be kept in float32" not in stderr
 
 
 # --------------------------------------------------------------------------------------------------- README
@@ -557,7 +644,13 @@ def test_explicit_base_that_does_not_exist_is_a_user_error(adapter_dir, tmp_path
     [
         ([], "grid.png", "No prompt given"),
         (["--prompts-file", "{tmp}/missing.txt"], "grid.png", "missing.txt"),
-        (["--prompts-file", "{tmp}/empty.txt"], "grid.png", "No prompt given"),
+        (["--prompts-file", "{tmp}/empty.txt"], "grid.png", "empty.txt has only blank lines and # comments"),
+        (["--prompts-file", "{tmp}/zero.txt"], "grid.png", "zero.txt is empty, so it gives no prompts"),
+        (["-p", "a dog", "--scale", "nan"], "grid.png", "--scale nan is not a finite number"),
+        (["-p", "a dog", "--scale", "inf"], "grid.png", "--scale inf is not a finite number"),
+        (["-p", "a dog", "--scale", "-inf"], "grid.png", "--scale -inf is not a finite number"),
+        (["-p", "a dog", "--device", "banana"], "grid.png", "--device 'banana' is not a device"),
+        (["-p", "a dog", "--device", "cuda:x"], "grid.png", "allowed: cpu, cuda, cuda:N"),
         (["-p", "a dog"], "grid.jpg", "must end with .png"),
         (["-p", "a dog", "--height", "60"], "grid.png", "--height 60 is not a multiple of 8"),
         (["-p", "a dog", "--dtype", "fp8"], "grid.png", "Unknown --dtype 'fp8'"),
@@ -568,10 +661,11 @@ def test_explicit_base_that_does_not_exist_is_a_user_error(adapter_dir, tmp_path
     ],
 )
 def test_sample_argument_errors(extra, out_name, expected, adapter_dir, tmp_path, capsys):
-    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n   \n")
+    (tmp_path / "zero.txt").write_text("")
     args = sample_args(adapter_dir, tmp_path / out_name, *[arg.format(tmp=tmp_path) for arg in extra])
     code, _, stderr = run_cli(args, capsys)
-    assert code == 2
+    assert code == 2 and "Traceback" not in stderr
     assert expected in " ".join(stderr.split())
     assert not (tmp_path / out_name).exists()
 

@@ -5,6 +5,8 @@ cli.py registers `sample` and `export` as Typer commands; their docstrings are t
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,7 +57,7 @@ def sample(
     ),
     base: Optional[str] = BaseOption,
     device: Optional[str] = typer.Option(
-        None, "--device", help="torch device, e.g. cuda, cuda:1, cpu. Default: cuda if available, else cpu.",
+        None, "--device", help="torch device: cpu, cuda, cuda:N or mps. Default: cuda if available, else cpu.",
         show_default=False,
     ),
     dtype: str = typer.Option("auto", "--dtype", help="UNet/text encoder precision: auto (fp16 on GPU, fp32 on CPU), "
@@ -66,8 +68,6 @@ def sample(
     With --compare-base each row holds the base model's N images, a 16-pixel white gap, then the adapter's N
     images for the same seeds. The same seed gives the same starting noise on every device.
     """
-    import torch
-
     from waveft_train.models import build_pipeline
     from waveft_train.sampling import (
         adapters_disabled,
@@ -85,9 +85,10 @@ def sample(
     for name, value in (("--height", height), ("--width", width)):
         if value is not None and value % 8:
             raise UserError(f"{name} {value} is not a multiple of 8, as SDXL requires; e.g. use {value - value % 8}.")
-    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if run_device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {run_device} was asked for, but torch sees no CUDA GPU here; use --device cpu.")
+    for name, value, example in (("--scale", scale, "1.0"), ("--guidance", guidance, "5.0")):
+        if not math.isfinite(value):
+            raise UserError(f"{name} {value} is not a finite number; give a real number, e.g. {name} {example}.")
+    run_device = _run_device(device)
     weight_dtype = _sample_dtype(dtype, run_device)
 
     components, unet = load_adapter_unet(adapter, base, scale=scale, dtype=weight_dtype)
@@ -114,7 +115,9 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the merged UNet to (diffusers format)."),
     base: Optional[str] = BaseOption,
     dtype: str = typer.Option("fp16", "--dtype", help="Precision of the saved weights: fp16, bf16 or fp32."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an earlier export at --out (a folder holding anything else is never replaced)."
+    ),
 ) -> None:
     """Export the base UNet with the adapter merged in, in diffusers format (safetensors), usable without peft.
 
@@ -134,7 +137,41 @@ def _read_prompts(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"Cannot read the prompts file {path} as UTF-8 text ({error}).") from None
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        what = "is empty" if not lines else f"has only blank lines and # comments ({len(lines)} line(s))"
+        raise UserError(
+            f"The prompts file {path} {what}, so it gives no prompts; write one prompt per line (lines starting "
+            "with # are comments), or pass --prompt \"a photo of sks dog\"."
+        )
+    return prompts
+
+
+DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")
+ALLOWED_DEVICES = "cpu, cuda, cuda:N (N = GPU index, e.g. cuda:1) or mps"
+
+
+def _run_device(device: str | None) -> str:
+    """The torch device `sample` runs on: checked before any model is loaded."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = device.strip().lower()
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise UserError(f"--device '{device}' is not a device waveft-train can sample on; allowed: {ALLOWED_DEVICES}.")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for, but torch sees no CUDA GPU here; use --device cpu.")
+        index = int(name.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise UserError(
+                f"--device {name} was asked for, but torch sees {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})."
+            )
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but torch has no usable Apple GPU (MPS) here; use --device cpu.")
+    return name
 
 
 def _sample_dtype(name: str, device: str):

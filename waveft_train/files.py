@@ -1,12 +1,67 @@
-"""Atomic file writes: a temporary sibling, fsync, then rename. Readers see the old file or the new one, never half."""
+"""Atomic file writes: a temporary sibling, fsync, then rename. Readers see the old file or the new one, never half.
+
+Temporary files and folders from `tempfile` are private (mode 600 / 700) whatever the umask. Everything that
+is renamed into place gets the modes a plain `open()` / `mkdir()` would give instead (0o666 / 0o777 minus the
+umask), so outputs are as readable by others as the user's umask allows.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status, since 4.7).
+
+    Elsewhere it is read the only portable way, by setting and restoring it (briefly racy with other threads).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def default_folder_mode() -> int:
+    """The mode `mkdir` gives a new folder: 0o777 minus the umask."""
+    return 0o777 & ~current_umask()
+
+
+def apply_default_permissions(root: Path) -> None:
+    """Give `root` and everything below it the modes of normally created files and folders.
+
+    For trees built in a `tempfile.mkdtemp` folder or written by libraries that write through `mkstemp`
+    (safetensors does), before they are renamed into place. Symbolic links are left alone.
+    """
+    root = Path(root)
+    umask = current_umask()
+    file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
+    for folder, folders, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.chmod(path, file_mode)
+        for name in folders:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode)
+    if not root.is_symlink():
+        os.chmod(root, folder_mode if root.is_dir() else file_mode)
 
 
 def write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -19,6 +74,7 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, default_file_mode())  # mkstemp made it 0o600
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from waveft_train.errors import UserError
+from waveft_train.files import apply_default_permissions
 from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_unet
 
 if TYPE_CHECKING:
@@ -353,6 +354,8 @@ def load_adapter_unet(
     injected into `components.unet` in place, so the returned UNet *is* `components.unet`; use
     `adapters_disabled(unet)` for base-model outputs. Everything that does not fit raises `UserError`.
     """
+    if not math.isfinite(scale):
+        raise UserError(f"The adapter scale {scale} is not a finite number; 0 = base model, 1 = as trained.")
     adapter = read_adapter(adapter_dir)
     base_name = _base_name(adapter, base)
     components = load_components(base_name, weight_dtype=dtype)
@@ -367,15 +370,14 @@ def export_merged(
 
     The merge runs in fp32 and the result is cast to `dtype` once. Loading the folder needs no peft:
     `UNet2DConditionModel.from_pretrained(out_dir)`. It is written to a temporary sibling and renamed into
-    place, so `out_dir` is never half-written; an existing non-empty `out_dir` is replaced only with `force`.
+    place, so `out_dir` is never half-written. An existing `out_dir` may be an empty folder, or, with `force`,
+    an earlier export (nothing but config.json and diffusion_pytorch_model*.safetensors); any other folder is
+    refused, and so is an `out_dir` that is, contains or lies inside the adapter folder.
     """
     if dtype not in DTYPES:
         raise UserError(f"Unknown export dtype '{dtype}'; allowed: {', '.join(DTYPES)}.")
     out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; --out names the folder to write the merged UNet to.")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out folder.")
+    _check_export_target(out, Path(adapter_dir).expanduser(), force)
     adapter = read_adapter(adapter_dir)
     base_name = _base_name(adapter, base)
     unet = load_unet(base_name, dtype=torch.float32)
@@ -388,16 +390,100 @@ def export_merged(
             "bias='waveft_only' bias on a layer without bias; a plain diffusers UNet cannot hold them. Load the "
             "adapter with peft instead of exporting it."
         )
-    merged.to(DTYPES[dtype])
+    with _quiet_diffusers_fp32_notice():
+        merged.to(DTYPES[dtype])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
     try:
         merged.save_pretrained(staging, safe_serialization=True)
+        apply_default_permissions(staging)  # mkdtemp made it 0o700, safetensors writes 0o600 files
         _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+EXPORT_CONFIG_NAME = "config.json"
+EXPORT_WEIGHTS_PATTERN = "diffusion_pytorch_model*.safetensors"
+EXPORT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"  # written when diffusers shards the weights
+
+
+def _check_export_target(out: Path, adapter_dir: Path, force: bool) -> None:
+    """Refuse an --out that would overwrite the adapter or anything that is not an earlier export."""
+    out_real, adapter_real = out.resolve(), adapter_dir.absolute().resolve()
+    if out_real == adapter_real or adapter_real in out_real.parents or out_real in adapter_real.parents:
+        relation = (
+            "is the adapter folder" if out_real == adapter_real
+            else "lies inside the adapter folder" if adapter_real in out_real.parents
+            else "contains the adapter folder"
+        )
+        raise UserError(
+            f"--out {out} {relation} ({adapter_real}); the export would replace or mix with the adapter. "
+            "Choose an --out folder outside the adapter folder, e.g. a sibling such as "
+            f"{adapter_real.parent / (adapter_real.name + '-merged')}."
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; --out names the folder to write the merged UNet to.")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    foreign = _not_an_export(out, entries)
+    if foreign is not None:
+        raise UserError(
+            f"{out} already exists and is not an earlier UNet export: {foreign}. --out must be a new or empty "
+            f"folder, or (with --force) a folder written by `waveft-train export` ({EXPORT_CONFIG_NAME} and "
+            f"{EXPORT_WEIGHTS_PATTERN} only). Choose another --out folder; nothing was changed."
+        )
+    if not force:
+        raise UserError(f"{out} already holds a merged UNet; pass --force to replace it, or choose another --out folder.")
+
+
+def _not_an_export(out: Path, entries: list[Path]) -> str | None:
+    """Why the non-empty folder `out` is not a UNet written by `export_merged`, or None when it is one."""
+    import fnmatch
+
+    for entry in entries:
+        allowed = entry.name in (EXPORT_CONFIG_NAME, EXPORT_INDEX_NAME) or fnmatch.fnmatch(
+            entry.name, EXPORT_WEIGHTS_PATTERN
+        )
+        if not allowed or entry.is_symlink() or not entry.is_file():
+            kind = "folder" if entry.is_dir() and not entry.is_symlink() else "file"
+            return f"it holds the {kind} {entry.name}"
+    config_path = out / EXPORT_CONFIG_NAME
+    if not config_path.is_file():
+        return f"it has no {EXPORT_CONFIG_NAME}"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {EXPORT_CONFIG_NAME} is not readable JSON"
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name != "UNet2DConditionModel":
+        return f"its {EXPORT_CONFIG_NAME} describes {class_name!r}, not a UNet2DConditionModel"
+    if not any(fnmatch.fnmatch(entry.name, EXPORT_WEIGHTS_PATTERN) for entry in entries):
+        return f"it has no {EXPORT_WEIGHTS_PATTERN}"
+    return None
+
+
+@contextmanager
+def _quiet_diffusers_fp32_notice() -> Iterator[None]:
+    """Hide diffusers' "modules ... should be kept in float32: []" warning, which ModelMixin.to logs for every
+    dtype cast (also when no module needs fp32, as for the SDXL UNet); other warnings still show."""
+    import logging
+
+    class Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "should be kept in float32: []" not in record.getMessage()
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    notice_filter = Filter()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

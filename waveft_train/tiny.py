@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from waveft_train.files import apply_default_permissions
+
 # Bump when anything below changes the files written, so stale caches are never reused.
 TINY_MODEL_VERSION = "tiny-sdxl-v1"
 TINY_SEED = 0
@@ -214,6 +216,7 @@ def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_VERSION}.building-", dir=root))
     try:
         build_tiny_pipeline(staging)
+        apply_default_permissions(staging)  # mkdtemp made it 0o700, safetensors writes 0o600 files
         os.rename(staging, target)
     except OSError:
         if not is_complete_model_dir(target):
