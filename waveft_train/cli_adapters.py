@@ -69,13 +69,8 @@ def sample(
     images for the same seeds. The same seed gives the same starting noise on every device.
     """
     from waveft_train.models import build_pipeline
-    from waveft_train.sampling import (
-        adapters_disabled,
-        default_image_size,
-        generate_grid_images,
-        load_adapter_unet,
-        make_grid,
-    )
+    from waveft_train.adapters import adapters_disabled, load_adapter_unet
+    from waveft_train.sampling import default_image_size, generate_grid_images, make_grid
 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end with .png (the grid is written as a PNG image).")
@@ -124,7 +119,7 @@ def export(
     Load it with UNet2DConditionModel.from_pretrained(OUT) and pass it to
     StableDiffusionXLPipeline.from_pretrained(BASE, unet=...).
     """
-    from waveft_train.sampling import export_merged
+    from waveft_train.adapters import export_merged
 
     written = export_merged(adapter, out, base=base, dtype=dtype, force=force)
     typer.echo(f"Wrote the merged UNet to {written}.")

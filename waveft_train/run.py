@@ -373,7 +373,8 @@ def save_training_checkpoint(session: Session, step: int) -> None:
 def validate(session: Session, step: int, progress: bool) -> None:
     """samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, for the same seeds."""
     from waveft_train.models import build_pipeline
-    from waveft_train.sampling import adapters_disabled, generate_grid_images, make_grid
+    from waveft_train.adapters import adapters_disabled
+    from waveft_train.sampling import generate_grid_images, make_grid
 
     config, accelerator = session.config, session.accelerator
     accelerator.wait_for_everyone()

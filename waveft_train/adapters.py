@@ -1,0 +1,364 @@
+"""Saved WaveFT adapters: read and check a folder, load it onto its base UNet, switch adapters off, export merged.
+
+Saved adapters are checked against the base model *before* their weights are loaded, because peft's own loader
+skips keys it cannot place (an adapter for another model would silently change nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from waveft_train.errors import UserError
+from waveft_train.files import apply_default_permissions
+from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_unet
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel, WaveFTConfig
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+
+@contextmanager
+def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
+    """Run `unet` as the plain base model inside the block (every peft adapter layer calls its base layer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer) and not module.disable_adapters]
+    # enable_adapters(True) marks the adapter weights trainable: put every flag back as it was (frozen or training).
+    trainable = [(parameter, parameter.requires_grad) for parameter in unet.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
+
+
+# ------------------------------------------------------------------------------------------- saved adapters
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A validated adapter folder: its parsed config and the names and shapes of its saved tensors."""
+
+    folder: Path
+    config: WaveFTConfig
+    weights_path: Path
+    shapes: dict[str, tuple[int, ...]]  # in the file's key order
+
+
+def read_adapter(adapter_dir: Path | str) -> AdapterFiles:
+    """Check that `adapter_dir` is a loadable WaveFT adapter (peft format) without loading its weights."""
+    from safetensors import safe_open
+
+    folder = Path(adapter_dir).expanduser()
+    what = f"A WaveFT adapter folder holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}, as waveft-train saves it"
+    if not folder.is_dir():
+        reason = "it is a file, not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"Cannot use the adapter '{adapter_dir}': {reason} ({folder.absolute()}). {what}.")
+    config_path = folder / ADAPTER_CONFIG_NAME
+    weights_path = folder / ADAPTER_WEIGHTS_NAME
+    if not config_path.is_file():
+        raise UserError(f"The adapter folder {folder} has no {ADAPTER_CONFIG_NAME}. {what}.")
+    if not weights_path.is_file():
+        if (folder / PICKLE_WEIGHTS_NAME).is_file():
+            raise UserError(
+                f"The adapter folder {folder} holds only {PICKLE_WEIGHTS_NAME}, a pickle file; loading pickles is "
+                "refused for safety, because they can run arbitrary code. Re-save the adapter with "
+                f"save_pretrained(..., safe_serialization=True) to get {ADAPTER_WEIGHTS_NAME}."
+            )
+        raise UserError(f"The adapter folder {folder} has no {ADAPTER_WEIGHTS_NAME}. {what}.")
+
+    try:
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{config_path} is not readable JSON ({error}).") from None
+    peft_type = raw_config.get("peft_type") if isinstance(raw_config, dict) else None
+    if peft_type != "WAVEFT":
+        raise UserError(
+            f"{config_path} has peft_type {peft_type!r}; only WaveFT adapters (peft_type \"WAVEFT\") can be used here."
+        )
+    config = _parse_config(folder, config_path)
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError (an Exception) for any damage
+        raise UserError(
+            f"{weights_path} is not a valid safetensors file ({str(error).strip() or type(error).__name__}); it may be "
+            "truncated by an interrupted copy or download. Copy the adapter folder again."
+        ) from None
+    if not shapes:
+        raise UserError(f"{weights_path} holds no tensors; it is not a trained adapter.")
+    return AdapterFiles(folder=folder, config=config, weights_path=weights_path, shapes=shapes)
+
+
+def _parse_config(folder: Path, config_path: Path) -> WaveFTConfig:
+    from peft import WaveFTConfig
+
+    try:
+        return WaveFTConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{config_path} is not a valid WaveFT config: {error}") from None
+
+
+def _base_name(adapter: AdapterFiles, base: str | None) -> str:
+    if base is not None and str(base).strip():
+        return str(base)
+    named = adapter.config.base_model_name_or_path
+    if not named:
+        raise UserError(
+            f"{adapter.folder / ADAPTER_CONFIG_NAME} does not name its base model (base_model_name_or_path is empty). "
+            f"Pass the base model with --base: {ALLOWED_MODELS}."
+        )
+    return str(named)
+
+
+def _inject(unet: torch.nn.Module, adapter: AdapterFiles, base_name: str, scale: float) -> PeftModel:
+    """Wrap `unet` (modified in place) with the adapter's layers, check the saved tensors fit, load them."""
+    import copy
+
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from waveft_train.waveft import register
+
+    register()
+    config = copy.deepcopy(adapter.config)
+    config.inference_mode = True
+    config.init_weights = True  # zeros, no RNG use: the saved spectra replace them below
+    misfit = f"The adapter {adapter.folder} does not fit the base model '{base_name}'"
+    try:
+        model = PeftModel(unet, config)
+    except (ValueError, TypeError) as error:  # no target module matched, n_frequency too large for a layer, ...
+        raise UserError(f"{misfit}: {error} Pass the model it was trained on with --base.") from None
+
+    saved_by_peft = get_peft_model_state_dict(model, save_embedding_layers=False)
+    expected = {key: tuple(value.shape) for key, value in saved_by_peft.items()}
+    for key, shape in adapter.shapes.items():
+        layer = _layer_name(key)
+        if key not in expected:
+            raise UserError(
+                f"{misfit}: its layer '{layer}' ({key}) is not a WaveFT layer of this model (the module does not "
+                f"exist or is not targeted by the adapter's target_modules). Pass the model it was trained on with "
+                "--base."
+            )
+        if shape != expected[key]:
+            raise UserError(
+                f"{misfit}: layer '{layer}' has a saved {key.rsplit('.', 1)[-1]} of shape {list(shape)}, but the "
+                f"model's layer takes {list(expected[key])} with this adapter config (n_frequency "
+                f"{adapter.config.n_frequency}). Pass the model it was trained on with --base, or fix the config."
+            )
+    missing = [key for key in expected if key not in adapter.shapes]
+    if missing:
+        raise UserError(
+            f"{misfit}: {adapter.weights_path.name} has no weights for layer '{_layer_name(missing[0])}' "
+            f"({len(missing)} missing tensors in all), which the adapter config targets."
+        )
+
+    tensors = load_file(str(adapter.weights_path))
+    set_peft_model_state_dict(model, tensors)
+    if scale != 1.0:
+        _scale_adapters(unet, scale)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _layer_name(key: str) -> str:
+    """`base_model.model.down_blocks.1…to_q.waveft_spectrum` → `down_blocks.1…to_q`."""
+    name = key.removeprefix("base_model.model.")
+    return name.rsplit(".", 1)[0]
+
+
+def _scale_adapters(unet: torch.nn.Module, scale: float) -> None:
+    """Multiply every WaveFT adapter's ΔW by `scale`, through each layer's `waveft_scaling` factor.
+
+    ΔW is linear in that factor, so 1 is the adapter as trained and 0 makes ΔW zero. At 0 the layers are also
+    switched off, so the output is the base model's bit for bit, whichever arithmetic path the layer's forward
+    takes (W + 0 in one matmul, or x·Wᵀ plus a zero correction, can round differently from the plain layer).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        scaling = getattr(module, "waveft_scaling", None)
+        if isinstance(scaling, dict):
+            for name in scaling:
+                scaling[name] = scaling[name] * float(scale)
+            if scale == 0 and isinstance(module, BaseTunerLayer):
+                module.enable_adapters(False)
+
+
+def load_adapter_unet(
+    adapter_dir: Path | str, base: str | None, *, scale: float = 1.0, dtype: torch.dtype = torch.float32
+) -> tuple[SDXLComponents, UNet2DConditionModel]:
+    """Load the base model's components and apply a saved WaveFT adapter to its UNet.
+
+    `base=None` uses the adapter's own `base_model_name_or_path`. `scale` multiplies every layer's ΔW through
+    its `waveft_scaling` (0 = the base model exactly, 1 = as trained; other values interpolate/extrapolate). The adapter is
+    injected into `components.unet` in place, so the returned UNet *is* `components.unet`; use
+    `adapters_disabled(unet)` for base-model outputs. Everything that does not fit raises `UserError`.
+    """
+    if not math.isfinite(scale):
+        raise UserError(f"The adapter scale {scale} is not a finite number; 0 = base model, 1 = as trained.")
+    adapter = read_adapter(adapter_dir)
+    base_name = _base_name(adapter, base)
+    components = load_components(base_name, weight_dtype=dtype)
+    model = _inject(components.unet, adapter, base_name, scale)
+    return components, model.base_model.model
+
+
+def export_merged(
+    adapter_dir: Path | str, out_dir: Path | str, *, base: str | None = None, dtype: str = "fp16", force: bool = False
+) -> Path:
+    """Merge the adapter into the base UNet and save it as a plain diffusers UNet (safetensors) at `out_dir`.
+
+    The merge runs in fp32 and the result is cast to `dtype` once. Loading the folder needs no peft:
+    `UNet2DConditionModel.from_pretrained(out_dir)`. It is written to a temporary sibling and renamed into
+    place, so `out_dir` is never half-written. An existing `out_dir` may be an empty folder, or, with `force`,
+    an earlier export (nothing but config.json and diffusion_pytorch_model*.safetensors); any other folder is
+    refused, and so is an `out_dir` that is, contains or lies inside the adapter folder.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown export dtype '{dtype}'; allowed: {', '.join(DTYPES)}.")
+    out = Path(out_dir).expanduser().absolute()
+    _check_export_target(out, Path(adapter_dir).expanduser(), force)
+    adapter = read_adapter(adapter_dir)
+    base_name = _base_name(adapter, base)
+    unet = load_unet(base_name, dtype=torch.float32)
+    base_keys = set(unet.state_dict())
+    merged = _inject(unet, adapter, base_name, 1.0).merge_and_unload()
+    extra = sorted(set(merged.state_dict()) - base_keys)
+    if extra:
+        raise UserError(
+            f"The adapter {adapter.folder} adds weights the base UNet does not have (first: {extra[0]}), e.g. a "
+            "bias='waveft_only' bias on a layer without bias; a plain diffusers UNet cannot hold them. Load the "
+            "adapter with peft instead of exporting it."
+        )
+    with _quiet_diffusers_fp32_notice():
+        merged.to(DTYPES[dtype])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        apply_default_permissions(staging)  # mkdtemp made it 0o700, safetensors writes 0o600 files
+        _replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+EXPORT_CONFIG_NAME = "config.json"
+EXPORT_WEIGHTS_PATTERN = "diffusion_pytorch_model*.safetensors"
+EXPORT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"  # written when diffusers shards the weights
+
+
+def _check_export_target(out: Path, adapter_dir: Path, force: bool) -> None:
+    """Refuse an --out that would overwrite the adapter or anything that is not an earlier export."""
+    out_real, adapter_real = out.resolve(), adapter_dir.absolute().resolve()
+    if out_real == adapter_real or adapter_real in out_real.parents or out_real in adapter_real.parents:
+        relation = (
+            "is the adapter folder" if out_real == adapter_real
+            else "lies inside the adapter folder" if adapter_real in out_real.parents
+            else "contains the adapter folder"
+        )
+        raise UserError(
+            f"--out {out} {relation} ({adapter_real}); the export would replace or mix with the adapter. "
+            "Choose an --out folder outside the adapter folder, e.g. a sibling such as "
+            f"{adapter_real.parent / (adapter_real.name + '-merged')}."
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; --out names the folder to write the merged UNet to.")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    foreign = _not_an_export(out, entries)
+    if foreign is not None:
+        raise UserError(
+            f"{out} already exists and is not an earlier UNet export: {foreign}. --out must be a new or empty "
+            f"folder, or (with --force) a folder written by `waveft-train export` ({EXPORT_CONFIG_NAME} and "
+            f"{EXPORT_WEIGHTS_PATTERN} only). Choose another --out folder; nothing was changed."
+        )
+    if not force:
+        raise UserError(f"{out} already holds a merged UNet; pass --force to replace it, or choose another --out folder.")
+
+
+def _not_an_export(out: Path, entries: list[Path]) -> str | None:
+    """Why the non-empty folder `out` is not a UNet written by `export_merged`, or None when it is one."""
+    import fnmatch
+
+    for entry in entries:
+        allowed = entry.name in (EXPORT_CONFIG_NAME, EXPORT_INDEX_NAME) or fnmatch.fnmatch(
+            entry.name, EXPORT_WEIGHTS_PATTERN
+        )
+        if not allowed or entry.is_symlink() or not entry.is_file():
+            kind = "folder" if entry.is_dir() and not entry.is_symlink() else "file"
+            return f"it holds the {kind} {entry.name}"
+    config_path = out / EXPORT_CONFIG_NAME
+    if not config_path.is_file():
+        return f"it has no {EXPORT_CONFIG_NAME}"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {EXPORT_CONFIG_NAME} is not readable JSON"
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name != "UNet2DConditionModel":
+        return f"its {EXPORT_CONFIG_NAME} describes {class_name!r}, not a UNet2DConditionModel"
+    if not any(fnmatch.fnmatch(entry.name, EXPORT_WEIGHTS_PATTERN) for entry in entries):
+        return f"it has no {EXPORT_WEIGHTS_PATTERN}"
+    return None
+
+
+@contextmanager
+def _quiet_diffusers_fp32_notice() -> Iterator[None]:
+    """Hide diffusers' "modules ... should be kept in float32: []" warning, which ModelMixin.to logs for every
+    dtype cast (also when no module needs fp32, as for the SDXL UNet); other warnings still show."""
+    import logging
+
+    class Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "should be kept in float32: []" not in record.getMessage()
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    notice_filter = Filter()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Rename `staging` to `out`; an existing `out` is moved aside first and deleted only after the swap."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
