@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -216,3 +217,20 @@ def test_output_dir_that_is_a_file_is_one_paragraph(tmp_path, capsys):
     blocker.write_text("not a folder")
     expect_user_error(["--config", write_config(tmp_path), "--set", f"output.dir={blocker / 'out'}"], capsys,
                       str(blocker))
+
+
+def test_broken_local_model_folder_is_named_without_the_hub_hint(tmp_path, tiny_model_dir):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "waveft_train", "--config", str(write_config(tmp_path)), "--set",
+         f"model.pretrained={broken}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"Could not load the unet of model '{broken}'" in result.stderr
+    assert "Offline mode" not in result.stderr and "An error occurred while trying to fetch" not in result.stderr

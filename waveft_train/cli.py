@@ -105,6 +105,10 @@ def _configure_logging(debug: bool) -> None:
     logging.getLogger("transformers.utils.import_utils").addFilter(
         lambda record: "requires torchvision (not installed)" not in record.getMessage()
     )
+    # diffusers logs a model folder's missing file, then raises it; our error names it once, with what to do.
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(
+        lambda record: not record.getMessage().startswith("An error occurred while trying to fetch")
+    )
     # diffusers still passes this deprecated argument to huggingface_hub on every config download; it changes
     # nothing and would print above our own error when a model id is wrong.
     import warnings

@@ -139,7 +139,8 @@ def _load(what: str, name: str, loader: Callable[[], Loaded], allowed: str = ALL
     try:
         return loader()
     except (OSError, EntryNotFoundError, HFValidationError) as error:  # OSError covers the hub's HTTP errors
-        raise _not_found(what, name, _first_line(error), allowed=allowed) from error
+        local = Path(name).expanduser().exists()  # a broken local folder: the offline hint would mislead
+        raise _not_found(what, name, _first_line(error), hub_id=not local, allowed=allowed) from error
 
 
 def _frozen(module: Loaded) -> Loaded:
