@@ -325,3 +325,21 @@ def test_compile_friendly_fallbacks_match_reference(path, monkeypatch):
     reference, ours = pair("db2", True, shape=(64, 72), n=200)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert_matches_reference(reference, ours, torch.randn(30, 72), path)
+
+
+def test_a_trained_layer_can_be_deep_copied_and_pickled():
+    """The sampling pattern cached by a backward is a sparse tensor, which deepcopy (e.g. EMA copies) and pickle
+    cannot handle: it must not travel with the module."""
+    import copy
+    import io
+
+    _, ours = pair("db1", True, shape=(64, 72), n=200)
+    x = torch.randn(300, 72)
+    ours(x).sum().backward()
+    assert ours.waveft_transform["default"]._patterns  # the cache is in use
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(ours), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(clone(x), ours(x))
+        clone(x).sum().backward()  # and it trains

@@ -262,8 +262,13 @@ class SparseIDWT(nn.Module):
         self._patterns: dict[tuple, torch.Tensor] = {}  # M's sampling pattern per (dtype, device): slot_matrix
 
     def _apply(self, fn, recurse=True):
-        self._patterns = {}  # buffers are about to move or change dtype: cached patterns would go stale
+        self._patterns = {}  # the buffers are about to be replaced: drop patterns that reference the old ones
         return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_patterns"] = {}  # sparse tensors can be neither deep-copied nor pickled; rebuilt on first use
+        return state
 
     @staticmethod
     def _patch_side(slot: torch.Tensor, band: torch.Tensor, axis: Axis, filters: torch.Tensor):
