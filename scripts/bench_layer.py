@@ -19,7 +19,7 @@ Usage:
     python scripts/bench_layer.py                         # CPU, fp32, 2 threads
     python scripts/bench_layer.py --device cuda           # bf16 weights and inputs under bf16 autocast
     python scripts/bench_layer.py --paths                 # also time our two paths forced at the three shapes
-    python scripts/bench_layer.py --calibrate             # where merged vs factorized should switch (choose_path)
+    python scripts/bench_layer.py --calibrate --cold      # where merged vs factorized should switch (choose_path)
     python scripts/bench_layer.py --device cuda --check   # first: ours vs the reference on the device, and the
                                                           # sampled-product kernels timed there
     python scripts/bench_layer.py --json out.json
@@ -173,7 +173,22 @@ def round_order(methods, round_index: int) -> list:
     return order
 
 
-def time_interleaved(setup: Setup, methods, rounds: int, device: str, quiet_wait: float = 0.0) -> dict[str, list[float]]:
+class CacheFlusher:
+    """Evicts the CPU caches before a timed step (`--cold`): inside a UNet step each layer's weight and index
+    buffers are cold, since dozens of other layers ran since its last call; a loop over one layer keeps them warm."""
+
+    def __init__(self, device: str, megabytes: int = 256):
+        self.buffer = torch.zeros(megabytes << 18) if device == "cpu" else None  # float32: 4 bytes each
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.add_(1.0)
+
+
+def time_interleaved(
+    setup: Setup, methods, rounds: int, device: str, quiet_wait: float = 0.0, cold: bool = False
+) -> dict[str, list[float]]:
+    flush = CacheFlusher(device) if cold else (lambda: None)
     times: dict[str, list[float]] = {method: [] for method in methods}
     for method in methods:  # warm-up: allocator, lazy init, caches
         for _ in range(2):
@@ -182,6 +197,7 @@ def time_interleaved(setup: Setup, methods, rounds: int, device: str, quiet_wait
     for round_index in range(rounds):
         wait_until_quiet(quiet_wait)
         for method in round_order(methods, round_index):
+            flush()
             synchronize(device)
             start = time.perf_counter()
             setup.step(method)
@@ -242,7 +258,7 @@ def peak_memory(setup: Setup, method: str, device: str) -> int:
 
 
 CALIBRATION_LAYERS = [(640, 640, "db1"), (2048, 1280, "db1"), (640, 640, "db4"), (2048, 1280, "db8")]
-CALIBRATION_TOKENS = [1, 8, 32, 154, 512, 2048]
+CALIBRATION_TOKENS = [1, 4, 8, 32, 64, 154, 512, 2048]
 
 
 def calibrate(args) -> dict:
@@ -252,7 +268,8 @@ def calibrate(args) -> dict:
         for tokens in CALIBRATION_TOKENS:
             args.family = family
             setup = build((tokens, in_features, out_features), ["ours-merged", "ours-factorized"], args.device, args)
-            times = time_interleaved(setup, ["ours-merged", "ours-factorized"], args.rounds, args.device, args.quiet_wait)
+            times = time_interleaved(setup, ["ours-merged", "ours-factorized"], args.rounds, args.device,
+                                     args.quiet_wait, args.cold)
             summary = summarize(times, "ours-merged")
             transform = setup.modules["ours-merged"].layer.waveft_transform["default"]
             merged, factorized = summary["ours-merged"]["median_ms"], summary["ours-factorized"]["median_ms"]
@@ -354,6 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--family", default="db1")
     parser.add_argument("--paths", action="store_true", help="also time our merged and factorized paths forced")
     parser.add_argument("--calibrate", action="store_true", help="time both paths over token counts (choose_path)")
+    parser.add_argument("--cold", action="store_true", help="CPU: evict the caches before every timed step, as "
+                        "inside a UNet step (see CacheFlusher)")
     parser.add_argument("--check", action="store_true", help="first compare ours with the reference on the device")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--shapes", nargs="*", type=int, help="indices into the shape table (default: all)")
@@ -391,7 +410,7 @@ def main(argv=None) -> dict:
     setups = {}
     for name in chosen:  # all timing first: the memory phase changes how malloc behaves
         setups[name] = build(SHAPES[name], methods, args.device, args)
-        summary = summarize(time_interleaved(setups[name], methods, args.rounds, args.device, args.quiet_wait))
+        summary = summarize(time_interleaved(setups[name], methods, args.rounds, args.device, args.quiet_wait, args.cold))
         summary["ours_vs_reference_speedup"] = round(summary["reference"]["median_ms"] / summary["ours"]["median_ms"], 2)
         summary["ours_vs_lora_time"] = round(summary["ours"]["median_ms"] / summary["lora"]["median_ms"], 3)
         results["shapes"][name] = summary

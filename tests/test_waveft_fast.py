@@ -295,8 +295,10 @@ def test_sampled_product_kernels_agree(n):
 def test_choose_path_by_shape():
     patches = transform(640, 640, 2592, "db1")
     assert patches.use_patches
-    for tokens, d_in, d_out in [(8192, 640, 640), (2048, 1280, 1280), (154, 2048, 1280), (77, 2048, 640)]:
+    for tokens, d_in, d_out in [(8192, 640, 640), (2048, 1280, 1280), (154, 2048, 1280), (77, 2048, 640),
+                                (64, 1280, 1280), (32, 640, 640)]:
         assert choose_path(tokens, d_out, d_in, [transform(d_out, d_in, 2592, "db1")]) == MERGED
+    assert choose_path(1, 640, 640, [patches]) == FACTORIZED  # one token: no W-sized work at all
     separable = transform(1280, 2048, 2592, "db8")  # 16 taps: patches would be denser than a quarter of W
     assert not separable.use_patches
     assert choose_path(154, 1280, 2048, [separable]) == FACTORIZED
