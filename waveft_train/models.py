@@ -67,16 +67,19 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
 
 
+def offline_note(hub_id: bool = True) -> str:
+    """The sentence a not-found error about a hub id adds when the hub is switched off ('' otherwise)."""
+    if hub_id and _hub_offline():
+        return " Offline mode is on (HF_HUB_OFFLINE=1), so a hub id only works if it is already in the local cache."
+    return ""
+
+
 def _not_found(what: str, name: str, reason: str, *, hub_id: bool = True, allowed: str = ALLOWED_MODELS) -> UserError:
-    offline = (
-        " Offline mode is on (HF_HUB_OFFLINE=1), so a hub id only works if it is already in the local cache."
-        if hub_id and _hub_offline()
-        else ""
-    )
-    return UserError(f"Could not load {what} '{name}': {reason.rstrip('. ')}.{offline} Allowed: {allowed}.")
+    return UserError(f"Could not load {what} '{name}': {reason.rstrip('. ')}.{offline_note(hub_id)} Allowed: {allowed}.")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (at most 300 characters), for one-paragraph user errors."""
     text = str(error).strip().splitlines()
     line = text[0] if text else type(error).__name__
     return line if len(line) <= 300 else line[:297] + "..."
@@ -88,7 +91,7 @@ def _validate_hub_id(what: str, name: str, allowed: str) -> None:
     try:
         validate_repo_id(name)
     except HFValidationError as error:
-        reason = f"it is neither an existing folder nor a valid hub id ({_first_line(error)})"
+        reason = f"it is neither an existing folder nor a valid hub id ({first_line(error)})"
         raise _not_found(what, name, reason, hub_id=False, allowed=allowed) from None
 
 
@@ -140,7 +143,7 @@ def _load(what: str, name: str, loader: Callable[[], Loaded], allowed: str = ALL
         return loader()
     except (OSError, EntryNotFoundError, HFValidationError) as error:  # OSError covers the hub's HTTP errors
         local = Path(name).expanduser().exists()  # a broken local folder: the offline hint would mislead
-        raise _not_found(what, name, _first_line(error), hub_id=not local, allowed=allowed) from error
+        raise _not_found(what, name, first_line(error), hub_id=not local, allowed=allowed) from error
 
 
 def _frozen(module: Loaded) -> Loaded:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from waveft_train.config import TrainConfig
 from waveft_train.errors import UserError
 
@@ -17,14 +19,15 @@ def adapter_on_meta_unet(config: TrainConfig):
     from peft import WaveFTConfig, inject_adapter_in_model
 
     from waveft_train import waveft
-    from waveft_train.models import ALLOWED_MODELS, resolve_pretrained
+    from waveft_train.models import ALLOWED_MODELS, first_line, offline_note, resolve_pretrained
 
     path = resolve_pretrained(config.model.pretrained)
     try:
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=config.model.revision)
     except (OSError, ValueError) as error:
         raise UserError(
-            f"Could not read the UNet config of {config.model.pretrained!r} (model.pretrained): {_first_line(error).rstrip('.')}. "
+            f"Could not read the UNet config of {config.model.pretrained!r} (model.pretrained): "
+            f"{first_line(error).rstrip('.')}.{offline_note(not Path(path).exists())} "
             f"model.pretrained takes {ALLOWED_MODELS}."
         ) from None
     waveft.register()
@@ -53,7 +56,3 @@ def describe_parameters(config: TrainConfig) -> str:
              f"adapted layers: {len(rows)}", f"trainable parameters: {total:,}",
              f"LoRA with the same budget: rank {total / lora_unit:.2f} (one LoRA rank costs {lora_unit:,} parameters here)"]
     return "\n".join(lines)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
