@@ -345,3 +345,17 @@ def test_a_trained_layer_can_be_deep_copied_and_pickled():
     for clone in (copy.deepcopy(ours), torch.load(buffer, weights_only=False)):
         torch.testing.assert_close(clone(x), ours(x))
         clone(x).sum().backward()  # and it trains
+
+
+def test_merged_path_under_deterministic_algorithms():
+    """Reproducibility setups (e.g. accelerate's set_seed(deterministic=True)) switch torch to deterministic
+    algorithms; every op of the merged path must have one, above all the restore of W."""
+    reference, ours = pair("db1", True, shape=(64, 72), n=200)
+    before = ours.base_layer.weight.detach().clone()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_matches_reference(reference, ours, torch.randn(30, 72), MERGED)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(ours.base_layer.weight, before)

@@ -116,9 +116,13 @@ def _patch_weight(weight: torch.Tensor, spectra: Sequence[torch.Tensor], plan: _
 
 
 def _restore_weight(saved: list) -> None:
-    """Undo `_patch_weight`'s in-place writes (last adapter first)."""
+    """Undo `_patch_weight`'s in-place writes (last adapter first).
+
+    `index_copy_`, not the slightly faster `put_`: this must never fail, and `put_` raises under
+    `torch.use_deterministic_algorithms(True)` (which would leave ΔW in the frozen W).
+    """
     for flat, positions, values in reversed(saved):
-        flat.put_(positions, values)
+        flat.index_copy_(0, positions, values)
 
 
 def sampled_products(
