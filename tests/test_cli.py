@@ -234,3 +234,12 @@ def test_broken_local_model_folder_is_named_without_the_hub_hint(tmp_path, tiny_
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"Could not load the unet of model '{broken}'" in result.stderr
     assert "Offline mode" not in result.stderr and "An error occurred while trying to fetch" not in result.stderr
+
+
+def test_output_dir_holding_a_run_whose_config_no_longer_loads(tmp_path, capsys):
+    path = write_config(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text(path.read_text() + "train:\n  lr_warmup_steps: 10\n")
+    (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.1}\n')
+    expect_user_error(["--config", path], capsys, "does not load with this version", "lr_warmup_steps",
+                      "cannot be resumed", "--force")

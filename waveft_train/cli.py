@@ -149,10 +149,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except OSError as error:
         if debug or error.errno not in USER_ERRNOS:
             raise
-        where = f"{error.filename}: " if error.filename else ""
-        typer.echo(f"error: could not write or create {where}{error.strerror}. Free some space, fix the folder's permissions "
-                   "or choose another path, then rerun the same command (a training run resumes from its newest "
-                   "complete checkpoint).", err=True)
+        where = f" on {error.filename}" if error.filename else ""
+        typer.echo(f"error: the file system refused an operation{where}: {error.strerror}. Free some space, fix the "
+                   "permissions or choose another path, then rerun the same command (a training run resumes from its "
+                   "newest complete checkpoint).", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         code = 130

@@ -28,7 +28,15 @@ def holds_other_run(config: TrainConfig, *, force: bool) -> bool:
         return True  # a config.yaml and nothing it produced (e.g. a run that failed at its start): nothing to lose
     try:
         same = config_fingerprint(load_config(previous)) == config_fingerprint(config)
-    except UserError:
+    except UserError as error:
+        if not force:
+            lines = str(error).splitlines()
+            problems = " ".join(line.strip() for line in lines[1:]) or lines[0]  # past the "invalid config" heading
+            raise UserError(
+                f"The output folder {output_dir} (output.dir) holds a run whose {previous} does not load with this "
+                f"version of waveft-train ({problems}), so that run cannot be resumed. Choose another output.dir, or "
+                "pass --force to discard that run's checkpoints, samples and metrics."
+            ) from None
         same = False
     if not same and not force:
         raise UserError(
