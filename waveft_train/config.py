@@ -7,7 +7,6 @@ This module imports no torch, so `init` and config checks stay instant.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -22,6 +21,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeF
                       PositiveFloat, PositiveInt, ValidationError, ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from waveft_train.config_errors import (describe, format_validation_error, is_section, problems_text, shown,
+                                        without_none, yaml_error_text)
 from waveft_train.errors import UserError
 
 WAVELET_FAMILIES: frozenset[str] = frozenset(
@@ -69,7 +70,7 @@ class _Section(BaseModel):
     def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
         annotation = cls.model_fields[info.field_name].annotation
         if _bool_for_number(value, annotation):
-            expected = {int: "a valid integer", float: "a valid number"}.get(annotation) or _describe(annotation)
+            expected = {int: "a valid integer", float: "a valid number"}.get(annotation) or describe(annotation)
             raise PydanticCustomError("bool_for_number", "Input should be {expected}", {"expected": expected})
         return value
 
@@ -281,123 +282,6 @@ class TrainConfig(BaseModel):
 
 SECTIONS: tuple[str, ...] = tuple(TrainConfig.model_fields)
 
-# ----------------------------------------------------------------------------------- error messages
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _without_none(annotation: Any) -> Any:
-    """`X | None` -> X, so list indexes and dict keys in error locations can be followed."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        args = [arg for arg in get_args(annotation) if arg is not type(None)]
-        return args[0] if len(args) == 1 else annotation
-    return annotation
-
-
-def _field_at(loc: Sequence[Any]) -> tuple[str, Any]:
-    """Dotted path (`train.max_steps`, `validation.prompts[1]`) and annotation of a pydantic error location;
-    stops at union-member tags, which pydantic adds to locations but users never wrote."""
-    annotation: Any = TrainConfig
-    path = ""
-    for part in loc:
-        inner = _without_none(annotation)
-        if _is_section(inner) and part in inner.model_fields:
-            annotation = inner.model_fields[part].annotation
-            path = f"{path}.{part}" if path else str(part)
-        elif isinstance(part, int) and get_origin(inner) is list:
-            annotation, path = get_args(inner)[0], f"{path}[{part}]"
-        elif get_origin(inner) is dict and part != "[key]":
-            annotation, path = get_args(inner)[1], f"{path}[{part!r}]"
-        else:
-            break
-    return path, annotation
-
-
-def _describe(annotation: Any) -> str:
-    """What a type accepts, in words a YAML writer understands."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _describe(args[0])
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(arg) for arg in args)
-    if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    if origin is dict:
-        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
-    if _is_section(annotation):
-        return "a mapping with keys " + ", ".join(annotation.model_fields)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
-    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def unknown_key_line(loc: Sequence[Any]) -> str:
-    """`unknown key train.learning_rat (did you mean train.learning_rate?)` plus the allowed keys."""
-    *parent_loc, key = loc
-    parent_path, parent = _field_at(parent_loc)
-    allowed = list(_without_none(parent).model_fields) if _is_section(_without_none(parent)) else []
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-    prefix = f"{parent_path}." if parent_path else ""
-    what = f"key `{prefix}{key}`" if parent_path else f"section `{key}`"
-    hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
-    where = f"in `{parent_path}`" if parent_path else "sections"
-    return f"unknown {what}{hint}; allowed {where}: {', '.join(allowed)}"
-
-
-def _problem_line(path: str, errors: list[dict[str, Any]], annotation: Any) -> str:
-    first = errors[0]
-    if first["type"] == "missing":
-        return f"`{path}` is required"
-    if first["type"] in ("value_error", "assertion_error"):
-        message = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        return message if _is_section(annotation) else f"`{path}`: {message}"
-    if len(errors) > 1 or _is_section(annotation):
-        expected = _describe(annotation)
-    else:
-        expected = first["msg"].removeprefix("Input should be ")
-        expected = f"a value {expected}" if expected.startswith(("greater", "less")) else expected
-    return f"`{path}`: got {_shown(first['input'])}, expected {expected}"
-
-
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """All problems of one validation, one line each, starting with the config file's name."""
-    lines: list[str] = []
-    by_path: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
-    for item in error.errors(include_url=False):
-        if item["type"] == "extra_forbidden":
-            lines.append(unknown_key_line(item["loc"]))
-        else:
-            path, annotation = _field_at(item["loc"])
-            by_path.setdefault(path, (annotation, []))[1].append(item)
-    lines += [_problem_line(path, items, annotation) for path, (annotation, items) in by_path.items()]
-    return _problems_text(source, lines)
-
-
-def _problems_text(source: str, lines: list[str]) -> str:
-    lines = list(dict.fromkeys(lines))
-    plural = "s" if len(lines) > 1 else ""
-    return f"{source}: invalid config ({len(lines)} problem{plural}):\n" + "\n".join(f"  - {x}" for x in lines)
-
-
-def _yaml_error_text(error: yaml.YAMLError, path: Path) -> str:
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error)
-    context = getattr(error, "context", None)
-    detail = f"{problem} ({context})" if context else problem
-    if mark is None:
-        return f"{path}: YAML syntax error: {detail}"
-    line, column = mark.line + 1, mark.column + 1
-    return f"{path}:{line}:{column}: YAML syntax error at line {line}, column {column}: {detail}"
-
 
 # ------------------------------------------------------------------------------------ loading
 
@@ -409,11 +293,11 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise UserError(_yaml_error_text(exc, path)) from None
+        raise UserError(yaml_error_text(exc, path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read config file {path}: {exc}") from None
     if not isinstance(data, dict):
-        got = "an empty file" if data is None else _shown(data)
+        got = "an empty file" if data is None else shown(data)
         raise UserError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
                         f"got {got}")
     return data
@@ -437,11 +321,11 @@ def _override_parts(text: str) -> tuple[list[str], Any]:
         field = section.model_fields.get(part)
         if field is None:
             break  # unknown: validation reports it with a did-you-mean
-        if _is_section(field.annotation):
+        if is_section(field.annotation):
             section = field.annotation
             continue
         rest = parts[index + 1:]
-        if rest and get_origin(_without_none(field.annotation)) is dict:
+        if rest and get_origin(without_none(field.annotation)) is dict:
             return [*parts[:index + 1], ".".join(rest)], value
         if rest:
             raise UserError(f"bad override {text!r}: `{'.'.join(parts[:index + 1])}` is a value, not a "
@@ -457,7 +341,7 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: st
             node[part] = {}
         if not isinstance(node[part], dict):
             raise UserError(f"bad override {text!r}: `{'.'.join(parts[:depth + 1])}` in the file is "
-                            f"{_shown(node[part])}, not a mapping, so it has no key `{parts[depth + 1]}`")
+                            f"{shown(node[part])}, not a mapping, so it has no key `{parts[depth + 1]}`")
         node = node[part]
     node[parts[-1]] = value
 
@@ -466,7 +350,7 @@ def _validated(data: Mapping[str, Any], source: str) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc, source)) from None
+        raise UserError(format_validation_error(exc, source, TrainConfig)) from None
 
 
 def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> TrainConfig:
@@ -547,7 +431,7 @@ def folder_problems(config: TrainConfig) -> list[str]:
 def _check_folders(config: TrainConfig, source: str) -> None:
     problems = folder_problems(config)
     if problems:
-        raise UserError(_problems_text(source, problems))
+        raise UserError(problems_text(source, problems))
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

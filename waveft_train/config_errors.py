@@ -1,0 +1,132 @@
+"""Config problems in words a YAML writer understands: one line per problem, naming the dotted key.
+
+pydantic reports errors by location tuples and type codes; these helpers turn them into lines such as
+"`train.max_steps`: got True (bool), expected a valid integer" or "unknown key `train.max_step` (did you mean
+`train.max_steps`?)", and YAML syntax errors into file:line:column messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+
+def is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def without_none(annotation: Any) -> Any:
+    """`X | None` -> X, so list indexes and dict keys in error locations can be followed."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def field_at(root: type[BaseModel], loc: Sequence[Any]) -> tuple[str, Any]:
+    """Dotted path (`train.max_steps`, `validation.prompts[1]`) and annotation of a pydantic error location below
+    the model `root`; stops at union-member tags, which pydantic adds to locations but users never wrote."""
+    annotation: Any = root
+    path = ""
+    for part in loc:
+        inner = without_none(annotation)
+        if is_section(inner) and part in inner.model_fields:
+            annotation = inner.model_fields[part].annotation
+            path = f"{path}.{part}" if path else str(part)
+        elif isinstance(part, int) and get_origin(inner) is list:
+            annotation, path = get_args(inner)[0], f"{path}[{part}]"
+        elif get_origin(inner) is dict and part != "[key]":
+            annotation, path = get_args(inner)[1], f"{path}[{part!r}]"
+        else:
+            break
+    return path, annotation
+
+
+def describe(annotation: Any) -> str:
+    """What a type accepts, in words a YAML writer understands."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return describe(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin is list:
+        return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return f"a mapping of {describe(args[0])} to {describe(args[1])}"
+    if is_section(annotation):
+        return "a mapping with keys " + ", ".join(annotation.model_fields)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def shown(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def unknown_key_line(root: type[BaseModel], loc: Sequence[Any]) -> str:
+    """`unknown key train.learning_rat (did you mean train.learning_rate?)` plus the allowed keys."""
+    *parent_loc, key = loc
+    parent_path, parent = field_at(root, parent_loc)
+    allowed = list(without_none(parent).model_fields) if is_section(without_none(parent)) else []
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    prefix = f"{parent_path}." if parent_path else ""
+    what = f"key `{prefix}{key}`" if parent_path else f"section `{key}`"
+    hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+    where = f"in `{parent_path}`" if parent_path else "sections"
+    return f"unknown {what}{hint}; allowed {where}: {', '.join(allowed)}"
+
+
+def _problem_line(path: str, errors: list[dict[str, Any]], annotation: Any) -> str:
+    first = errors[0]
+    if first["type"] == "missing":
+        return f"`{path}` is required"
+    if first["type"] in ("value_error", "assertion_error"):
+        message = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        return message if is_section(annotation) else f"`{path}`: {message}"
+    if len(errors) > 1 or is_section(annotation):
+        expected = describe(annotation)
+    else:
+        expected = first["msg"].removeprefix("Input should be ")
+        expected = f"a value {expected}" if expected.startswith(("greater", "less")) else expected
+    return f"`{path}`: got {shown(first['input'])}, expected {expected}"
+
+
+def format_validation_error(error: ValidationError, source: str, root: type[BaseModel]) -> str:
+    """All problems of one validation of `root`, one line each, starting with the config file's name."""
+    lines: list[str] = []
+    by_path: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
+    for item in error.errors(include_url=False):
+        if item["type"] == "extra_forbidden":
+            lines.append(unknown_key_line(root, item["loc"]))
+        else:
+            path, annotation = field_at(root, item["loc"])
+            by_path.setdefault(path, (annotation, []))[1].append(item)
+    lines += [_problem_line(path, items, annotation) for path, (annotation, items) in by_path.items()]
+    return problems_text(source, lines)
+
+
+def problems_text(source: str, lines: list[str]) -> str:
+    lines = list(dict.fromkeys(lines))
+    plural = "s" if len(lines) > 1 else ""
+    return f"{source}: invalid config ({len(lines)} problem{plural}):\n" + "\n".join(f"  - {x}" for x in lines)
+
+
+def yaml_error_text(error: yaml.YAMLError, path: Path) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    if mark is None:
+        return f"{path}: YAML syntax error: {detail}"
+    line, column = mark.line + 1, mark.column + 1
+    return f"{path}:{line}:{column}: YAML syntax error at line {line}, column {column}: {detail}"
