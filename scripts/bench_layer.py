@@ -440,6 +440,7 @@ def main(argv=None) -> dict:
         args.json.write_text(json.dumps(results, indent=2))
     return results
 
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()

@@ -37,11 +37,6 @@ def default_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def default_folder_mode() -> int:
-    """The mode `mkdir` gives a new folder: 0o777 minus the umask."""
-    return 0o777 & ~current_umask()
-
-
 def apply_default_permissions(root: Path) -> None:
     """Give `root` and everything below it the modes of normally created files and folders.
 

@@ -28,7 +28,6 @@ from waveft_train.params import adapter_on_meta_unet
 logger = logging.getLogger(__name__)
 
 
-
 # ----------------------------------------------------------------------------------------------- training
 @dataclass
 class Session:
