@@ -7,6 +7,7 @@ median over rounds of the per-round time ratio new/old (and each against the fro
 Usage:
     python scripts/bench_ab.py HEAD~1                 # the three SDXL shapes of bench_layer.py
     python scripts/bench_ab.py main --shapes 2 --rounds 41
+    python scripts/bench_ab.py main --shapes 2 --cold  # caches evicted before every step, as inside a UNet step
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_layer import SHAPES, round_order, waveft_config  # noqa: E402
+from bench_layer import SHAPES, median_ratio, time_interleaved, waveft_config  # noqa: E402
 
 
 def import_old(ref: str, into: Path):
@@ -56,6 +56,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-frequency", type=int, default=2592)
     parser.add_argument("--family", default="db1")
     parser.add_argument("--shapes", nargs="*", type=int, help="indices into bench_layer's shape table")
+    parser.add_argument("--cold", action="store_true", help="evict the CPU caches before every timed step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from waveft_train.waveft.layer import WaveFTLinear as New
@@ -81,23 +82,12 @@ def main(argv=None) -> None:
                     parameter.grad = None
                 module(x).backward(grad)
 
-            times = {label: [] for label in modules}
-            for module in modules.values():
-                step(module), step(module)
-            labels = list(modules)
-            for round_index in range(args.rounds):
-                for label in round_order(labels, round_index):
-                    start = time.perf_counter()
-                    step(modules[label])
-                    times[label].append(time.perf_counter() - start)
+            times = time_interleaved(lambda label: step(modules[label]), list(modules), args.rounds, cold=args.cold)
 
-            def ratio(a, b):
-                return statistics.median(x / y for x, y in zip(times[a], times[b]))
-
+            old, new = median_ratio(times, "old", "frozen"), median_ratio(times, "new", "frozen")
             print(
                 f"{names[index]}: frozen {statistics.median(times['frozen']) * 1e3:.3f} ms, "
-                f"old x{ratio('old', 'frozen'):.3f}, new x{ratio('new', 'frozen'):.3f} frozen; "
-                f"new/old {ratio('new', 'old'):.3f}"
+                f"old x{old:.3f}, new x{new:.3f} frozen; new/old {median_ratio(times, 'new', 'old'):.3f}"
             )
 
 

@@ -40,6 +40,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -186,13 +187,14 @@ class CacheFlusher:
 
 
 def time_interleaved(
-    setup: Setup, methods, rounds: int, device: str, quiet_wait: float = 0.0, cold: bool = False
+    step: Callable[[str], None], methods, rounds: int, device: str = "cpu", quiet_wait: float = 0.0, cold: bool = False
 ) -> dict[str, list[float]]:
+    """Seconds per `step(method)`, each method once per round in a shuffled order (after two warm-up steps each)."""
     flush = CacheFlusher(device) if cold else (lambda: None)
     times: dict[str, list[float]] = {method: [] for method in methods}
     for method in methods:  # warm-up: allocator, lazy init, caches
         for _ in range(2):
-            setup.step(method)
+            step(method)
     synchronize(device)
     for round_index in range(rounds):
         wait_until_quiet(quiet_wait)
@@ -200,18 +202,22 @@ def time_interleaved(
             flush()
             synchronize(device)
             start = time.perf_counter()
-            setup.step(method)
+            step(method)
             synchronize(device)
             times[method].append(time.perf_counter() - start)
     return times
 
 
+def median_ratio(times: dict[str, list[float]], method: str, reference_method: str) -> float:
+    """The median over rounds of method's time / reference_method's time in the same round."""
+    return statistics.median(a / b for a, b in zip(times[method], times[reference_method]))
+
+
 def summarize(times: dict[str, list[float]], reference_method: str = "frozen") -> dict[str, dict]:
-    base = times[reference_method]
     return {
         method: {
             "median_ms": round(statistics.median(values) * 1e3, 3),
-            "ratio_to_frozen": round(statistics.median(v / b for v, b in zip(values, base)), 3),
+            "ratio_to_frozen": round(median_ratio(times, method, reference_method), 3),
         }
         for method, values in times.items()
     }
@@ -268,7 +274,7 @@ def calibrate(args) -> dict:
         for tokens in CALIBRATION_TOKENS:
             args.family = family
             setup = build((tokens, in_features, out_features), ["ours-merged", "ours-factorized"], args.device, args)
-            times = time_interleaved(setup, ["ours-merged", "ours-factorized"], args.rounds, args.device,
+            times = time_interleaved(setup.step, ["ours-merged", "ours-factorized"], args.rounds, args.device,
                                      args.quiet_wait, args.cold)
             summary = summarize(times, "ours-merged")
             transform = setup.modules["ours-merged"].layer.waveft_transform["default"]
@@ -410,7 +416,7 @@ def main(argv=None) -> dict:
     setups = {}
     for name in chosen:  # all timing first: the memory phase changes how malloc behaves
         setups[name] = build(SHAPES[name], methods, args.device, args)
-        summary = summarize(time_interleaved(setups[name], methods, args.rounds, args.device, args.quiet_wait, args.cold))
+        summary = summarize(time_interleaved(setups[name].step, methods, args.rounds, args.device, args.quiet_wait, args.cold))
         summary["ours_vs_reference_speedup"] = round(summary["reference"]["median_ms"] / summary["ours"]["median_ms"], 2)
         summary["ours_vs_lora_time"] = round(summary["ours"]["median_ms"] / summary["lora"]["median_ms"], 3)
         results["shapes"][name] = summary
