@@ -107,8 +107,12 @@ def _patch_weight(weight: torch.Tensor, spectra: Sequence[torch.Tensor], plan: _
         for spectrum, transform, scaling in zip(spectra, plan.transforms, plan.scalings):
             if in_place:
                 saved.append((flat, transform.patch_index, flat.take(transform.patch_index)))
-            entries = transform.patch_entries(_cast(spectrum, accumulate) * scaling)
-            flat.index_add_(0, transform.patch_index, _cast(entries, flat.dtype))
+            if flat.dtype == accumulate:  # scaled by index_add_ itself: one elementwise pass fewer
+                entries = transform.patch_entries(_cast(spectrum, accumulate))
+                flat.index_add_(0, transform.patch_index, entries, alpha=scaling)
+            else:  # scaled before rounding to the matmul dtype, as the merged inference weights are
+                entries = transform.patch_entries(_cast(spectrum, accumulate) * scaling)
+                flat.index_add_(0, transform.patch_index, _cast(entries, flat.dtype))
     except BaseException:
         _restore_weight(saved)
         raise
@@ -148,7 +152,7 @@ def sampled_products(
     if kernel == "csr":
         pattern = transform.slot_matrix(None, like=rows_t)
         values = torch.sparse.sampled_addmm(pattern, rows_t, cols_t.t(), beta=0.0, alpha=scaling).values()
-        return torch.empty_like(values).index_copy_(0, transform.csr_coefficient, values)
+        return values.index_select(0, transform.csr_position)
     if kernel != "gather":
         raise ValueError(f"unknown sampled-product kernel {kernel!r}; use auto, dense, csr or gather")
     chunk = max(1, GATHER_CHUNK_ELEMENTS // max(1, rows_t.shape[1]))

@@ -253,8 +253,9 @@ class SparseIDWT(nn.Module):
             crow = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(major, minlength=width).cumsum(0)])
             self.register_buffer(f"{name}_crow", crow.int(), persistent=False)
             self.register_buffer(f"{name}_col", minor[order].int(), persistent=False)
-            # int64 for M's: the spectrum gradient goes back to coefficient order with index_copy_, which needs it
-            self.register_buffer(f"{name}_coefficient", order if name == "csr" else order.int(), persistent=False)
+            self.register_buffer(f"{name}_coefficient", order.int(), persistent=False)
+            if name == "csr":  # where each coefficient sits in M's CSR values: the spectrum gradient's gather
+                self.register_buffer("csr_position", torch.argsort(order).int(), persistent=False)
         # Blocks must reach past the filter overlap (taps − stride ≤ stride·block_slots): transposed synthesis.
         block_slots = max(BLOCK_SLOTS, -(-(self.taps - 1) // 2))
         self.register_buffer("row_block", self.rows.block_matrix(filters.float(), block_slots), persistent=False)
