@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from waveft_train import run
 from waveft_train.config import load_config
+from waveft_train.outputs import model_card
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -333,6 +334,26 @@ def test_extra_trainable_parameters_train_in_float32(tiny_model_dir):
     assert all(torch.allclose(b - p.detach(), torch.full_like(p, 1e-3), atol=1e-6) for b, p in zip(before, biases))
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({}, []),
+        ({"waveft.wavelet_family": "db10"}, []),
+        ({"waveft.wavelet_family": "db11"}, ["stock peft does not reproduce this adapter"]),
+        ({"waveft.wavelet_family": "coif4"}, ["stock peft does not reproduce this adapter"]),
+        ({"waveft.wavelet_family": "coif6", "waveft.use_idwt": False}, []),  # without the IDWT no filter is used
+        ({"waveft.bias": "waveft_only", "waveft.wavelet_family": "sym11"}, ["stock peft drops", "stock peft does not"]),
+    ],
+)
+def test_what_stock_peft_would_not_reproduce_is_named_in_the_card(tmp_path, overrides, expected):
+    config = load_config(DEMO, fast_overrides(tmp_path / "run", tmp_path / "class", **overrides))
+    caveats = run.stock_peft_caveats(config)
+    assert len(caveats) == len(expected) and all(part in caveat for part, caveat in zip(expected, caveats))
+    card = model_card(config, base_model="tiny", trainable_params=1, steps=1, has_samples=False)
+    assert all(f"**Note:** {caveat}" in card for caveat in caveats)
+    assert ("**Note:**" in card) == bool(caveats)
+
+
 def test_waveft_only_bias_warns_at_start_and_in_the_card(tmp_path, class_dir, caplog):
     """Stock peft drops waveft_bias keys without an error, so the user is told when training starts and in the card."""
     logger = logging.getLogger("waveft_train")  # the CLI's logger may not propagate to caplog's root handler
@@ -343,6 +364,6 @@ def test_waveft_only_bias_warns_at_start_and_in_the_card(tmp_path, class_dir, ca
     finally:
         logger.removeHandler(caplog.handler)
     assert any("waveft_only" in r.getMessage() and "stock peft drops" in r.getMessage() for r in caplog.records)
-    assert "stock peft ignores" in (output_dir / "adapter" / "README.md").read_text()
+    assert "which stock peft drops without an error" in (output_dir / "adapter" / "README.md").read_text()
     keys = load_file(output_dir / "adapter" / "adapter_model.safetensors").keys()
     assert any(key.endswith(".waveft_bias") for key in keys)

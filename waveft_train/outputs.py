@@ -102,15 +102,28 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def stock_peft_caveats(config: TrainConfig) -> list[str]:
+    """Why stock peft would not reproduce this run's adapter, if it would not (warned at the start, and in the card)."""
+    from waveft_train.waveft import STOCK_PEFT_FAMILIES_TEXT, stock_peft_reproduces_family
+
+    load_with_us = ("Load it with waveft-train (`waveft-train sample`, or `waveft_train.waveft.register()` before "
+                    "`PeftModel.from_pretrained`), or export it merged (`waveft-train export`).")
+    caveats = []
+    if config.waveft.bias == "waveft_only":
+        caveats.append("this adapter trains a `waveft_bias` per layer (`waveft.bias: waveft_only`), which stock peft "
+                       f"drops without an error when it loads the adapter. {load_with_us}")
+    if config.waveft.use_idwt and not stock_peft_reproduces_family(config.waveft.wavelet_family):
+        caveats.append(f"stock peft does not reproduce this adapter: its WaveFT has correct filters only for the "
+                       f"wavelet families {STOCK_PEFT_FAMILIES_TEXT}, and fails on `{config.waveft.wavelet_family}` "
+                       f"or gives other outputs. {load_with_us}")
+    return caveats
+
+
 def model_card(config: TrainConfig, *, base_model: str, trainable_params: int, steps: int, has_samples: bool) -> str:
     """README.md of the final adapter: what it is, how it was trained, how to load it with stock peft."""
     waveft = config.waveft
     samples = "\n![Validation samples: base model left, adapter right](samples.png)\n" if has_samples else ""
-    bias_note = (
-        "**Note:** this adapter trains a `waveft_bias` per layer (`waveft.bias: waveft_only`), which stock peft "
-        "ignores; load it with waveft-train (`waveft-train sample`, or `waveft_train.waveft.register()` before "
-        "`PeftModel.from_pretrained`).\n\n" if waveft.bias == "waveft_only" else ""
-    )
+    notes = "".join(f"**Note:** {note}\n\n" for note in stock_peft_caveats(config))
     prompts = "\n".join(f"- `{prompt}`" for prompt in config.validation.prompts) or "- (none)"
     return f"""---
 library_name: peft
@@ -151,5 +164,5 @@ pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/adapter")
 image = pipe("{config.data.instance_prompt}", num_inference_steps=25).images[0]
 ```
 
-{bias_note}Or: `waveft-train sample --adapter path/to/this/adapter --prompt "{config.data.instance_prompt}" --out grid.png`.
+{notes}Or: `waveft-train sample --adapter path/to/this/adapter --prompt "{config.data.instance_prompt}" --out grid.png`.
 """

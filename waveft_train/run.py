@@ -22,7 +22,7 @@ from waveft_train.config import TrainConfig, dump_config
 from waveft_train.errors import UserError
 from waveft_train.files import atomic_write_text, save_png_atomically, write_atomically
 from waveft_train.models import DTYPES
-from waveft_train.outputs import MetricsLog, clear_previous_run, holds_other_run, validate_inputs
+from waveft_train.outputs import MetricsLog, clear_previous_run, holds_other_run, stock_peft_caveats, validate_inputs
 from waveft_train.params import adapter_on_meta_unet
 
 logger = logging.getLogger(__name__)
@@ -66,12 +66,8 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
 
     accelerator = make_accelerator(config, output_dir)
     if accelerator.is_main_process:
-        if config.waveft.bias == "waveft_only":
-            logger.warning(
-                "waveft.bias is waveft_only: each adapted layer trains a waveft_bias that stock peft drops without an "
-                "error when it loads the adapter. Load it with waveft-train (waveft-train sample, or "
-                "waveft_train.waveft.register() before PeftModel.from_pretrained), or export it merged."
-            )
+        for caveat in stock_peft_caveats(config):
+            logger.warning(caveat[0].upper() + caveat[1:])
     torch.manual_seed(config.train.seed)
 
     components = load_components(

@@ -10,10 +10,18 @@ from peft.utils import PeftType
 
 from .layer import WaveFTLayer, WaveFTLinear
 from .model import WaveFTModel
-from .transform import ALLOWED_FAMILIES_TEXT, SparseIDWT, coefficient_locations, is_supported_family
+from .transform import (
+    ALLOWED_FAMILIES_TEXT,
+    STOCK_PEFT_FAMILIES_TEXT,
+    SparseIDWT,
+    coefficient_locations,
+    is_supported_family,
+    stock_peft_reproduces_family,
+)
 
 __all__ = [
     "ALLOWED_FAMILIES_TEXT",
+    "STOCK_PEFT_FAMILIES_TEXT",
     "SparseIDWT",
     "WaveFTConfig",
     "WaveFTLayer",
@@ -23,6 +31,7 @@ __all__ = [
     "is_registered",
     "is_supported_family",
     "register",
+    "stock_peft_reproduces_family",
     "unregister",
 ]
 
