@@ -284,6 +284,23 @@ def test_params_reports_layers_and_lora_rank():
     assert "LoRA with the same budget: rank 2.00" in text  # 16384 / (64 * (64 + 64))
 
 
+def test_params_applies_n_frequency_pattern_and_refuses_keys_that_match_nothing():
+    from waveft_train.errors import UserError
+    from waveft_train.params import describe_parameters
+
+    pattern = "waveft.n_frequency_pattern={attn2.to_k: 16, down_blocks.1.attentions.0.*: 32}"
+    rows = [line.split() for line in describe_parameters(load_config(DEMO, [pattern])).splitlines()
+            if line.startswith(("down_blocks", "up_blocks", "mid_block"))]
+    sizes = {name: int(n) for name, _, n in rows}
+    for name, n in sizes.items():  # peft's rule: a key is a regex matched against the end of the layer's name,
+        # and the first key that matches wins
+        expected = 16 if name.endswith("attn2.to_k") else 32 if name.startswith("down_blocks.1.attentions.0.") else 256
+        assert n == expected, name
+    assert sorted(set(sizes.values())) == [16, 32, 256]
+    with pytest.raises(UserError, match=r"key\(s\) 'down_blocks.1.attentions.0' match no adapted layer"):
+        describe_parameters(load_config(DEMO, ["waveft.n_frequency_pattern={down_blocks.1.attentions.0: 16}"]))
+
+
 def test_bf16_weights_and_mixed_precision_train_and_sample(tmp_path, class_dir):
     """The default real-SDXL precision (bf16 weights, bf16 autocast, fp32 VAE and spectrum) runs end to end."""
     output_dir = train(tmp_path / "run", class_dir, **{"model.dtype": "bf16", "train.mixed_precision": "bf16",

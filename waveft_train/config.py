@@ -125,6 +125,17 @@ class WaveFTSection(_Section):
             raise ValueError("must name at least one module (a list of names, or one regex string)")
         return value
 
+    @field_validator("target_modules", "exclude_modules", "layers_pattern", "n_frequency_pattern")
+    @classmethod
+    def _valid_regexes(cls, value: Any) -> Any:
+        """peft reads a string here, and every pattern key, as a regular expression."""
+        for pattern in [value] if isinstance(value, str) else value if isinstance(value, dict) else []:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+        return value
+
     @model_validator(mode="after")
     def _peft_cross_checks(self) -> WaveFTSection:
         """The same combinations peft refuses, caught before any model is loaded."""
@@ -135,6 +146,9 @@ class WaveFTSection(_Section):
             raise ValueError("waveft.layers_pattern cannot be used when waveft.target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("waveft.layers_pattern needs waveft.layers_to_transform as well")
+        if self.proportional_parameters and self.n_frequency_pattern:
+            raise ValueError("waveft.n_frequency_pattern has no effect when waveft.proportional_parameters is true "
+                             "(peft then sizes every layer by its d_in·d_out); use one or the other")
         return self
 
     def peft_kwargs(self) -> dict[str, Any]:

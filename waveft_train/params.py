@@ -37,7 +37,24 @@ def adapter_on_meta_unet(config: TrainConfig):
             inject_adapter_in_model(WaveFTConfig(**config.waveft.peft_kwargs()), unet)
         except (ValueError, TypeError) as error:
             raise UserError(f"The waveft section does not fit the UNet of {config.model.pretrained}: {error}") from None
+    check_pattern_keys(config, [name for name, module in unet.named_modules() if isinstance(module, waveft.WaveFTLayer)])
     return unet
+
+
+def check_pattern_keys(config: TrainConfig, adapted: list[str]) -> None:
+    """Every n_frequency_pattern key must set some layer's n_frequency: peft skips a key that matches nothing."""
+    from peft.utils.other import get_pattern_key
+
+    unmatched = [key for key in config.waveft.n_frequency_pattern if not any(get_pattern_key([key], name) == key
+                                                                              for name in adapted)]
+    if unmatched:
+        example = adapted[0] if adapted else "none"
+        raise UserError(
+            f"waveft.n_frequency_pattern key(s) {', '.join(map(repr, unmatched))} match no adapted layer of the UNet of "
+            f"{config.model.pretrained}, so they would change nothing. As in peft, a key is a regular expression that "
+            f"must match the end of a layer's name (e.g. {example!r}): 'attn2.to_k' sets every cross-attention to_k, "
+            "'down_blocks.1.attentions.0.*' every layer of one block. `waveft-train params` lists the adapted layers."
+        )
 
 
 def describe_parameters(config: TrainConfig) -> str:
