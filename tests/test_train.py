@@ -301,6 +301,16 @@ def test_params_applies_n_frequency_pattern_and_refuses_keys_that_match_nothing(
         describe_parameters(load_config(DEMO, ["waveft.n_frequency_pattern={down_blocks.1.attentions.0: 16}"]))
 
 
+@pytest.mark.parametrize("dtype, mixed_precision", [("fp16", "fp16"), ("fp16", "bf16"), ("bf16", "fp16")])
+def test_fp16_on_the_cpu_is_refused_before_any_model_loads(tmp_path, class_dir, dtype, mixed_precision):
+    """On the CPU these combinations used to crash at the first step with a dtype mismatch (exit 1)."""
+    from waveft_train.errors import UserError
+
+    with pytest.raises(UserError, match="fp16 needs a GPU.*On the CPU use train.mixed_precision: bf16"):
+        train(tmp_path / "run", class_dir, **{"model.dtype": dtype, "train.mixed_precision": mixed_precision})
+    assert not (tmp_path / "run").exists()
+
+
 def test_bf16_weights_and_mixed_precision_train_and_sample(tmp_path, class_dir):
     """The default real-SDXL precision (bf16 weights, bf16 autocast, fp32 VAE and spectrum) runs end to end."""
     output_dir = train(tmp_path / "run", class_dir, **{"model.dtype": "bf16", "train.mixed_precision": "bf16",

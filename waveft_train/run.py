@@ -156,6 +156,14 @@ def make_accelerator(config: TrainConfig, output_dir: Path):
             InitProcessGroupKwargs(timeout=timedelta(hours=3)),
         ],
     )
+    fp16 = [f"{key}: fp16" for key, value in (("model.dtype", config.model.dtype),
+                                              ("train.mixed_precision", config.train.mixed_precision)) if value == "fp16"]
+    if accelerator.device.type == "cpu" and fp16:
+        raise UserError(
+            f"{' with '.join(fp16)} needs a GPU: on the CPU accelerate runs no fp16 mixed precision and torch's "
+            "autocast does not cover fp16 weights, so the first step would fail. On the CPU use "
+            "train.mixed_precision: bf16 (or no) with model.dtype: bf16 or fp32."
+        )
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
         raise UserError(
             f"This accelerate configuration uses {accelerator.distributed_type.value}, which waveft-train does not "
