@@ -148,6 +148,12 @@ def test_init_writes_a_starter_config_that_loads(tmp_path, capsys):
     cli.main(["init", str(target)])
     assert load_config(target).waveft.n_frequency == 2592
     expect_user_error(["init", target], capsys, "already exists", "--force")
+    nested = tmp_path / "new" / "folders" / "subject.yaml"
+    cli.main(["init", str(nested)])  # missing folders are made, as for every output path
+    assert nested.read_text() == target.read_text()
+    expect_user_error(["init", tmp_path / "new"], capsys, "is a folder", "waveft.yaml")
+    expect_user_error(["init", target / "x.yaml"], capsys, f"The config's folder {target} cannot be used as a folder: "
+                      "it is a file")
 
 
 def test_missing_optional_optimizer_is_named(tmp_path, capsys):
@@ -215,8 +221,12 @@ def test_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
 def test_output_dir_that_is_a_file_is_one_paragraph(tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
-    expect_user_error(["--config", write_config(tmp_path), "--set", f"output.dir={blocker / 'out'}"], capsys,
-                      str(blocker))
+    for output_dir, reason in ((blocker / "out", f"{blocker} is a file"), (blocker, "it is a file")):
+        expect_user_error(["--config", write_config(tmp_path), "--set", f"output.dir={output_dir}"], capsys,
+                          f"output.dir {output_dir} cannot be used as a folder: {reason}")
+    prior = ["--set", "prior.enabled=true", "--set", "prior.class_prompt=a toy", "--set", f"prior.class_dir={blocker / 'class'}"]
+    expect_user_error(["--config", write_config(tmp_path), *prior], capsys,
+                      f"prior.class_dir {blocker / 'class'} cannot be used as a folder: {blocker} is a file")
 
 
 def test_broken_local_model_folder_is_named_without_the_hub_hint(tmp_path, tiny_model_dir):

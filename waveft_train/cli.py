@@ -70,10 +70,14 @@ def init(
 ) -> None:
     """Write a documented starter config."""
     from waveft_train.config import starter_config_text
+    from waveft_train.files import atomic_write_text, make_folder
 
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the path of the config file to write, e.g. {path / 'waveft.yaml'}.")
     if path.exists() and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it or choose another path.")
-    path.write_text(starter_config_text())
+    make_folder(path.parent.absolute(), "The config's folder")
+    atomic_write_text(path, starter_config_text())
     typer.echo(f"Wrote {path}. Edit data.instance_dir and the prompts, then: waveft-train --config {path}")
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from waveft_train.errors import UserError
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where Linux shows it (/proc/self/status, since 4.7).
@@ -83,3 +85,25 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_png_atomically(image, path: Path) -> None:
     """A PIL image as PNG."""
     write_atomically(path, lambda stream: image.save(stream, format="PNG"))
+
+
+def make_folder(path: Path, what: str) -> None:
+    """Create `path` (and its parents) if missing, or fail with one paragraph naming `what` (a config key or option).
+
+    Runs take this early for the folders they will write, so a path that cannot be a folder (a file, a read-only
+    place) fails in seconds rather than after the models have loaded.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(path))
+    except OSError as error:
+        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if file is not None:
+            reason = "it is a file" if file == path else f"{file} is a file"
+        else:
+            culprit = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+            reason = f"{(error.strerror or str(error)).lower()}{culprit}"
+        raise UserError(f"{what} {path} cannot be used as a folder: {reason}. Choose a folder you can write to "
+                        "(it is created if missing).") from None
+

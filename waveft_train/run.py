@@ -20,7 +20,7 @@ import torch
 
 from waveft_train.config import TrainConfig, dump_config
 from waveft_train.errors import UserError
-from waveft_train.files import atomic_write_text, save_png_atomically, write_atomically
+from waveft_train.files import atomic_write_text, make_folder, save_png_atomically, write_atomically
 from waveft_train.models import DTYPES
 from waveft_train.outputs import MetricsLog, clear_previous_run, holds_other_run, stock_peft_caveats, validate_inputs
 from waveft_train.params import adapter_on_meta_unet
@@ -50,6 +50,9 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     output_dir = Path(config.output.dir)
     replace_other_run = holds_other_run(config, force=force)
     validate_inputs(config)
+    make_folder(output_dir, "output.dir")  # empty if new: a path that cannot be a folder fails now, not after loading
+    if config.prior.enabled:
+        make_folder(Path(config.prior.class_dir), "prior.class_dir")
     check_optional_dependencies(config)
     adapter_on_meta_unet(config)  # target_modules and n_frequency checked against the UNet before weights load
     if config.model.vae is not None:
