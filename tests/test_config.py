@@ -122,6 +122,16 @@ def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
     assert "run.yaml:4:1" in message and "line 4, column 1" in message
 
 
+def test_duplicate_keys_are_refused_not_silently_merged(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys; a section written twice would lose the first one's keys."""
+    message = load_error(tmp_path, MINIMAL + "train:\n  max_steps: 5\ntrain:\n  learning_rate: 1.0e-5\n")
+    assert "duplicate key 'train' (first at line" in message and "merge them" in message
+    nested = load_error(tmp_path, MINIMAL + "train:\n  max_steps: 5\n  max_steps: 6\n")
+    assert "duplicate key 'max_steps'" in nested
+    override = load_error(tmp_path, MINIMAL, ("waveft.n_frequency_pattern={to_q: 8, to_q: 9}",))
+    assert "duplicate key 'to_q'" in override and "quote it" not in override
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     assert "top level must be a mapping" in load_error(tmp_path, "- train\n- data\n")
     assert "empty file" in load_error(tmp_path, "# nothing\n")

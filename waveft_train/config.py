@@ -305,7 +305,9 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         state = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise UserError(f"config file {path} {state}; write one with `waveft-train init` or pass --config PATH")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        _refuse_duplicate_keys(text)
     except yaml.YAMLError as exc:
         raise UserError(yaml_error_text(exc, path)) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -315,6 +317,29 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
                         f"got {got}")
     return data
+
+
+def _refuse_duplicate_keys(text: str) -> None:
+    """YAML keeps the last of two equal keys without a word, so a section written twice would lose the first's keys.
+
+    The text is composed into nodes (SafeLoader: no objects are constructed) and every mapping is checked.
+    """
+    pending = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, yaml.Node] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value in first:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"duplicate key {key.value!r} (first at line {first[key.value].start_mark.line + 1}); "
+                                "YAML would silently keep only the last one, so merge them",
+                        problem_mark=key.start_mark)
+                if isinstance(key, yaml.ScalarNode):
+                    first[key.value] = key
+                pending.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
 
 
 def _override_parts(text: str) -> tuple[list[str], Any]:
@@ -327,6 +352,9 @@ def _override_parts(text: str) -> tuple[list[str], Any]:
                         "--set train.learning_rate=5e-5 or --set 'waveft.target_modules=[to_q,to_v]'")
     try:
         value = yaml.safe_load(raw)
+        _refuse_duplicate_keys(raw)
+    except yaml.constructor.ConstructorError as exc:
+        raise UserError(f"bad override {text!r}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"bad override {text!r}: the value is not valid YAML "
                         f"({getattr(exc, 'problem', exc)}); quote it") from None

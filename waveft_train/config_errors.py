@@ -126,7 +126,8 @@ def yaml_error_text(error: yaml.YAMLError, path: Path) -> str:
     problem = getattr(error, "problem", None) or str(error)
     context = getattr(error, "context", None)
     detail = f"{problem} ({context})" if context else problem
+    kind = "YAML problem" if isinstance(error, yaml.constructor.ConstructorError) else "YAML syntax error"
     if mark is None:
-        return f"{path}: YAML syntax error: {detail}"
+        return f"{path}: {kind}: {detail}"
     line, column = mark.line + 1, mark.column + 1
-    return f"{path}:{line}:{column}: YAML syntax error at line {line}, column {column}: {detail}"
+    return f"{path}:{line}:{column}: {kind} at line {line}, column {column}: {detail}"
