@@ -95,8 +95,12 @@ def test_adapter_loads_in_stock_peft_and_changes_the_unet(tmp_path, class_dir):
 
     output_dir = train(tmp_path / "run", class_dir)
     adapter_dir = output_dir / "adapter"
+    from waveft_train.tiny import tiny_model_dir
+
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    assert base == "tiny"  # not this machine's cache folder: the adapter stays usable elsewhere (`sample` resolves it)
+    assert "base_model: tiny" in (adapter_dir / "README.md").read_text()
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir(), subfolder="unet")
     torch.manual_seed(0)
     inputs = (torch.randn(1, 4, 16, 16), torch.tensor([500]))
     kwargs = dict(encoder_hidden_states=torch.randn(1, 77, 64),

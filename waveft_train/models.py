@@ -48,6 +48,9 @@ class SDXLComponents:
     tokenizer_2: CLIPTokenizer
     scheduler: SchedulerMixin  # the model's own (sampling) scheduler, as named in its scheduler_config.json
     model_path: str  # absolute local folder or hub id, as resolved
+    # What adapters record as their base: `tiny` for the embedded model (its cache folder differs from one machine
+    # and user to the next, and every waveft-train resolves the name), else model_path.
+    base_model_name: str
     vae_scaling_factor: float
     vae_force_upcast: bool  # the VAE overflows in fp16 and must decode in fp32 (SDXL's original VAE)
 
@@ -253,6 +256,7 @@ def load_components(
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
         model_path=model_path,
+        base_model_name=TINY_MODEL_NAME if str(pretrained).strip() == TINY_MODEL_NAME else model_path,
         vae_scaling_factor=float(vae_model.config.scaling_factor),
         vae_force_upcast=bool(getattr(vae_model.config, "force_upcast", True)),
     )

@@ -363,7 +363,7 @@ def save_training_checkpoint(session: Session, step: int) -> None:
         try:
             checkpoint.save_checkpoint(
                 session.output_dir, step, unet=accelerator.unwrap_model(session.unet),
-                base_model_name_or_path=session.components.model_path, training_state=state,
+                base_model_name_or_path=session.components.base_model_name, training_state=state,
                 keep=session.config.train.checkpoints_keep,
             )
         except OSError as error:
@@ -429,10 +429,10 @@ def finish(session: Session, result, started: float, trainable: list[torch.nn.Pa
     config, output_dir = session.config, session.output_dir
     trainable_params = sum(p.numel() for p in trainable)
     adapter_dir = output_dir / "adapter"
-    card = model_card(config, base_model=session.components.model_path, trainable_params=trainable_params,
+    card = model_card(config, base_model=session.components.base_model_name, trainable_params=trainable_params,
                       steps=result.step, has_samples=session.last_samples is not None)
     checkpoint.save_adapter(adapter_dir, accelerator.unwrap_model(session.unet),
-                            base_model_name_or_path=session.components.model_path, model_card=card)
+                            base_model_name_or_path=session.components.base_model_name, model_card=card)
     if session.last_samples is not None:
         last = session.last_samples.read_bytes()
         write_atomically(adapter_dir / "samples.png", lambda stream: stream.write(last))
