@@ -333,9 +333,13 @@ def test_without_periodic_checkpoints_a_rerun_resumes_and_max_steps_extends(tmp_
     metrics = (output_dir / "metrics.jsonl").read_text()
     capsys.readouterr()
 
+    saved_config = (output_dir / "config.yaml").read_text()
     train(tmp_path / "run", class_dir, **options)
     assert "already holds the finished run (2 steps)" in capsys.readouterr().out
     assert (output_dir / "metrics.jsonl").read_text() == metrics  # nothing trained again
+    train(tmp_path / "run", class_dir, **{**options, "train.max_steps": 1})  # lowered: nothing to do either
+    assert "already holds the finished run (2 steps)" in capsys.readouterr().out
+    assert (output_dir / "config.yaml").read_text() == saved_config  # still the config of what is in the folder
 
     train(tmp_path / "run", class_dir, **{**options, "train.max_steps": 3})
     assert "Resuming from" in capsys.readouterr().out

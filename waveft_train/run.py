@@ -98,18 +98,19 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
 
     # Only now, with everything loaded and built, is the output folder touched: a run that fails before this
     # point leaves the previous run (even one being replaced with --force) as it was, and no config.yaml behind.
-    if accelerator.is_main_process:
-        if replace_other_run:
-            clear_previous_run(output_dir)
-        atomic_write_text(output_dir / "config.yaml", dump_config(config))
+    if accelerator.is_main_process and replace_other_run:
+        clear_previous_run(output_dir)
     accelerator.wait_for_everyone()
     start_step = resume(session)
     if start_step >= config.train.max_steps and (output_dir / "summary.json").exists():
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # config.yaml stays as the finished run wrote it (its max_steps)
             print(f"{output_dir} already holds the finished run ({start_step} steps); nothing to do. Raise "
                   "train.max_steps to train further.", flush=True)
         accelerator.end_training()
         return output_dir
+    if accelerator.is_main_process:
+        atomic_write_text(output_dir / "config.yaml", dump_config(config))
+    accelerator.wait_for_everyone()
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", start_step) if accelerator.is_main_process else None
     if accelerator.is_main_process and config.train.report_to == "tensorboard":
         accelerator.init_trackers("waveft-train")
