@@ -87,6 +87,16 @@ def test_demo_end_to_end_writes_exactly_the_layout(tmp_path, class_dir, tiny_mod
     assert "n_frequency | 128" in card and "PeftModel.from_pretrained" in card
 
 
+def test_metrics_lines_have_the_same_keys_and_the_last_step_is_always_logged(tmp_path, class_dir):
+    output_dir = train(tmp_path / "run", class_dir, **{"prior.enabled": False, "train.log_every": 2,
+                                                       "train.max_steps": 3, "validation.every": 0})
+    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 3]  # every log_every steps, and the final one
+    assert all(list(m) == ["step", "loss", "instance_loss", "prior_loss", "lr", "grad_norm", "seconds"] for m in metrics)
+    assert all(m["prior_loss"] is None for m in metrics)  # no prior preservation: null, not a missing key
+    assert json.loads((output_dir / "summary.json").read_text())["final_loss"] == metrics[-1]["loss"]
+
+
 def test_adapter_loads_in_stock_peft_and_changes_the_unet(tmp_path, class_dir):
     from diffusers import UNet2DConditionModel
     from peft import PeftModel

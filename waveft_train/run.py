@@ -120,10 +120,10 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     input_dtype = torch.float32 if config.train.mixed_precision != "no" else DTYPES[config.model.dtype]
 
     def after_step(step: int, metrics: dict) -> None:
-        if accelerator.is_main_process and step % config.train.log_every == 0:
-            metrics_log.write({"step": step, **metrics})
+        if accelerator.is_main_process and (step % config.train.log_every == 0 or step == config.train.max_steps):
+            metrics_log.write({"step": step, **metrics})  # the last step always: summary.json's final_loss is there
             if config.train.report_to == "tensorboard":
-                accelerator.log(metrics, step=step)
+                accelerator.log({name: value for name, value in metrics.items() if value is not None}, step=step)
         if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < config.train.max_steps:
             save_training_checkpoint(session, step)
         if config.validation.every and step % config.validation.every == 0 and step < config.train.max_steps:

@@ -149,6 +149,7 @@ def train_loop(
         step += 1
 
         reduced = {name: accelerator.reduce(value.reshape(1), reduction="mean").item() for name, value in totals.items()}
+        reduced.setdefault("prior_loss", None)  # every line has the same keys; null without prior preservation
         seconds = time.perf_counter() - started
         step_seconds.append(seconds)
         metrics = {**reduced, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "seconds": seconds}
@@ -171,7 +172,8 @@ def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
 
 def _diverged_message(step: int, what: str, value: float) -> str:
     return (
-        f"Training diverged at step {step}: the {what} is {value}. The run stopped; the newest checkpoint under "
-        "checkpoints/ is the last good state and rerunning resumes from it. Lower train.learning_rate or "
-        "waveft.scaling, use train.mixed_precision: bf16 instead of fp16, or set a model.vae that is fp16-safe."
+        f"Training diverged at step {step}: the {what} is {value}. The run stopped; rerunning resumes from the "
+        "newest checkpoint under checkpoints/, the last good state (or starts over if none was written yet). Lower "
+        "train.learning_rate or waveft.scaling, use train.mixed_precision: bf16 instead of fp16, or set a model.vae "
+        "that is fp16-safe."
     )
