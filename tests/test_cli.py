@@ -88,7 +88,9 @@ def test_corrupt_image_is_named(tmp_path, capsys):
         ("waveft.n_frequency=0", ("waveft.n_frequency",)),
         ("waveft.n_frequency=5000", ("n_frequency=5000", "64x64", "1 to 4096", "to_q")),
         ("waveft.wavelet_family=db99", ("db99", "db1-db38")),
-        ("waveft.target_modules=[to_z]", ("to_z", "matched no module", "to_out.0")),
+        ("waveft.target_modules=[to_z]", ("to_z", "matched no module", "Names in a list match the end", "to_out.0")),
+        ("waveft.target_modules=to_q", ("'to_q' matched no module", "A string is a regular expression that must match "
+                                        "a whole module path")),
         ("model.pretrained=someone/no-such-model", ("someone/no-such-model", "model.pretrained", "Offline mode is on")),
         ("model.pretrained=/no/such/folder", ("/no/such/folder",)),
         ("model.vae=/no/such/vae", ("/no/such/vae", "VAE")),

@@ -637,6 +637,7 @@ def test_explicit_base_that_does_not_exist_is_a_user_error(adapter_dir, tmp_path
     ("extra", "out_name", "expected"),
     [
         ([], "grid.png", "No prompt given"),
+        (["-p", "a dog", "-p", "  "], "grid.png", "is blank: an empty prompt makes an unconditioned image"),
         (["--prompts-file", "{tmp}/missing.txt"], "grid.png", "missing.txt"),
         (["--prompts-file", "{tmp}/empty.txt"], "grid.png", "empty.txt has only blank lines and # comments"),
         (["--prompts-file", "{tmp}/zero.txt"], "grid.png", "zero.txt is empty, so it gives no prompts"),

@@ -77,6 +77,9 @@ def sample(
     prompts = list(prompt or []) + (_read_prompts(prompts_file) if prompts_file is not None else [])
     if not prompts:
         raise UserError("No prompt given. Pass --prompt \"a photo of sks dog\" (repeatable) or --prompts-file FILE.")
+    if any(not text.strip() for text in prompt or []):
+        raise UserError("--prompt \"\" is blank: an empty prompt makes an unconditioned image, not the subject. Give "
+                        "the text, e.g. --prompt \"a photo of sks dog\".")
     for name, value in (("--height", height), ("--width", width)):
         if value is not None and value % 8:
             raise UserError(f"{name} {value} is not a multiple of 8, as SDXL requires; e.g. use {value - value % 8}.")

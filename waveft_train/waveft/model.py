@@ -56,10 +56,15 @@ class WaveFTModel(BaseTuner):
             linear_names = [name for name, module in model.named_modules() if _linear_dims(module) is not None]
             endings = sorted({_short_name(name) for name in linear_names})
             shown = ", ".join(endings[:16]) + (", ..." if len(endings) > 16 else "")
+            rule = (
+                "A string is a regular expression that must match a whole module path (e.g. '.*attn1.to_q')"
+                if isinstance(config.target_modules, str)
+                else "Names in a list match the end of a module path"
+            )
             raise NoMatchingPeftModuleError(
                 f"WaveFT target_modules {_pattern_text(config.target_modules)} matched no module of the model "
                 f"(exclude_modules={_pattern_text(config.exclude_modules)}, "
-                f"layers_to_transform={config.layers_to_transform}). Target names match the end of a module path; "
+                f"layers_to_transform={config.layers_to_transform}). {rule}; "
                 f"the model's {len(linear_names)} Linear modules end in: {shown or 'none'} "
                 f"(e.g. {linear_names[0] if linear_names else 'none'})."
             ) from error
