@@ -106,4 +106,3 @@ def make_folder(path: Path, what: str) -> None:
             reason = f"{(error.strerror or str(error)).lower()}{culprit}"
         raise UserError(f"{what} {path} cannot be used as a folder: {reason}. Choose a folder you can write to "
                         "(it is created if missing).") from None
-

@@ -96,8 +96,9 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
         unet, optimizer = accelerator.prepare(unet, optimizer)
     session = Session(config, output_dir, accelerator, components, unet, optimizer, lr_scheduler)
 
-    # Only now, with everything loaded and built, is the output folder touched: a run that fails before this
-    # point leaves the previous run (even one being replaced with --force) as it was, and no config.yaml behind.
+    # Only now, with everything loaded and built, is anything in the output folder touched (up front it was only
+    # made, if missing): a run that fails before this point leaves the previous run (even one being replaced with
+    # --force) as it was, and no config.yaml behind.
     if accelerator.is_main_process and replace_other_run:
         clear_previous_run(output_dir)
     accelerator.wait_for_everyone()
