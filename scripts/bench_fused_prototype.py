@@ -128,8 +128,9 @@ def fused_spectrum_grads(extension, variant: str):
             if not need:
                 grads.append(None)
                 continue
-            if transform.family not in ("db1", "haar") or g.dtype != torch.float32:
-                raise SystemExit("the prototype kernel covers db1 in float32 only")
+            even = transform.rows.crop == transform.cols.crop == 0 and g.shape[1] % 2 == x.shape[1] % 2 == 0
+            if transform.family not in ("db1", "haar") or g.dtype != torch.float32 or not even:
+                raise SystemExit("the prototype kernel covers db1 in float32 on even-sized layers only")
             grads.append(
                 extension.haar_sampled(
                     g.contiguous(), x.contiguous(), transform.row_slot, transform.col_slot, transform.filters,
