@@ -45,6 +45,16 @@ def expect_user_error(args, capsys, *fragments: str) -> str:
     return message
 
 
+def test_version(capsys):
+    from importlib.metadata import version
+
+    try:
+        cli.main(["--version"])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None)
+    assert capsys.readouterr().out == f"waveft-train {version('waveft-train')}\n"
+
+
 def test_missing_config_file(tmp_path, capsys):
     expect_user_error(["--config", tmp_path / "nope.yaml"], capsys, "nope.yaml", "does not exist")
 

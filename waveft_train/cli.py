@@ -30,6 +30,14 @@ SetOption = typer.Option(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"waveft-train {version('waveft-train')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def train(
     ctx: typer.Context,
@@ -37,6 +45,7 @@ def train(
     overrides: Optional[List[str]] = SetOption,
     force: bool = typer.Option(False, "--force", help="Train into an output folder that holds a different run."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version."),
 ) -> None:
     """Train a WaveFT adapter: waveft-train --config subject.yaml [--set train.max_steps=800]."""
     ctx.obj = {"debug": debug}
