@@ -132,6 +132,17 @@ def test_duplicate_keys_are_refused_not_silently_merged(tmp_path: Path) -> None:
     assert "duplicate key 'to_q'" in override and "quote it" not in override
 
 
+def test_anchors_and_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    """The duplicate check walks YAML's node graph: aliases (even one inside its own anchor) are visited once, and a
+    key next to a merge key (`<<`) overrides the merged value as YAML intends."""
+    (tmp_path / "run.yaml").write_text(MINIMAL + "validation:\n  prompts: &p [a photo of sks dog, *p]\n")
+    with pytest.raises(UserError, match="validation.prompts"):  # a list inside itself is not a prompt, but no hang
+        load_config(tmp_path / "run.yaml")
+    merged = "waveft:\n  n_frequency_pattern:\n    <<: {attn2.to_k: 8, attn2.to_v: 8}\n    attn2.to_k: 16\n"
+    (tmp_path / "run.yaml").write_text(MINIMAL + merged)
+    assert load_config(tmp_path / "run.yaml").waveft.n_frequency_pattern == {"attn2.to_k": 16, "attn2.to_v": 8}
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     assert "top level must be a mapping" in load_error(tmp_path, "- train\n- data\n")
     assert "empty file" in load_error(tmp_path, "# nothing\n")

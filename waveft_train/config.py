@@ -324,9 +324,12 @@ def _refuse_duplicate_keys(text: str) -> None:
 
     The text is composed into nodes (SafeLoader: no objects are constructed) and every mapping is checked.
     """
-    pending = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    pending, seen = [yaml.compose(text, Loader=yaml.SafeLoader)], set()
     while pending:
         node = pending.pop()
+        if id(node) in seen:  # an alias: checked where its anchor is (and it may refer to itself)
+            continue
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             first: dict[str, yaml.Node] = {}
             for key, value in node.value:
