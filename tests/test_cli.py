@@ -166,6 +166,11 @@ def test_init_writes_a_starter_config_that_loads(tmp_path, capsys):
     expect_user_error(["init", tmp_path / "new"], capsys, "is a folder", "waveft.yaml")
     expect_user_error(["init", target / "x.yaml"], capsys, f"The config's folder {target} cannot be used as a folder: "
                       "it is a file")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(nested)
+    nested.write_text("x: 1\n")
+    cli.main(["init", str(link), "--force"])  # writes through the link, as a plain write would
+    assert link.is_symlink() and nested.read_text() == target.read_text()
 
 
 def test_missing_optional_optimizer_is_named(tmp_path, capsys):

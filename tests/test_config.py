@@ -138,9 +138,14 @@ def test_anchors_and_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
     (tmp_path / "run.yaml").write_text(MINIMAL + "validation:\n  prompts: &p [a photo of sks dog, *p]\n")
     with pytest.raises(UserError, match="validation.prompts"):  # a list inside itself is not a prompt, but no hang
         load_config(tmp_path / "run.yaml")
-    merged = "waveft:\n  n_frequency_pattern:\n    <<: {attn2.to_k: 8, attn2.to_v: 8}\n    attn2.to_k: 16\n"
-    (tmp_path / "run.yaml").write_text(MINIMAL + merged)
-    assert load_config(tmp_path / "run.yaml").waveft.n_frequency_pattern == {"attn2.to_k": 16, "attn2.to_v": 8}
+    merged = "waveft:\n  n_frequency_pattern:\n    <<: {attn2.to_k: 8, attn2.to_v: 8}\n    <<: {to_q: 4}\n    attn2.to_k: 16\n"
+    (tmp_path / "run.yaml").write_text(MINIMAL + merged)  # two merge keys: YAML applies both
+    pattern = load_config(tmp_path / "run.yaml").waveft.n_frequency_pattern
+    assert pattern == {"attn2.to_k": 16, "attn2.to_v": 8, "to_q": 4}
+
+
+def test_override_that_is_not_valid_yaml_says_quote_it(tmp_path: Path) -> None:
+    assert "quote it" in load_error(tmp_path, MINIMAL, ("data.instance_prompt=!sks toy",))
 
 
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +87,21 @@ def test_the_tiny_model_cache_is_readable_like_normal_files(umask, tmp_path):
     assert mode(folder) == folder_mode
     for path in folder.rglob("*"):
         assert mode(path) == (folder_mode if path.is_dir() else file_mode), f"{path}: {oct(mode(path))}"
+
+
+def test_make_folder_names_what_is_in_the_way(tmp_path):
+    from waveft_train.errors import UserError
+    from waveft_train.files import make_folder
+
+    make_folder(tmp_path / "a" / "b", "output.dir")  # missing parents are made
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cases = {
+        tmp_path / "file": "it is a file",
+        tmp_path / "file" / "sub": f"{tmp_path / 'file'} is a file",
+        tmp_path / "dangling": f"it is a symlink to {tmp_path / 'nowhere'}, which does not exist",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(UserError, match=re.escape(f"output.dir {path} cannot be used as a folder: {reason}.")):
+            make_folder(path, "output.dir")

@@ -311,8 +311,22 @@ def test_params_applies_n_frequency_pattern_and_refuses_keys_that_match_nothing(
         expected = 16 if name.endswith("attn2.to_k") else 32 if name.startswith("down_blocks.1.attentions.0.") else 256
         assert n == expected, name
     assert sorted(set(sizes.values())) == [16, 32, 256]
-    with pytest.raises(UserError, match=r"key\(s\) 'down_blocks.1.attentions.0' match no adapted layer"):
+    with pytest.raises(UserError, match=r"key\(s\) 'down_blocks.1.attentions.0' set no adapted layer"):
         describe_parameters(load_config(DEMO, ["waveft.n_frequency_pattern={down_blocks.1.attentions.0: 16}"]))
+    with pytest.raises(UserError, match=r"key\(s\) 'attn2.to_k' set no adapted layer.*an earlier key already sets"):
+        describe_parameters(load_config(DEMO, ["waveft.n_frequency_pattern={to_k: 100, attn2.to_k: 200}"]))
+
+
+def test_fp16_mixed_precision_with_fp32_weights_on_the_cpu_warns_and_trains_in_fp32(tmp_path, class_dir, caplog):
+    logger = logging.getLogger("waveft_train")
+    logger.addHandler(caplog.handler)
+    try:
+        output_dir = train(tmp_path / "run", class_dir, **{"model.dtype": "fp32", "train.mixed_precision": "fp16",
+                                                           "train.max_steps": 1, "validation.every": 0})
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert any("has no effect on the CPU" in r.getMessage() for r in caplog.records)
+    assert json.loads((output_dir / "summary.json").read_text())["steps"] == 1
 
 
 @pytest.mark.parametrize("dtype, mixed_precision", [("fp16", "fp16"), ("fp16", "bf16"), ("bf16", "fp16")])

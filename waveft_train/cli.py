@@ -86,7 +86,10 @@ def init(
     if path.exists() and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it or choose another path.")
     make_folder(path.parent.absolute(), "The config's folder")
-    atomic_write_text(path, starter_config_text())
+    try:
+        atomic_write_text(path.resolve(), starter_config_text())  # through a symlink, as a plain write would
+    except OSError as error:
+        raise UserError(f"Cannot write {path}: {error.strerror or error}. Choose a path you can write to.") from None
     typer.echo(f"Wrote {path}. Edit data.instance_dir and the prompts, then: waveft-train --config {path}")
 
 

@@ -331,16 +331,18 @@ def _refuse_duplicate_keys(text: str) -> None:
             continue
         seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
-            first: dict[str, yaml.Node] = {}
+            first: dict[tuple[str, str], yaml.Node] = {}
             for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value in first:
-                    raise yaml.constructor.ConstructorError(
-                        problem=f"duplicate key {key.value!r} (first at line {first[key.value].start_mark.line + 1}); "
-                                "YAML would silently keep only the last one, so merge them",
-                        problem_mark=key.start_mark)
-                if isinstance(key, yaml.ScalarNode):
-                    first[key.value] = key
                 pending.append(value)
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue  # merge keys (`<<`) may repeat: YAML applies every one
+                if (key.tag, key.value) in first:
+                    line = first[(key.tag, key.value)].start_mark.line + 1
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"duplicate key {key.value!r} (first at line {line}); YAML would silently keep only "
+                                "the last one, so merge them",
+                        problem_mark=key.start_mark)
+                first[(key.tag, key.value)] = key
         elif isinstance(node, yaml.SequenceNode):
             pending.extend(node.value)
 
@@ -355,12 +357,13 @@ def _override_parts(text: str) -> tuple[list[str], Any]:
                         "--set train.learning_rate=5e-5 or --set 'waveft.target_modules=[to_q,to_v]'")
     try:
         value = yaml.safe_load(raw)
-        _refuse_duplicate_keys(raw)
-    except yaml.constructor.ConstructorError as exc:
-        raise UserError(f"bad override {text!r}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"bad override {text!r}: the value is not valid YAML "
                         f"({getattr(exc, 'problem', exc)}); quote it") from None
+    try:
+        _refuse_duplicate_keys(raw)
+    except yaml.YAMLError as exc:
+        raise UserError(f"bad override {text!r}: {getattr(exc, 'problem', exc)}") from None
     section: Any = TrainConfig
     for index, part in enumerate(parts):
         field = section.model_fields.get(part)

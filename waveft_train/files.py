@@ -99,7 +99,9 @@ def make_folder(path: Path, what: str) -> None:
             raise PermissionError(13, "Permission denied", str(path))
     except OSError as error:
         file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        if file is not None:
+        if path.is_symlink() and not path.exists():
+            reason = f"it is a symlink to {os.readlink(path)}, which does not exist"
+        elif file is not None:
             reason = "it is a file" if file == path else f"{file} is a file"
         else:
             culprit = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""

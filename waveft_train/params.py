@@ -45,14 +45,16 @@ def check_pattern_keys(config: TrainConfig, adapted: list[str]) -> None:
     """Every n_frequency_pattern key must set some layer's n_frequency: peft skips a key that matches nothing."""
     from peft.utils.other import get_pattern_key
 
-    unmatched = [key for key in config.waveft.n_frequency_pattern if not any(get_pattern_key([key], name) == key
-                                                                              for name in adapted)]
-    if unmatched:
+    keys = list(config.waveft.n_frequency_pattern)
+    used = {get_pattern_key(keys, name) for name in adapted}  # peft's rule: the first key that matches a layer wins
+    unused = [key for key in keys if key not in used]
+    if unused:
         example = adapted[0] if adapted else "none"
         raise UserError(
-            f"waveft.n_frequency_pattern key(s) {', '.join(map(repr, unmatched))} match no adapted layer of the UNet of "
-            f"{config.model.pretrained}, so they would change nothing. As in peft, a key is a regular expression that "
-            f"must match the end of a layer's name (e.g. {example!r}): 'attn2.to_k' sets every cross-attention to_k, "
+            f"waveft.n_frequency_pattern key(s) {', '.join(map(repr, unused))} set no adapted layer of the UNet of "
+            f"{config.model.pretrained}: they match none, or only layers an earlier key already sets (the first "
+            f"matching key wins), so they would change nothing. As in peft, a key is a regular expression that must "
+            f"match the end of a layer's name (e.g. {example!r}): 'attn2.to_k' sets every cross-attention to_k, "
             "'down_blocks.1.attentions.0.*' every layer of one block. `waveft-train params` lists the adapted layers."
         )
 

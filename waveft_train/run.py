@@ -163,7 +163,10 @@ def make_accelerator(config: TrainConfig, output_dir: Path):
     )
     fp16 = [f"{key}: fp16" for key, value in (("model.dtype", config.model.dtype),
                                               ("train.mixed_precision", config.train.mixed_precision)) if value == "fp16"]
-    if accelerator.device.type == "cpu" and fp16:
+    if accelerator.device.type == "cpu" and fp16 and config.model.dtype == "fp32":
+        logger.warning("train.mixed_precision: fp16 has no effect on the CPU (accelerate runs fp16 autocast only on "
+                       "GPUs): this run trains in fp32. Use train.mixed_precision: bf16 for mixed precision here.")
+    elif accelerator.device.type == "cpu" and fp16:
         raise UserError(
             f"{' with '.join(fp16)} needs a GPU: on the CPU accelerate runs no fp16 mixed precision and torch's "
             "autocast does not cover fp16 weights, so the first step would fail. On the CPU use "
