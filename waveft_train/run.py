@@ -50,9 +50,6 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     output_dir = Path(config.output.dir)
     replace_other_run = holds_other_run(config, force=force)
     validate_inputs(config)
-    make_folder(output_dir, "output.dir")  # empty if new: a path that cannot be a folder fails now, not after loading
-    if config.prior.enabled:
-        make_folder(Path(config.prior.class_dir), "prior.class_dir")
     check_optional_dependencies(config)
     adapter_on_meta_unet(config)  # target_modules and n_frequency checked against the UNet before weights load
     if config.model.vae is not None:
@@ -68,6 +65,11 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
     from waveft_train.trainer import train_loop
 
     accelerator = make_accelerator(config, output_dir)
+    # Made (empty, if new) once the cheap checks have passed and before the models load: a path that cannot be a
+    # folder fails in seconds, and a refused run leaves no stray folders.
+    make_folder(output_dir, "output.dir")
+    if config.prior.enabled:
+        make_folder(Path(config.prior.class_dir), "prior.class_dir")
     if accelerator.is_main_process:
         for caveat in stock_peft_caveats(config):
             logger.warning(caveat[0].upper() + caveat[1:])
