@@ -107,12 +107,12 @@ def _patch_weight(weight: torch.Tensor, spectra: Sequence[torch.Tensor], plan: _
         for spectrum, transform, scaling in zip(spectra, plan.transforms, plan.scalings):
             if in_place:
                 saved.append((flat, transform.patch_index, flat.take(transform.patch_index)))
-            if flat.dtype == accumulate:  # scaled by index_add_ itself: one elementwise pass fewer
-                entries = transform.patch_entries(_cast(spectrum, accumulate))
-                flat.index_add_(0, transform.patch_index, entries, alpha=scaling)
-            else:  # scaled before rounding to the matmul dtype, as the merged inference weights are
-                entries = transform.patch_entries(_cast(spectrum, accumulate) * scaling)
-                flat.index_add_(0, transform.patch_index, _cast(entries, flat.dtype))
+            # In W's own dtype index_add_ applies the scaling (one elementwise pass fewer); a low-precision copy gets
+            # entries scaled before they are rounded to it, as the merged inference weights are.
+            late = flat.dtype == accumulate
+            spectrum = _cast(spectrum, accumulate)
+            entries = transform.patch_entries(spectrum if late else spectrum * scaling)
+            flat.index_add_(0, transform.patch_index, _cast(entries, flat.dtype), alpha=scaling if late else 1)
     except BaseException:
         _restore_weight(saved)
         raise
