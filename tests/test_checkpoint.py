@@ -15,9 +15,9 @@ from peft import PeftModel, WaveFTConfig, inject_adapter_in_model
 from safetensors.torch import load_file
 from torch import nn
 
-from waveft_train import checkpoint
-from waveft_train.checkpoint import (adapter_state_dict, find_latest_checkpoint, flatten_state, list_checkpoints,
-                                     load_adapter, load_adapter_weights_into, load_checkpoint, save_adapter,
+from waveft_train import files
+from waveft_train.adapter_files import adapter_state_dict, load_adapter_weights_into, read_adapter, save_adapter
+from waveft_train.checkpoint import (find_latest_checkpoint, flatten_state, list_checkpoints, load_checkpoint,
                                      save_checkpoint, unflatten_state)
 from waveft_train.errors import UserError
 from waveft_train.waveft import register, unregister
@@ -153,7 +153,8 @@ def test_save_adapter_replaces_an_existing_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
                                                                        "adapter_model.safetensors"]
-    config, tensors = load_adapter(tmp_path / "adapter")
+    adapter = read_adapter(tmp_path / "adapter")
+    config, tensors = adapter.config, adapter.load_tensors()
     assert isinstance(config, WaveFTConfig) and config.base_model_name_or_path == "tiny"
     expected = adapter_state_dict(net)
     assert sorted(tensors) == sorted(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
@@ -207,16 +208,19 @@ def test_checkpoints_and_adapters_get_the_modes_of_normal_files(tmp_path, umask)
 
 def test_loading_adapter_weights_that_do_not_fit_is_refused(tmp_path):
     tensors = adapter_state_dict(adapted_net(1))
-    with pytest.raises(UserError, match=r"2 unexpected \(base_model.model.blocks.0.to_k.waveft_spectrum"):
+    with pytest.raises(UserError, match=r"2 unexpected \(layer 'blocks.0.to_k' "
+                                         r"\(base_model.model.blocks.0.to_k.waveft_spectrum"):
         load_adapter_weights_into(adapted_net(2, target_modules=["to_q"]), tensors)
     incomplete = dict(tensors)
     del incomplete["base_model.model.blocks.1.to_q.waveft_spectrum"]
     before = spectra(net := adapted_net(2))
-    with pytest.raises(UserError, match=r"1 missing \(base_model.model.blocks.1.to_q.waveft_spectrum\)"):
+    with pytest.raises(UserError, match=r"1 missing \(the file has no weights for layer 'blocks.1.to_q' "
+                                         r"\(base_model.model.blocks.1.to_q.waveft_spectrum\)"):
         load_adapter_weights_into(net, incomplete)
     assert all(torch.equal(before[k], v) for k, v in spectra(net).items())  # nothing half-loaded
     resized = {key: torch.zeros(5) for key in tensors}
-    with pytest.raises(UserError, match=r"wrong shape .*\(5,\) vs \(20,\)"):
+    with pytest.raises(UserError, match=r"wrong shape .*saved waveft_spectrum of shape \[5\], but the model's "
+                                         r"layer takes \[20\]"):
         load_adapter_weights_into(adapted_net(2), resized)
 
 
@@ -275,7 +279,7 @@ def test_full_disk_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         file = open(path, mode, *args, **kwargs)
         return HalfWriter(file) if Path(path).name == "training_state.safetensors" and "w" in mode else file
 
-    monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
+    monkeypatch.setattr(files, "open", open_on_full_disk, raising=False)
     with pytest.raises(OSError) as raised:
         save_step(tmp_path, 2, keep=1)
     assert raised.value.errno == errno.ENOSPC
@@ -291,7 +295,7 @@ def test_failed_fsync_keeps_the_existing_adapter(tmp_path, monkeypatch):
     def fsync_on_full_disk(descriptor):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync_on_full_disk)
+    monkeypatch.setattr(files.os, "fsync", fsync_on_full_disk)
     with pytest.raises(OSError, match="No space left"):
         save_adapter(tmp_path / "adapter", adapted_net(2), base_model_name_or_path="tiny")
     monkeypatch.undo()
@@ -369,11 +373,11 @@ def test_pickle_only_folders_are_refused(tmp_path, monkeypatch):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "WAVEFT"}))
     (adapter / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(UserError, match=r"adapter_model.bin.*Pickle files are refused for safety.*safetensors"):
-        load_adapter(adapter)
+    with pytest.raises(UserError, match=r"adapter_model.bin.*pickle files are refused for safety.*safetensors"):
+        read_adapter(adapter)
     folder = save_step(tmp_path / "run", 1)
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.pt")
-    with pytest.raises(UserError, match=r"adapter_model.pt.*Pickle files are refused"):
+    with pytest.raises(UserError, match=r"adapter_model.pt.*pickle files are refused"):
         load_checkpoint(folder)
 
 

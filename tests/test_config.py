@@ -189,7 +189,7 @@ def test_section_of_the_wrong_type(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("snippet", "expected"), [
     ("waveft:\n  wavelet_family: db39\n",
-     "unknown wavelet family 'db39'; allowed: db1-db38, sym2-sym20, coif1-coif17, haar"),
+     "unknown wavelet family 'db39'; allowed: db1-db38, sym2-sym20, coif1-coif17, and haar (= db1)"),
     ("waveft:\n  n_frequency: 0\n", "`waveft.n_frequency`: got 0 (int), expected a value greater than 0"),
     ("waveft:\n  n_frequency_pattern: {mid.x: -1}\n", "`waveft.n_frequency_pattern['mid.x']`: got -1"),
     ("waveft:\n  bias: some\n", "`waveft.bias`: got 'some' (str), expected 'none', 'all' or 'waveft_only'"),
@@ -506,6 +506,21 @@ def test_starter_text_loads_and_documents_every_key(tmp_path: Path) -> None:
         assert list(written[section]) == list(model.annotation.model_fields), section
     documented = [line for line in text.splitlines() if line.startswith("  ") and "#" in line]
     assert len(documented) >= 50  # a commented starter, not a bare dump
+
+
+def test_docs_are_generated_from_the_field_descriptions() -> None:
+    """Each key is documented once (its pydantic description); README table and starter.yaml are generated from it."""
+    from waveft_train.config import docs
+
+    for section, model in TrainConfig.model_fields.items():
+        for name, field in model.annotation.model_fields.items():
+            assert field.description and len(field.description) > 12, f"{section}.{name} is undocumented"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert docs.replace_between_markers(readme, docs.config_reference_markdown()) == readme, (
+        "README's config reference is stale: run python -m waveft_train.config.docs")
+    assert starter_config_text() == docs.starter_yaml(), "starter.yaml is stale: run python -m waveft_train.config.docs"
+    rows = [line for line in docs.config_reference_markdown().splitlines() if line.startswith("| `")]
+    assert len(rows) == sum(len(model.annotation.model_fields) for model in TrainConfig.model_fields.values())
 
 
 def test_subject_config_has_the_papers_settings() -> None:

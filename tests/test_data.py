@@ -15,15 +15,8 @@ import torch
 from PIL import Image
 
 from waveft_train import data
-from waveft_train.data import (
-    DreamBoothDataset,
-    collate,
-    epoch_indices,
-    iter_transformed,
-    load_images,
-    transform_image,
-    validate_image_folder,
-)
+from waveft_train.data import DreamBoothDataset, collate, epoch_indices, iter_transformed, transform_image
+from waveft_train.images import load_images, validate_image_folder
 from waveft_train.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -317,7 +310,7 @@ def test_length_repeats_and_class_logic(instance_and_class):
 def test_repeats_give_fresh_crops(instance_and_class):
     instance, _ = instance_and_class
     dataset = make_dataset(instance, repeats=8)
-    corners = {(dataset[i]["instance"]["crop_top_left"], torch.sum(dataset[i]["instance"]["pixel_values"]).item())
+    corners = {(dataset[i]["instance"]["crop_top_left"], torch.sum(dataset[i]["instance"]["image"]).item())
                for i in range(0, 24, 3)}  # all the same image (img0, 40x60)
     assert len(corners) > 1
 
@@ -329,7 +322,7 @@ def test_determinism_same_seed_and_different_seed(instance_and_class):
 
     def signature(dataset, index):
         item = dataset[index]
-        return [(part["crop_top_left"], part["pixel_values"]) for part in (item["instance"], item["class"])]
+        return [(part["crop_top_left"], part["image"]) for part in (item["instance"], item["class"])]
 
     for index in range(len(first)):
         for (corner_a, pixels_a), (corner_b, pixels_b) in zip(signature(first, index), signature(again, index)):
@@ -354,15 +347,15 @@ def test_collate_puts_instance_first(instance_and_class):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=partial(collate, with_prior=True))
     batch = next(iter(loader))
     assert batch["num_instance"] == 2
-    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
+    assert batch["images"].shape == (4, 3, 16, 16) and batch["images"].dtype == torch.float32
     assert batch["prompts"] == ["instance 0", "instance 1", "a photo of ball", "a photo of ball"]
     assert batch["original_sizes"].dtype == torch.long
     assert batch["original_sizes"].tolist() == [[40, 60], [48, 48], [32, 32], [32, 32]]
     assert batch["crop_top_lefts"].shape == (4, 2) and batch["crop_top_lefts"].dtype == torch.long
-    assert torch.equal(batch["pixel_values"][0], dataset[0]["instance"]["pixel_values"])
-    assert torch.equal(batch["pixel_values"][3], dataset[1]["class"]["pixel_values"])
+    assert torch.equal(batch["images"][0], dataset[0]["instance"]["image"])
+    assert torch.equal(batch["images"][3], dataset[1]["class"]["image"])
     solo = collate([dataset[0], dataset[1]], with_prior=False)
-    assert solo["pixel_values"].shape == (2, 3, 16, 16) and solo["num_instance"] == 2
+    assert solo["images"].shape == (2, 3, 16, 16) and solo["num_instance"] == 2
     with pytest.raises(ValueError):
         collate([make_dataset(instance)[0]], with_prior=True)
 
@@ -383,7 +376,7 @@ def test_demo_subject_folder_is_small_licensed_and_loads(tmp_path):
     loaded = load(DEMO_DIR, tmp_path, default_prompt="a photo of sks ball")
     assert len(loaded) == 5
     example = next(iter_transformed(loaded, resolution=64, center_crop=True, random_flip=False, seed=0))
-    assert example["pixel_values"].shape == (3, 64, 64)
+    assert example["image"].shape == (3, 64, 64)
 
 
 def test_demo_subject_script_reproduces_the_images(tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def test_kill_9_then_rerun_ends_with_the_same_adapter(tmp_path, class_dir, tiny_
 
 def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, class_dir, monkeypatch, capsys):
     output_dir = tmp_path / "run"
-    real_write = checkpoint._write_bytes
+    real_write = checkpoint.write_bytes_synced
 
     def fail_in_second_checkpoint(path: Path, data: bytes) -> None:
         if "step-000004" in str(path) and path.name == "training_state.safetensors":
@@ -84,7 +84,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, class_di
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_bytes", fail_in_second_checkpoint)
+    monkeypatch.setattr(checkpoint, "write_bytes_synced", fail_in_second_checkpoint)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--config", str(DEMO), *set_args(overrides(output_dir, class_dir))])
     err = capsys.readouterr().err

@@ -285,7 +285,8 @@ def test_exported_unet_matches_the_adapter_and_loads_without_peft(adapter_dir, a
     code, stdout, stderr = run_cli(["export", "--adapter", adapter_dir, "--out", out, "--dtype", "fp32"], capsys)
     assert code == 0, stderr
     assert str(out) in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                   "scheduler_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["merged"], "the staging folder is gone"
     with safe_open(str(out / "diffusion_pytorch_model.safetensors"), framework="pt") as weights:
         keys = list(weights.keys())

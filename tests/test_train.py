@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from waveft_train import run
 from waveft_train.config import load_config
-from waveft_train.outputs import model_card
+from waveft_train.model_card import model_card, stock_peft_caveats
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -167,33 +167,30 @@ def test_prior_preservation_loss_split():
 def test_cached_and_uncached_conditioning_give_the_same_loss(tmp_path, class_dir):
     from diffusers import DDPMScheduler
 
-    from waveft_train.data import collate
+    from waveft_train.data import DreamBoothDataset, collate
+    from waveft_train.encode import Conditioning
+    from waveft_train.images import images_from_files, load_images
     from waveft_train.models import load_components
     from waveft_train.trainer import LoopSettings, diffusion_loss, micro_batch_generator
 
     config = load_config(DEMO, fast_overrides(tmp_path, class_dir))
     components = load_components(config.model.pretrained)
-    dataset = run.build_dataset(config, run.load_instance_images(config), components, _SingleProcess(), progress=False)
+    instance = load_images(config.data.instance_dir, caption_column=None, default_prompt=config.data.instance_prompt)
+    stand_ins = images_from_files(sorted(Path(config.data.instance_dir).glob("*.png"))[:2], prompt="a photo of toy",
+                                  source="test")  # any images serve as class images here
+    dataset = DreamBoothDataset(instance, resolution=32, seed=0, random_flip=True, class_images=stand_ins)
     settings = LoopSettings(max_steps=1, gradient_accumulation=1, max_grad_norm=None, prediction_type="epsilon",
                             snr_gamma=None, noise_offset=0.1, prior_loss_weight=1.0, seed=0)
     losses = []
     for cache in (True, False):
-        config.train.cache_latents = cache
-        conditioner, source = run.build_conditioner(config, components, dataset, torch.device("cpu"), progress=False)
-        batch = collate([source[3], source[0]], with_prior=True)
-        assert ("latents" in batch) == cache
-        inputs = conditioner(batch, torch.device("cpu"))
+        conditioning = Conditioning(components, dataset, device=torch.device("cpu"), resolution=32, cache_latents=cache,
+                                    progress=False)
+        assert (conditioning.examples is dataset) is not cache  # the cache replaces pixels by latents
+        batch = collate([conditioning.examples[3], conditioning.examples[0]], with_prior=True)
+        inputs = conditioning(batch)
         loss, _ = diffusion_loss(components.unet, DDPMScheduler(), inputs, micro_batch_generator(0, 5, 0), settings, torch.float32)
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
-
-
-class _SingleProcess:
-    device = torch.device("cpu")
-    process_index, num_processes, is_main_process = 0, 1, True
-
-    def wait_for_everyone(self):
-        pass
 
 
 class Interrupted(Exception):
@@ -203,14 +200,14 @@ class Interrupted(Exception):
 def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, class_dir, monkeypatch, capsys):
     reference = train(tmp_path / "uninterrupted", class_dir)
 
-    real_save = run.save_training_checkpoint
+    real_save = run.DreamBoothRun.save_checkpoint
 
-    def save_then_crash(session, step):
-        real_save(session, step)
+    def save_then_crash(self, step):
+        real_save(self, step)
         if step == 2:
             raise Interrupted
 
-    monkeypatch.setattr(run, "save_training_checkpoint", save_then_crash)
+    monkeypatch.setattr(run.DreamBoothRun, "save_checkpoint", save_then_crash)
     with pytest.raises(Interrupted):
         train(tmp_path / "resumed", class_dir)
     monkeypatch.undo()
@@ -291,7 +288,8 @@ def test_every_shipped_config_validates(path):
 def test_params_reports_layers_and_lora_rank():
     from waveft_train.params import describe_parameters
 
-    text = describe_parameters(load_config(DEMO))
+    config = load_config(DEMO)
+    text = describe_parameters(config.model, config.waveft)
     lines = [line for line in text.splitlines() if line.startswith(("down_blocks", "up_blocks", "mid_block"))]
     assert len(lines) == 64 and all(line.split()[-1] == "256" for line in lines)
     assert "trainable parameters: 16,384" in text
@@ -303,7 +301,8 @@ def test_params_applies_n_frequency_pattern_and_refuses_keys_that_match_nothing(
     from waveft_train.params import describe_parameters
 
     pattern = "waveft.n_frequency_pattern={attn2.to_k: 16, down_blocks.1.attentions.0.*: 32}"
-    rows = [line.split() for line in describe_parameters(load_config(DEMO, [pattern])).splitlines()
+    config = load_config(DEMO, [pattern])
+    rows = [line.split() for line in describe_parameters(config.model, config.waveft).splitlines()
             if line.startswith(("down_blocks", "up_blocks", "mid_block"))]
     sizes = {name: int(n) for name, _, n in rows}
     for name, n in sizes.items():  # peft's rule: a key is a regex matched against the end of the layer's name,
@@ -312,9 +311,11 @@ def test_params_applies_n_frequency_pattern_and_refuses_keys_that_match_nothing(
         assert n == expected, name
     assert sorted(set(sizes.values())) == [16, 32, 256]
     with pytest.raises(UserError, match=r"key\(s\) 'down_blocks.1.attentions.0' set no adapted layer"):
-        describe_parameters(load_config(DEMO, ["waveft.n_frequency_pattern={down_blocks.1.attentions.0: 16}"]))
+        config = load_config(DEMO, ["waveft.n_frequency_pattern={down_blocks.1.attentions.0: 16}"])
+        describe_parameters(config.model, config.waveft)
     with pytest.raises(UserError, match=r"key\(s\) 'attn2.to_k' set no adapted layer.*an earlier key already sets"):
-        describe_parameters(load_config(DEMO, ["waveft.n_frequency_pattern={to_k: 100, attn2.to_k: 200}"]))
+        config = load_config(DEMO, ["waveft.n_frequency_pattern={to_k: 100, attn2.to_k: 200}"])
+        describe_parameters(config.model, config.waveft)
 
 
 def test_fp16_mixed_precision_with_fp32_weights_on_the_cpu_warns_and_trains_in_fp32(tmp_path, class_dir, caplog):
@@ -377,12 +378,13 @@ def test_extra_trainable_parameters_train_in_float32(tiny_model_dir):
     from peft import WaveFTConfig
 
     from waveft_train.models import load_components
+    from waveft_train.optim import trainable_parameters_in_float32
     from waveft_train.waveft import register
 
     register()
     unet = load_components(str(tiny_model_dir), weight_dtype=torch.bfloat16).unet
     unet.add_adapter(WaveFTConfig(n_frequency=64, target_modules=["to_q", "to_v"], bias="all"))
-    trainable = run.trainable_parameters_in_float32(unet)
+    trainable = trainable_parameters_in_float32(unet)
     biases = [p for name, p in unet.named_parameters() if p.requires_grad and name.endswith(".bias")]
     assert len(biases) > 50 and all(p.dtype == torch.float32 for p in trainable)
     assert unet.conv_in.weight.dtype == torch.bfloat16  # frozen weights keep their dtype
@@ -406,9 +408,10 @@ def test_extra_trainable_parameters_train_in_float32(tiny_model_dir):
 )
 def test_what_stock_peft_would_not_reproduce_is_named_in_the_card(tmp_path, overrides, expected):
     config = load_config(DEMO, fast_overrides(tmp_path / "run", tmp_path / "class", **overrides))
-    caveats = run.stock_peft_caveats(config)
+    caveats = stock_peft_caveats(config.waveft)
     assert len(caveats) == len(expected) and all(part in caveat for part, caveat in zip(expected, caveats))
-    card = model_card(config, base_model="tiny", trainable_params=1, steps=1, has_samples=False)
+    card = model_card(base_model="tiny", waveft=config.waveft, data=config.data, prior=config.prior, train=config.train,
+                      validation_prompts=config.validation.prompts, trainable_params=1, steps=1, has_samples=False)
     assert all(f"**Note:** {caveat}" in card for caveat in caveats)
     assert ("**Note:**" in card) == bool(caveats)
 

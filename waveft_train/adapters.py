@@ -1,35 +1,27 @@
-"""Saved WaveFT adapters: read and check a folder, load it onto its base UNet, switch adapters off, export merged.
+"""Saved WaveFT adapters at work: load one onto its base UNet, switch adapters off, export the merged UNet.
 
-Saved adapters are checked against the base model *before* their weights are loaded, because peft's own loader
-skips keys it cannot place (an adapter for another model would silently change nothing).
+Reading and checking adapter folders is adapter_files.py's job; this module puts a checked adapter onto a model.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from waveft_train.adapter_files import ADAPTER_CONFIG, AdapterFiles, check_fit, read_adapter
 from waveft_train.errors import UserError
-from waveft_train.files import apply_default_permissions
-from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_unet
+from waveft_train.files import atomic_folder
+from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_scheduler, load_unet
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
-    from peft import PeftModel, WaveFTConfig
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+    from peft import PeftModel
 
 
 @contextmanager
@@ -51,81 +43,13 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
             parameter.requires_grad_(requires_grad)
 
 
-# ------------------------------------------------------------------------------------------- saved adapters
-
-
-@dataclass(frozen=True)
-class AdapterFiles:
-    """A validated adapter folder: its parsed config and the names and shapes of its saved tensors."""
-
-    folder: Path
-    config: WaveFTConfig
-    weights_path: Path
-    shapes: dict[str, tuple[int, ...]]  # in the file's key order
-
-
-def read_adapter(adapter_dir: Path | str) -> AdapterFiles:
-    """Check that `adapter_dir` is a loadable WaveFT adapter (peft format) without loading its weights."""
-    from safetensors import safe_open
-
-    folder = Path(adapter_dir).expanduser()
-    what = f"A WaveFT adapter folder holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}, as waveft-train saves it"
-    if not folder.is_dir():
-        reason = "it is a file, not a folder" if folder.exists() else "no such folder"
-        raise UserError(f"Cannot use the adapter '{adapter_dir}': {reason} ({folder.absolute()}). {what}.")
-    config_path = folder / ADAPTER_CONFIG_NAME
-    weights_path = folder / ADAPTER_WEIGHTS_NAME
-    if not config_path.is_file():
-        raise UserError(f"The adapter folder {folder} has no {ADAPTER_CONFIG_NAME}. {what}.")
-    if not weights_path.is_file():
-        if (folder / PICKLE_WEIGHTS_NAME).is_file():
-            raise UserError(
-                f"The adapter folder {folder} holds only {PICKLE_WEIGHTS_NAME}, a pickle file; loading pickles is "
-                "refused for safety, because they can run arbitrary code. Re-save the adapter with "
-                f"save_pretrained(..., safe_serialization=True) to get {ADAPTER_WEIGHTS_NAME}."
-            )
-        raise UserError(f"The adapter folder {folder} has no {ADAPTER_WEIGHTS_NAME}. {what}.")
-
-    try:
-        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{config_path} is not readable JSON ({error}).") from None
-    peft_type = raw_config.get("peft_type") if isinstance(raw_config, dict) else None
-    if peft_type != "WAVEFT":
-        raise UserError(
-            f"{config_path} has peft_type {peft_type!r}; only WaveFT adapters (peft_type \"WAVEFT\") can be used here."
-        )
-    config = _parse_config(folder, config_path)
-
-    try:
-        with safe_open(str(weights_path), framework="pt") as weights:
-            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
-    except Exception as error:  # safetensors raises its own SafetensorError (an Exception) for any damage
-        raise UserError(
-            f"{weights_path} is not a valid safetensors file ({str(error).strip() or type(error).__name__}); it may be "
-            "truncated by an interrupted copy or download. Copy the adapter folder again."
-        ) from None
-    if not shapes:
-        raise UserError(f"{weights_path} holds no tensors; it is not a trained adapter.")
-    return AdapterFiles(folder=folder, config=config, weights_path=weights_path, shapes=shapes)
-
-
-def _parse_config(folder: Path, config_path: Path) -> WaveFTConfig:
-    from peft import WaveFTConfig
-
-    try:
-        return WaveFTConfig.from_pretrained(str(folder))
-    except (TypeError, ValueError) as error:
-        raise UserError(f"{config_path} is not a valid WaveFT config: {error}") from None
-
-
 def _base_name(adapter: AdapterFiles, base: str | None) -> str:
     if base is not None and str(base).strip():
         return str(base)
     named = adapter.config.base_model_name_or_path
     if not named:
         raise UserError(
-            f"{adapter.folder / ADAPTER_CONFIG_NAME} does not name its base model (base_model_name_or_path is empty). "
+            f"{adapter.folder / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path is empty). "
             f"Pass the base model with --base: {ALLOWED_MODELS}."
         )
     return str(named)
@@ -136,8 +60,6 @@ def _inject(unet: torch.nn.Module, adapter: AdapterFiles, base_name: str, scale:
     import copy
 
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     from waveft_train.waveft import register
 
     register()
@@ -150,42 +72,17 @@ def _inject(unet: torch.nn.Module, adapter: AdapterFiles, base_name: str, scale:
     except (ValueError, TypeError) as error:  # no target module matched, n_frequency too large for a layer, ...
         raise UserError(f"{misfit}: {error} Pass the model it was trained on with --base.") from None
 
-    saved_by_peft = get_peft_model_state_dict(model, save_embedding_layers=False)
-    expected = {key: tuple(value.shape) for key, value in saved_by_peft.items()}
-    for key, shape in adapter.shapes.items():
-        layer = _layer_name(key)
-        if key not in expected:
-            raise UserError(
-                f"{misfit}: its layer '{layer}' ({key}) is not a WaveFT layer of this model (the module does not "
-                f"exist or is not targeted by the adapter's target_modules). Pass the model it was trained on with "
-                "--base."
-            )
-        if shape != expected[key]:
-            raise UserError(
-                f"{misfit}: layer '{layer}' has a saved {key.rsplit('.', 1)[-1]} of shape {list(shape)}, but the "
-                f"model's layer takes {list(expected[key])} with this adapter config (n_frequency "
-                f"{adapter.config.n_frequency}). Pass the model it was trained on with --base, or fix the config."
-            )
-    missing = [key for key in expected if key not in adapter.shapes]
-    if missing:
-        raise UserError(
-            f"{misfit}: {adapter.weights_path.name} has no weights for layer '{_layer_name(missing[0])}' "
-            f"({len(missing)} missing tensors in all), which the adapter config targets."
-        )
+    expected = {key: tuple(value.shape) for key, value in
+                get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    check_fit(expected, adapter.shapes, misfit=misfit, remedy=f"Pass the model it was trained on with --base, or fix "
+              f"the adapter config (n_frequency {adapter.config.n_frequency}, target_modules).")
 
-    tensors = load_file(str(adapter.weights_path))
-    set_peft_model_state_dict(model, tensors)
+    set_peft_model_state_dict(model, adapter.load_tensors())
     if scale != 1.0:
         _scale_adapters(unet, scale)
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def _layer_name(key: str) -> str:
-    """`base_model.model.down_blocks.1…to_q.waveft_spectrum` → `down_blocks.1…to_q`."""
-    name = key.removeprefix("base_model.model.")
-    return name.rsplit(".", 1)[0]
 
 
 def _scale_adapters(unet: torch.nn.Module, scale: float) -> None:
@@ -222,7 +119,15 @@ def load_adapter_unet(
     base_name = _base_name(adapter, base)
     components = load_components(base_name, weight_dtype=dtype)
     model = _inject(components.unet, adapter, base_name, scale)
+    components.scheduler = scheduler_for(adapter, components.scheduler)
     return components, model.base_model.model
+
+
+def scheduler_for(adapter: AdapterFiles, scheduler):
+    """The base model's scheduler, set to the prediction type the adapter was trained for (when it records one)."""
+    if adapter.prediction_type is None:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, prediction_type=adapter.prediction_type)
 
 
 def export_merged(
@@ -231,10 +136,12 @@ def export_merged(
     """Merge the adapter into the base UNet and save it as a plain diffusers UNet (safetensors) at `out_dir`.
 
     The merge runs in fp32 and the result is cast to `dtype` once. Loading the folder needs no peft:
-    `UNet2DConditionModel.from_pretrained(out_dir)`. It is written to a temporary sibling and renamed into
-    place, so `out_dir` is never half-written. An existing `out_dir` may be an empty folder, or, with `force`,
-    an earlier export (nothing but config.json and diffusion_pytorch_model*.safetensors); any other folder is
-    refused, and so is an `out_dir` that is, contains or lies inside the adapter folder.
+    `UNet2DConditionModel.from_pretrained(out_dir)`; beside it, `scheduler_config.json` is the base model's scheduler
+    set to the prediction type the adapter was trained for (`EulerDiscreteScheduler.from_pretrained(out_dir)`).
+    It is written to a temporary sibling and renamed into place, so `out_dir` is never half-written. An existing
+    `out_dir` may be an empty folder, or, with `force`, an earlier export (nothing but config.json,
+    scheduler_config.json and diffusion_pytorch_model*.safetensors); any other folder is refused, and so is an
+    `out_dir` that is, contains or lies inside the adapter folder.
     """
     if dtype not in DTYPES:
         raise UserError(f"Unknown export dtype '{dtype}'; allowed: {', '.join(DTYPES)}.")
@@ -243,6 +150,7 @@ def export_merged(
     adapter = read_adapter(adapter_dir)
     base_name = _base_name(adapter, base)
     unet = load_unet(base_name, dtype=torch.float32)
+    scheduler = scheduler_for(adapter, load_scheduler(base_name))
     base_keys = set(unet.state_dict())
     merged = _inject(unet, adapter, base_name, 1.0).merge_and_unload()
     extra = sorted(set(merged.state_dict()) - base_keys)
@@ -255,18 +163,14 @@ def export_merged(
     with _quiet_diffusers_fp32_notice():
         merged.to(DTYPES[dtype])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
-        apply_default_permissions(staging)  # mkdtemp made it 0o700, safetensors writes 0o600 files
-        _replace_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        scheduler.save_config(staging)
     return out
 
 
 EXPORT_CONFIG_NAME = "config.json"
+EXPORT_SCHEDULER_NAME = "scheduler_config.json"
 EXPORT_WEIGHTS_PATTERN = "diffusion_pytorch_model*.safetensors"
 EXPORT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"  # written when diffusers shards the weights
 
@@ -296,8 +200,9 @@ def _check_export_target(out: Path, adapter_dir: Path, force: bool) -> None:
     if foreign is not None:
         raise UserError(
             f"{out} already exists and is not an earlier UNet export: {foreign}. --out must be a new or empty "
-            f"folder, or (with --force) a folder written by `waveft-train export` ({EXPORT_CONFIG_NAME} and "
-            f"{EXPORT_WEIGHTS_PATTERN} only). Choose another --out folder; nothing was changed."
+            f"folder, or (with --force) a folder written by `waveft-train export` ({EXPORT_CONFIG_NAME}, "
+            f"{EXPORT_SCHEDULER_NAME} and {EXPORT_WEIGHTS_PATTERN} only). Choose another --out folder; nothing was "
+            "changed."
         )
     if not force:
         raise UserError(f"{out} already holds a merged UNet; pass --force to replace it, or choose another --out folder.")
@@ -308,7 +213,7 @@ def _not_an_export(out: Path, entries: list[Path]) -> str | None:
     import fnmatch
 
     for entry in entries:
-        allowed = entry.name in (EXPORT_CONFIG_NAME, EXPORT_INDEX_NAME) or fnmatch.fnmatch(
+        allowed = entry.name in (EXPORT_CONFIG_NAME, EXPORT_SCHEDULER_NAME, EXPORT_INDEX_NAME) or fnmatch.fnmatch(
             entry.name, EXPORT_WEIGHTS_PATTERN
         )
         if not allowed or entry.is_symlink() or not entry.is_file():
@@ -346,19 +251,3 @@ def _quiet_diffusers_fp32_notice() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(notice_filter)
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Rename `staging` to `out`; an existing `out` is moved aside first and deleted only after the swap."""
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -69,7 +69,8 @@ def params(
     from waveft_train.config import load_config
     from waveft_train.params import describe_parameters
 
-    typer.echo(describe_parameters(load_config(config, overrides or ())))
+    loaded = load_config(config, overrides or ())
+    typer.echo(describe_parameters(loaded.model, loaded.waveft))
 
 
 @app.command()

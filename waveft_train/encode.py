@@ -3,10 +3,15 @@
 Text encoders and the VAE are frozen, so prompt embeddings are computed once per distinct prompt and (by
 default) each training example's latents once; then both can leave device memory for the training loop.
 Latents are the mean of the VAE posterior (no sampling): deterministic, so cached and uncached runs agree.
+
+`Conditioning` is the one owner of these decisions: whether latents are cached, where the text encoders and the
+VAE live (on the device only while they work), and what the loop's examples are. The loop gets UNet inputs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -66,36 +71,20 @@ class PromptCache:
         return self.embeds[rows], self.pooled[rows]
 
 
-class CachedLatentsDataset(torch.utils.data.Dataset):
+class LatentCache(torch.utils.data.Dataset):
     """A DreamBooth dataset whose images were VAE-encoded once (epoch 0's crops and flips are kept).
 
-    Items look like the source dataset's, with `latents` in place of `pixel_values`; index i maps to position
-    i % len, so the same samplers work on both. One image at a time by default: a 1024 px SDXL VAE encode in
-    float32 needs several GB of activations.
+    Items look like the source dataset's, with latents as their `image`; index i maps to position i % len, so the
+    same samplers work on both. One image at a time: a 1024 px SDXL VAE encode in float32 needs several GB of
+    activations.
     """
 
-    def __init__(self, dataset, vae, *, batch_size: int = 1, progress: bool = True):
+    def __init__(self, dataset, vae, *, progress: bool = True):
         self.items: list[dict[str, dict[str, Any]]] = []
-        pending: list[tuple[dict, torch.Tensor]] = []
-
-        def flush():
-            latents = encode_latents(vae, torch.stack([pixels for _, pixels in pending])).cpu()
-            for (example, _), latent in zip(pending, latents):
-                example["latents"] = latent
-            pending.clear()
-
         for position in tqdm(range(len(dataset)), desc="caching latents", disable=not progress, leave=False):
             item = dataset[position]
-            cached = {}
-            for role, example in item.items():
-                entry = {key: value for key, value in example.items() if key != "pixel_values"}
-                pending.append((entry, example["pixel_values"]))
-                cached[role] = entry
-            self.items.append(cached)
-            if len(pending) >= batch_size:
-                flush()
-        if pending:
-            flush()
+            self.items.append({role: {**example, "image": encode_latents(vae, example["image"][None]).cpu()[0]}
+                               for role, example in item.items()})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -113,25 +102,53 @@ class UNetInputs:
     num_instance: int
 
 
-class Conditioner:
-    """Turns a collated batch (pixels or cached latents) into what the SDXL UNet takes."""
+class Conditioning:
+    """Everything the loop needs from the frozen SDXL parts, built once: UNet inputs for each collated batch.
 
-    def __init__(self, prompts: PromptCache, resolution: int, vae=None):
-        self.prompts, self.resolution, self.vae = prompts, resolution, vae
+    Prompts are encoded up front (text encoders visit the device, then stay on the CPU). With `cache_latents`,
+    every example is VAE-encoded once and `examples` is that cache, so the VAE leaves the device too; otherwise
+    `examples` is the dataset itself and the VAE encodes each batch on the device. `lent_to_pipeline()` brings
+    every module to the device for sampling (validation) and puts each back where training keeps it.
+    """
 
-    def __call__(self, batch: dict[str, Any], device: torch.device) -> UNetInputs:
-        if "latents" in batch:
-            latents = batch["latents"]
-        else:
-            if self.vae is None:
-                raise ValueError("batch holds pixels but the conditioner has no VAE")
-            latents = encode_latents(self.vae, batch["pixel_values"])
+    def __init__(self, components, dataset, *, device: torch.device, resolution: int, cache_latents: bool,
+                 progress: bool = True):
+        self.components, self.device, self.resolution = components, device, resolution
+        self.cache_latents = cache_latents
+        prompts = list(dataset.instance_images.prompts)
+        if dataset.class_images is not None:
+            prompts += list(dataset.class_images.prompts)
+        encoders = [components.text_encoder.to(device), components.text_encoder_2.to(device)]
+        self.prompts = PromptCache(prompts, [components.tokenizer, components.tokenizer_2], encoders)
+        vae = components.vae.to(device)
+        self.examples = LatentCache(dataset, vae, progress=progress) if cache_latents else dataset
+        self._park()
+
+    def _park(self) -> None:
+        """Where the frozen modules live during training: only a VAE that still encodes stays on the device."""
+        self.components.text_encoder.to("cpu")
+        self.components.text_encoder_2.to("cpu")
+        self.components.vae.to("cpu" if self.cache_latents else self.device)
+
+    @contextmanager
+    def lent_to_pipeline(self) -> Iterator[None]:
+        """Text encoders and VAE on the device for the duration (a sampling pipeline needs them), then parked."""
+        for module in (self.components.text_encoder, self.components.text_encoder_2, self.components.vae):
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            self._park()
+
+    def __call__(self, batch: dict[str, Any]) -> UNetInputs:
+        images = batch["images"]
+        latents = images if self.cache_latents else encode_latents(self.components.vae, images)
         embeds, pooled = self.prompts(batch["prompts"])
         time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], (self.resolution, self.resolution))
         return UNetInputs(
-            latents=latents.to(device),
-            prompt_embeds=embeds.to(device),
-            pooled=pooled.to(device),
-            time_ids=time_ids.to(device),
+            latents=latents.to(self.device),
+            prompt_embeds=embeds.to(self.device),
+            pooled=pooled.to(self.device),
+            time_ids=time_ids.to(self.device),
             num_instance=batch["num_instance"],
         )

@@ -1,4 +1,7 @@
-"""Atomic file writes: a temporary sibling, fsync, then rename. Readers see the old file or the new one, never half.
+"""Atomic writes of files and folders: a temporary sibling, fsync, then rename. Readers see the old or the new, never half.
+
+Files go through `write_atomically`; folders (adapters, checkpoints, merged exports, the embedded model cache)
+through `atomic_folder`. Leftovers of a crash are hidden siblings named `.tmp-*` (and `.old-*` during a swap).
 
 Temporary files and folders from `tempfile` are private (mode 600 / 700) whatever the umask. Everything that
 is renamed into place gets the modes a plain `open()` / `mkdir()` would give instead (0o666 / 0o777 minus the
@@ -7,10 +10,13 @@ umask), so outputs are as readable by others as the user's umask allows.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -108,3 +114,76 @@ def make_folder(path: Path, what: str) -> None:
             reason = f"{(error.strerror or str(error)).lower()}{culprit}"
         raise UserError(f"{what} {path} cannot be used as a folder: {reason}. Choose a folder you can write to "
                         "(it is created if missing).") from None
+
+
+TEMP_PREFIX = ".tmp-"  # a folder being written (left behind only by a crash)
+OLD_PREFIX = ".old-"  # the previous folder during a swap
+
+
+def is_leftover(name: str) -> bool:
+    """A name `atomic_folder` uses for work in progress, which only a crash leaves behind."""
+    return name.startswith((TEMP_PREFIX, OLD_PREFIX))
+
+
+def write_bytes_synced(path: Path, data: bytes) -> None:
+    """Write and fsync, so a rename after this never publishes a file whose bytes are still in flight."""
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def fsync_folder(folder: Path) -> None:
+    """Persist renames in `folder` (best effort: some filesystems refuse fsync on folders)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty hidden sibling of `target` to write into; when the block succeeds it becomes `target`.
+
+    The new folder gets the umask's modes and is fsynced before the rename. With `replace`, an existing `target`
+    is renamed aside, the new one renamed in, and only then is the old one deleted; without it, an existing
+    `target` (e.g. built meanwhile by another process racing for the same cache) wins and the new one is
+    discarded. On any error the sibling is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target} exists and is not a folder; cannot write a folder there. Remove it or choose "
+                        "another place.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    scratch = target.parent / f"{TEMP_PREFIX}{target.name}-{token}"
+    old = target.parent / f"{OLD_PREFIX}{target.name}-{token}"
+    scratch.mkdir()
+    try:
+        yield scratch
+        apply_default_permissions(scratch)
+        fsync_folder(scratch)
+        if not replace:
+            try:
+                os.rename(scratch, target)  # fails when another process has put its folder there meanwhile
+            except OSError:
+                if not target.exists():
+                    raise
+                shutil.rmtree(scratch, ignore_errors=True)
+            fsync_folder(target.parent)
+            return
+        if target.exists():
+            os.replace(target, old)
+        try:
+            os.replace(scratch, target)
+        except BaseException:
+            if old.exists():
+                os.replace(old, target)
+            raise
+        fsync_folder(target.parent)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from waveft_train.errors import UserError
+from waveft_train.paths import written_as_path
 from waveft_train.tiny import tiny_model_dir
 
 if TYPE_CHECKING:
@@ -65,9 +66,10 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `owner/name`; anything with more structure is meant as a folder."""
-    return name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+def _meant_as_folder(name: str) -> bool:
+    """A name that cannot be a hub id and has a path's structure (a name like 'my model!' is neither: it gets the
+    hub-id validator's explanation instead of "no such folder")."""
+    return written_as_path(name) and ("/" in name or "\\" in name or name.startswith(("~", ".")))
 
 
 def offline_note(hub_id: bool = True) -> str:
@@ -114,7 +116,7 @@ def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
             reason = f"the folder {local.resolve()} has neither model_index.json nor a unet/ subfolder"
             raise _not_found("the model", name, reason, hub_id=False)
         return str(local.resolve())
-    if _looks_like_path(name):
+    if _meant_as_folder(name):
         raise _not_found("the model", name, f"no such folder ({local.absolute()})", hub_id=False)
     _validate_hub_id("the model", name, ALLOWED_MODELS)
     return name
@@ -131,7 +133,7 @@ def resolve_vae(vae: str) -> tuple[str, str | None]:
             return str(local.resolve()), "vae"
         reason = f"the folder {local.resolve()} has neither config.json nor vae/config.json"
         raise _not_found("the VAE", name, reason, hub_id=False, allowed=ALLOWED_VAES)
-    if _looks_like_path(name):
+    if _meant_as_folder(name):
         reason = f"no such folder ({local.absolute()})"
         raise _not_found("the VAE", name, reason, hub_id=False, allowed=ALLOWED_VAES)
     _validate_hub_id("the VAE", name, ALLOWED_VAES)
@@ -184,6 +186,12 @@ def _load_vae(
     return AutoencoderKL.from_pretrained(
         path, subfolder=subfolder, revision=revision, use_safetensors=True, torch_dtype=vae_dtype
     )
+
+
+def load_scheduler(pretrained: str, *, revision: str | None = None) -> SchedulerMixin:
+    """Only the (sampling) scheduler of a model, with the same not-found errors as `load_components`."""
+    model_path = resolve_pretrained(pretrained)
+    return _load("the scheduler of model", pretrained, lambda: _load_scheduler(model_path, revision))
 
 
 def load_unet(pretrained: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
@@ -263,12 +271,14 @@ def load_components(
 
 
 def build_pipeline(
-    components: SDXLComponents, unet: torch.nn.Module | None = None, *, progress_bar: bool = False
+    components: SDXLComponents, unet: torch.nn.Module | None = None, *, progress_bar: bool = False,
+    prediction_type: str | None = None,
 ) -> StableDiffusionXLPipeline:
     """An SDXL pipeline over the already-loaded modules (nothing is reloaded or copied).
 
     `unet` replaces the components' UNet (e.g. the adapted one unwrapped from accelerate). The scheduler is a
-    fresh instance from the same config, because pipelines mutate their scheduler's state while sampling.
+    fresh instance from the same config, because pipelines mutate their scheduler's state while sampling;
+    `prediction_type` overrides its prediction type (an adapter trained for v-prediction on an epsilon base).
     """
     from diffusers import StableDiffusionXLPipeline
 
@@ -279,7 +289,9 @@ def build_pipeline(
         tokenizer=components.tokenizer,
         tokenizer_2=components.tokenizer_2,
         unet=unet if unet is not None else components.unet,
-        scheduler=type(components.scheduler).from_config(components.scheduler.config),
+        scheduler=type(components.scheduler).from_config(
+            components.scheduler.config, **({"prediction_type": prediction_type} if prediction_type else {})
+        ),
     )
     pipeline.set_progress_bar_config(disable=not progress_bar)
     _decode_in_vae_dtype(components.vae)

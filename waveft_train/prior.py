@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from waveft_train.data import IMAGE_EXTENSIONS
+from waveft_train.images import IMAGE_EXTENSIONS
 from waveft_train.errors import UserError
 from waveft_train.files import atomic_write_text, save_png_atomically
+from waveft_train.paths import is_hidden
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -165,8 +166,7 @@ def _user_images(class_dir: Path, recorded: set[str]) -> list[Path]:
     """Image files not recorded in the manifest, skipping hidden names as `datasets` does."""
     found = []
     for path in class_dir.rglob("*"):
-        relative = path.relative_to(class_dir)
-        if any(part.startswith((".", "__")) for part in relative.parts):
+        if is_hidden(path, class_dir):
             continue
         if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue

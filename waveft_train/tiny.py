@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from waveft_train.files import apply_default_permissions
+from waveft_train.files import atomic_folder
 
 # Bump when anything below changes the files written, so stale caches are never reused.
 TINY_MODEL_VERSION = "tiny-sdxl-v1"
@@ -203,25 +203,16 @@ def is_complete_model_dir(folder: Path) -> bool:
 def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     """The cached tiny model folder, built once.
 
-    Builds into a private temporary sibling and renames it into place, so a reader never sees a half-written
-    folder and concurrent builders cannot corrupt each other: whoever loses the rename uses the winner's.
+    Built in a private sibling and renamed into place (`files.atomic_folder`), so a reader never sees a
+    half-written folder and concurrent builders cannot corrupt each other: whoever loses the rename uses the
+    winner's.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     target = root / TINY_MODEL_VERSION
     if is_complete_model_dir(target):
         return target
-    root.mkdir(parents=True, exist_ok=True)
     if target.exists():  # damaged by hand (a complete build is never partial); replace it
         shutil.rmtree(target, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_VERSION}.building-", dir=root))
-    try:
+    with atomic_folder(target, replace=False) as staging:
         build_tiny_pipeline(staging)
-        apply_default_permissions(staging)  # mkdtemp made it 0o700, safetensors writes 0o600 files
-        os.rename(staging, target)
-    except OSError:
-        if not is_complete_model_dir(target):
-            raise
-        # Another process won the race with an identical build; use theirs.
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

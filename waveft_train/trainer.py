@@ -1,9 +1,9 @@
 """The training loop: noise, the DreamBooth loss with prior preservation, accumulation, clipping, NaN guard.
 
-It knows no YAML and no file layout: the composition root (`run.py`) hands it prepared objects, a stream of
-batches that already starts at the resume point, and an `after_step` callback that logs, checkpoints and
-validates. All randomness is derived from (seed, micro-batch index, process), so a resumed run draws exactly
-the noise and timesteps an uninterrupted one would.
+It knows no YAML and no file layout: the run (`run.py`) hands it prepared objects and a stream of batches that
+already starts at the resume point, and `training_steps` yields after every optimizer step, so the run logs,
+checkpoints and validates between steps in plain sight. All randomness is derived from (seed, micro-batch index,
+process), so a resumed run draws exactly the noise and timesteps an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from waveft_train.encode import Conditioner, UNetInputs
+from waveft_train.encode import Conditioning, UNetInputs
 from waveft_train.errors import UserError
 
 
@@ -95,14 +95,7 @@ def diffusion_loss(
     return loss, parts
 
 
-@dataclass
-class LoopResult:
-    step: int
-    final_loss: Optional[float]
-    seconds_per_step: Optional[float]
-
-
-def train_loop(
+def training_steps(
     *,
     accelerator,
     unet,
@@ -110,57 +103,59 @@ def train_loop(
     optimizer,
     lr_scheduler,
     batches: Iterator[dict],
-    conditioner: Conditioner,
+    conditioning: Conditioning,
     settings: LoopSettings,
     trainable_params: list[torch.nn.Parameter],
     start_step: int,
     input_dtype: torch.dtype,
-    after_step: Callable[[int, dict[str, float]], None],
     progress: bool = True,
-) -> LoopResult:
-    """Run optimizer steps start_step+1 … max_steps; `after_step(step, metrics)` follows each one."""
+) -> Iterator[tuple[int, dict[str, float]]]:
+    """Run optimizer steps start_step+1 … max_steps, yielding (step, metrics) after each one.
+
+    Collective: every process iterates in lockstep (gradients sync in backward; the finiteness check and the
+    metrics are reduced across processes every step).
+    """
     accumulation = settings.gradient_accumulation
     bar = tqdm(
         total=settings.max_steps, initial=start_step, desc="training", disable=not (progress and accelerator.is_main_process)
     )
     unet.train()
-    step, final_loss, step_seconds = start_step, None, []
-    while step < settings.max_steps:
-        started = time.perf_counter()
-        totals: dict[str, torch.Tensor] = {}
-        for micro in range(accumulation):
-            inputs = conditioner(next(batches), accelerator.device)
-            generator = micro_batch_generator(settings.seed, step * accumulation + micro, accelerator.process_index)
-            syncing = micro == accumulation - 1
-            with nullcontext() if syncing else accelerator.no_sync(unet):
-                loss, parts = diffusion_loss(unet, noise_scheduler, inputs, generator, settings, input_dtype)
-                if not _finite_everywhere(accelerator, loss):  # every process stops together, none hangs
-                    raise TrainingDiverged(_diverged_message(step + 1, "loss", loss.item()))
-                accelerator.backward(loss / accumulation)
-            for name, value in {"loss": loss.detach(), **parts}.items():
-                totals[name] = totals.get(name, 0.0) + value / accumulation
+    step = start_step
+    try:
+        while step < settings.max_steps:
+            started = time.perf_counter()
+            totals: dict[str, torch.Tensor] = {}
+            for micro in range(accumulation):
+                inputs = conditioning(next(batches))
+                generator = micro_batch_generator(settings.seed, step * accumulation + micro, accelerator.process_index)
+                syncing = micro == accumulation - 1
+                with nullcontext() if syncing else accelerator.no_sync(unet):
+                    loss, parts = diffusion_loss(unet, noise_scheduler, inputs, generator, settings, input_dtype)
+                    if not _finite_everywhere(accelerator, loss):  # every process stops together, none hangs
+                        raise TrainingDiverged(_diverged_message(step + 1, "loss", loss.item()))
+                    accelerator.backward(loss / accumulation)
+                for name, value in {"loss": loss.detach(), **parts}.items():
+                    totals[name] = totals.get(name, 0.0) + value / accumulation
 
-        grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm or float("inf"))
-        if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
-            raise TrainingDiverged(_diverged_message(step + 1, "gradient norm", float(grad_norm)))
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+            grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm or float("inf"))
+            if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                raise TrainingDiverged(_diverged_message(step + 1, "gradient norm", float(grad_norm)))
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-        reduced = {name: accelerator.reduce(value.reshape(1), reduction="mean").item() for name, value in totals.items()}
-        reduced.setdefault("prior_loss", None)  # every line has the same keys; null without prior preservation
-        seconds = time.perf_counter() - started
-        step_seconds.append(seconds)
-        metrics = {**reduced, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "seconds": seconds}
-        final_loss = reduced["loss"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{metrics['lr']:.2e}", s_per_step=f"{seconds:.2f}")
-        after_step(step, metrics)
-    bar.close()
-    # The first step pays for warm-up (allocations, kernel selection): leave it out of the average when possible.
-    timed = step_seconds[1:] or step_seconds
-    return LoopResult(step=step, final_loss=final_loss, seconds_per_step=sum(timed) / len(timed) if timed else None)
+            reduced = {name: accelerator.reduce(value.reshape(1), reduction="mean").item()
+                       for name, value in totals.items()}
+            reduced.setdefault("prior_loss", None)  # every line has the same keys; null without prior preservation
+            seconds = time.perf_counter() - started
+            metrics = {**reduced, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "seconds": seconds}
+            bar.update(1)
+            bar.set_postfix(loss=f"{reduced['loss']:.4f}", lr=f"{metrics['lr']:.2e}", s_per_step=f"{seconds:.2f}")
+            yield step, metrics
+    finally:
+        bar.close()
 
 
 def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:

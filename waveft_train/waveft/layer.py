@@ -21,7 +21,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .transform import SparseIDWT, check_family, coefficient_locations
+from .families import check_family
+from .transform import SparseIDWT, coefficient_locations
 from .functional import waveft_linear
 
 try:  # transformers' GPT-2 style Conv1D stores weights as (in, out)

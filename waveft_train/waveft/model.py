@@ -16,7 +16,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .layer import Conv1D, WaveFTLayer, WaveFTLinear
-from .transform import check_family
+from .families import check_family
 
 ALLOWED_BIAS = ("none", "all", "waveft_only")
 

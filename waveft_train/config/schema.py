@@ -1,0 +1,329 @@
+"""The run's typed schema: one pydantic section per YAML section, every field documented where it is defined.
+
+Why typed and strict: a typo must fail in the first second of a GPU run, with a message that names the key and
+suggests the fix, instead of being silently ignored. Every section rejects unknown keys, true/false where a number
+belongs, and non-finite numbers. Each field's `description` is its one documentation: the README's config
+reference and `waveft-train init`'s starter config are generated from it (`config/docs.py`). Torch-free.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
+
+from waveft_train.config.errors import describe
+from waveft_train.waveft.families import ALLOWED_FAMILIES_TEXT, is_supported_family
+
+Resolution = Annotated[int, Field(gt=0, multiple_of=8)]  # the SDXL VAE downsamples by 8
+UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+# diffusers' get_scheduler passes num_warmup_steps to every scheduler but "constant", which ignores it.
+WARMUP_SCHEDULERS: tuple[str, ...] = tuple(name for name in get_args(LrScheduler) if name != "constant")
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace; write the prompt, e.g. \"a photo of sks dog\"")
+    return value
+
+
+Prompt = Annotated[str, AfterValidator(_not_blank)]
+
+
+def doc(default: Any = ..., text: str = "", *, example: Any = None, **constraints: Any) -> Any:
+    """A field with its documentation; `example` is what the starter config shows instead of the default."""
+    extra = {"example": example} if example is not None else None
+    if callable(default):
+        return Field(default_factory=default, description=text, json_schema_extra=extra, **constraints)
+    return Field(default, description=text, json_schema_extra=extra, **constraints)
+
+
+def _bool_for_number(value: Any, annotation: Any) -> bool:
+    """True when a YAML true/false stands where `annotation` wants a number (pydantic would read true as 1),
+    also inside lists and mapping values."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _bool_for_number(value, args[0])
+    if origin in (Union, types.UnionType):
+        return bool not in args and any(_bool_for_number(value, arg) for arg in args)
+    if isinstance(value, bool):
+        return annotation in (int, float)
+    if origin is list and isinstance(value, list):
+        return any(_bool_for_number(item, args[0]) for item in value)
+    if origin is dict and isinstance(value, Mapping):
+        return any(_bool_for_number(item, args[1]) for item in value.values())
+    return False
+
+
+class Section(BaseModel):
+    """A config section: unknown keys, true/false for numbers, and inf/nan are all refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if _bool_for_number(value, annotation):
+            expected = {int: "a valid integer", float: "a valid number"}.get(annotation) or describe(annotation)
+            raise PydanticCustomError("bool_for_number", "Input should be {expected}", {"expected": expected})
+        return value
+
+
+class ModelSection(Section):
+    """Which SDXL to personalize, in which precision."""
+
+    pretrained: str = doc("tiny", "`tiny` (embedded test model, random weights), `toy` (the bundled toy-world model), "
+                          "a hub id, or a local diffusers folder", example="stabilityai/stable-diffusion-xl-base-1.0",
+                          min_length=1)
+    revision: str | None = doc(None, "hub branch, tag or commit of `model.pretrained`")
+    vae: str | None = doc(None, "a separate AutoencoderKL (hub id or folder); the stock SDXL VAE overflows in fp16, so "
+                          "use an fp16-safe one such as madebyollin/sdxl-vae-fp16-fix", example="madebyollin/sdxl-vae-fp16-fix")
+    dtype: Literal["fp32", "fp16", "bf16"] = doc("bf16", "dtype of the frozen UNet, text encoders and VAE (a VAE that "
+                                                 "overflows in fp16 stays fp32); fp16 needs a GPU")
+
+
+class WaveFTSection(Section):
+    """The adapter: every field of peft's WaveFTConfig, with peft's meaning and defaults (targets: SDXL attention)."""
+
+    n_frequency: PositiveInt = doc(2592, "learnable wavelet coefficients per adapted layer (1 … d_out·d_in): the budget")
+    scaling: float = doc(25.0, "multiplies ΔW, like LoRA's alpha; any number but 0")
+    wavelet_family: str = doc("db1", f"{ALLOWED_FAMILIES_TEXT}; db1 is the fastest")
+    use_idwt: bool = doc(True, "false: place the coefficients directly in ΔW (no inverse DWT)")
+    random_loc_seed: int = doc(777, "seed of the coefficient locations (derived exactly as peft does; saved with "
+                               "the adapter)")
+    fan_in_fan_out: bool = doc(False, "true only for layers that store weights as (in, out)")
+    target_modules: list[str] | str = doc(lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                          "module-name suffixes, or one regex matching whole module names")
+    exclude_modules: list[str] | str | None = doc(None, "names or a regex of modules to leave out")
+    bias: Literal["none", "all", "waveft_only"] = doc("none", "`none`, `all` (train every bias of the UNet), "
+                                                      "`waveft_only` (train the biases of the adapted layers)")
+    modules_to_save: list[str] | None = doc(None, "extra modules trained in full and saved with the adapter")
+    layers_to_transform: int | list[int] | None = doc(None, "adapt only these layer indices (needs a list "
+                                                      "target_modules; peft semantics)")
+    layers_pattern: str | list[str] | None = doc(None, "name of the layer list that layers_to_transform indexes")
+    n_frequency_pattern: dict[str, PositiveInt] = doc(lambda: {}, "per-layer n_frequency: regex keys matched against the "
+                                                      "end of layer names, as in peft, e.g. `{attn2.to_k: 512}`; a key "
+                                                      "that sets no adapted layer is an error")
+    proportional_parameters: bool = doc(False, "split the total budget by d_in·d_out (at least 1 per layer)")
+    init_weights: bool = doc(True, "true: start from zero (step 0 is the base model); false: small random values")
+
+    @field_validator("wavelet_family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if not is_supported_family(value):
+            raise ValueError(f"unknown wavelet family {value!r}; allowed: {ALLOWED_FAMILIES_TEXT}")
+        return value
+
+    @field_validator("scaling")
+    @classmethod
+    def _nonzero_scaling(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("0 would make the adapter do nothing (it multiplies ΔW); use any other number, "
+                             "e.g. 25.0 (the default; negative values flip ΔW)")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_target(cls, value: list[str] | str) -> list[str] | str:
+        if not value:
+            raise ValueError("must name at least one module (a list of names, or one regex string)")
+        return value
+
+    @field_validator("target_modules", "exclude_modules", "layers_pattern", "n_frequency_pattern")
+    @classmethod
+    def _valid_regexes(cls, value: Any) -> Any:
+        """peft reads a string here, and every pattern key, as a regular expression."""
+        for pattern in [value] if isinstance(value, str) else value if isinstance(value, dict) else []:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _peft_cross_checks(self) -> WaveFTSection:
+        """The same combinations peft refuses, caught before any model is loaded."""
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("waveft.layers_to_transform cannot be used when waveft.target_modules is a "
+                             "regex string; give target_modules as a list")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("waveft.layers_pattern cannot be used when waveft.target_modules is a regex string")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("waveft.layers_pattern needs waveft.layers_to_transform as well")
+        if self.proportional_parameters and self.n_frequency_pattern:
+            raise ValueError("waveft.n_frequency_pattern has no effect when waveft.proportional_parameters is true "
+                             "(peft then sizes every layer by its d_in·d_out); use one or the other")
+        return self
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `peft.WaveFTConfig(**kwargs)`; "haar" becomes "db1" (same filter, peft's name)."""
+        kwargs = self.model_dump()
+        if kwargs["wavelet_family"] == "haar":
+            kwargs["wavelet_family"] = "db1"
+        return kwargs
+
+
+class DataSection(Section):
+    """The subject photos and the prompt with the rare token."""
+
+    instance_dir: str = doc(..., "the subject photos (3-10): a local folder, or a hub dataset id", example="./subject",
+                            min_length=1)
+    instance_prompt: Prompt = doc(..., "rare token + class noun, e.g. `a photo of sks dog` (not blank)",
+                                  example="a photo of sks dog")
+    caption_column: str | None = doc(None, "per-image captions from a dataset column or the folder's metadata.jsonl; "
+                                     "null = instance_prompt for every image")
+    resolution: Resolution = doc(1024, "training size in pixels (multiple of 8)")
+    center_crop: bool = doc(False, "crop the centre instead of a random window")
+    random_flip: bool = doc(True, "random horizontal flips (turn off for text or asymmetric subjects)")
+    repeats: PositiveInt = doc(1, "each instance image appears this many times per epoch")
+    dataloader_workers: NonNegativeInt = doc(0, "DataLoader worker processes that load images")
+
+
+class PriorSection(Section):
+    """DreamBooth prior preservation: generated class images keep the class from collapsing onto the subject."""
+
+    enabled: bool = doc(True, "train on class images too (DreamBooth prior preservation)")
+    class_dir: str | None = doc(None, "class images folder, apart from data.instance_dir (required when enabled); "
+                                "missing images are generated there and recorded in manifest.json",
+                                example="./class_images")
+    class_prompt: str | None = doc(None, "prompt of the class images (required when enabled)",
+                                   example="a photo of dog")
+    num_class_images: PositiveInt = doc(100, "class images used; missing ones are generated with the base model")
+    loss_weight: PositiveFloat = doc(1.0, "weight of the class-image loss")
+    generation_steps: PositiveInt = doc(25, "sampler steps per generated class image")
+    generation_guidance: NonNegativeFloat = doc(5.0, "classifier-free guidance for class images")
+    generation_batch_size: PositiveInt = doc(2, "class images generated at once")
+
+    @model_validator(mode="after")
+    def _class_fields_when_enabled(self) -> PriorSection:
+        blank = [key for key in ("class_dir", "class_prompt") if not (getattr(self, key) or "").strip()]
+        missing = blank if self.enabled else []
+        if missing:
+            names = " and ".join(f"prior.{key}" for key in missing)
+            raise ValueError(f"{names} {'is' if len(missing) == 1 else 'are'} required when prior.enabled is "
+                             "true (e.g. class_dir: ./class_images, class_prompt: \"a photo of dog\"); "
+                             "set them, or set prior.enabled: false")
+        return self
+
+
+class TrainSection(Section):
+    """The optimization: steps, batch, optimizer, precision, checkpoints."""
+
+    max_steps: PositiveInt = doc(500, "optimizer steps (raising it later extends a finished run; a decaying LR "
+                                 "schedule is then stretched to the new total)")
+    batch_size: PositiveInt = doc(1, "instance images per process per micro-step (prior preservation adds as many "
+                                  "class images)")
+    gradient_accumulation: PositiveInt = doc(4, "micro-steps per optimizer step; the global batch is batch_size × "
+                                             "processes × gradient_accumulation")
+    learning_rate: PositiveFloat = doc(1e-4, "peak learning rate")
+    lr_scheduler: LrScheduler = doc("constant", "diffusers' schedulers: constant, constant_with_warmup, linear, "
+                                    "cosine, cosine_with_restarts, polynomial")
+    lr_warmup_steps: NonNegativeInt = doc(0, "warmup steps (need a scheduler other than `constant`)")
+    optimizer: Literal["adamw", "adamw8bit"] = doc("adamw", "`adamw`, or `adamw8bit` (needs `pip install "
+                                                   "'waveft-train[bnb]'`, CUDA only)")
+    adam_beta1: UnitInterval = doc(0.9, "AdamW β1 (first-moment decay)")
+    adam_beta2: UnitInterval = doc(0.999, "AdamW β2 (second-moment decay)")
+    adam_weight_decay: NonNegativeFloat = doc(1e-2, "AdamW weight decay")
+    adam_epsilon: PositiveFloat = doc(1e-8, "AdamW ε (numerical floor)")
+    max_grad_norm: PositiveFloat | None = doc(1.0, "gradient clipping; null = none")
+    mixed_precision: Literal["no", "fp16", "bf16"] = doc("bf16", "accelerate autocast (the spectrum stays fp32); fp16 "
+                                                         "needs a GPU (on the CPU fp32 weights then train in fp32 and "
+                                                         "half-precision weights are refused)")
+    gradient_checkpointing: bool = doc(True, "recompute activations in backward: much less memory, ~20 % slower")
+    seed: NonNegativeInt = doc(42, "seeds data order, augmentation, noise and timesteps (a resumed run draws the same)")
+    checkpoint_every: NonNegativeInt = doc(100, "steps between resumable checkpoints; 0 = only the final state")
+    checkpoints_keep: PositiveInt | None = doc(3, "newest checkpoints kept; null = all (the final state is always "
+                                               "written, so a rerun or a raised max_steps continues)")
+    cache_latents: bool = doc(True, "VAE-encode each example once (its first-epoch crop and flip are then kept)")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = doc(None, "null = the scheduler's; `epsilon` or "
+                                                                     "`v_prediction` (recorded with the adapter)")
+    snr_gamma: PositiveFloat | None = doc(None, "Min-SNR-γ loss weighting (5.0 is common); null = plain MSE")
+    noise_offset: NonNegativeFloat = doc(0.0, "offset noise, e.g. 0.0357")
+    log_every: PositiveInt = doc(1, "steps between metrics.jsonl lines (the last step is always logged)")
+    report_to: Literal["none", "tensorboard"] = doc("none", "`tensorboard` also logs there (`pip install "
+                                                    "'waveft-train[tensorboard]'`)")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bare_no(cls, value: Any) -> Any:
+        """YAML reads a bare `no` as false; that is what the user meant."""
+        return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _warmup_needs_a_warmup_scheduler(self) -> TrainSection:
+        if self.lr_warmup_steps > 0 and self.lr_scheduler not in WARMUP_SCHEDULERS:
+            raise ValueError(f"train.lr_warmup_steps is {self.lr_warmup_steps} but train.lr_scheduler "
+                             f"{self.lr_scheduler!r} has no warmup (the steps would be ignored); use a scheduler "
+                             f"with warmup ({', '.join(WARMUP_SCHEDULERS)}), or set train.lr_warmup_steps: 0")
+        return self
+
+
+class ValidationSection(Section):
+    """Sample grids during training: prompt rows × seed columns, the base model's images beside the adapter's."""
+
+    prompts: list[Prompt] = doc(lambda: ["a photo of sks dog in a bucket", "a photo of sks dog on the beach"],
+                                "one grid row per prompt (none blank)")
+    every: NonNegativeInt = doc(100, "steps between grids; 0 = off (a final grid is always made when prompts are set)")
+    num_images: PositiveInt = doc(4, "images per prompt; columns are seeds `seed`, `seed`+1, …")
+    steps: PositiveInt = doc(25, "sampler steps")
+    guidance: NonNegativeFloat = doc(5.0, "classifier-free guidance")
+    seed: NonNegativeInt = doc(42, "seed of the first column")
+    resolution: Resolution | None = doc(None, "null = data.resolution")
+
+    @model_validator(mode="after")
+    def _prompts_when_on(self) -> ValidationSection:
+        if self.every > 0 and not self.prompts:
+            raise ValueError("validation.prompts is empty but validation.every is "
+                             f"{self.every}; give prompts, or set validation.every: 0 to turn validation off")
+        return self
+
+
+class OutputSection(Section):
+    """Where the run writes."""
+
+    dir: str = doc("outputs/run", "everything goes here (rerunning resumes from it); apart from data.instance_dir and "
+                   "prior.class_dir", min_length=1)
+
+
+class TrainConfig(BaseModel):
+    """The whole run. A missing or empty section means "all defaults" and is validated like any other."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelSection
+    waveft: WaveFTSection
+    data: DataSection
+    prior: PriorSection
+    train: TrainSection
+    validation: ValidationSection
+    output: OutputSection
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_sections_are_empty(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        filled = dict(data)
+        for name in cls.model_fields:
+            if filled.get(name) is None:
+                filled[name] = {}
+        return filled
+
+    @model_validator(mode="after")
+    def _fp16_needs_loss_scaling(self) -> TrainConfig:
+        if self.model.dtype == "fp16" and self.train.mixed_precision == "no":
+            raise ValueError("model.dtype: fp16 with train.mixed_precision: no would train without loss scaling "
+                             "(small gradients vanish); set train.mixed_precision: fp16 (or bf16), or model.dtype: bf16")
+        return self
+
+    def validation_resolution(self) -> int:
+        return self.validation.resolution or self.data.resolution
+
+
+SECTIONS: tuple[str, ...] = tuple(TrainConfig.model_fields)

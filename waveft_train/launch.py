@@ -1,0 +1,64 @@
+"""The process group: one accelerate `Accelerator` for one or many processes, and what it can run here.
+
+DeepSpeed/FSDP configurations are refused (the adapter is tiny, plain data parallelism is what pays); fp16 on the
+CPU is refused or downgraded before any model loads; only the main process shows library loading bars.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+from waveft_train.config import ModelSection, TrainSection
+from waveft_train.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(train: TrainSection, model: ModelSection, output_dir: Path):
+    from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        log_with="tensorboard" if train.report_to == "tensorboard" else None,
+        project_dir=str(output_dir),
+        kwargs_handlers=[
+            # The adapter's index tensors are buffers; they never change, so DDP need not re-send them each step.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            # Validation and class images run on the main process while the others wait at a barrier.
+            InitProcessGroupKwargs(timeout=timedelta(hours=3)),
+        ],
+    )
+    check_precision(accelerator.device.type, model.dtype, train.mixed_precision)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        raise UserError(
+            f"This accelerate configuration uses {accelerator.distributed_type.value}, which waveft-train does not "
+            "support yet: the adapter is tiny, so plain data parallelism is what pays. Launch with "
+            "`accelerate launch --multi_gpu --num_processes N -m waveft_train --config ...` instead."
+        )
+    if not accelerator.is_main_process:  # one set of loading bars and library warnings, not one per process
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        for library in (diffusers.utils.logging, transformers.utils.logging):
+            library.disable_progress_bar()
+            library.set_verbosity_error()
+    return accelerator
+
+
+def check_precision(device_type: str, weight_dtype: str, mixed_precision: str) -> None:
+    """fp16 needs a GPU: accelerate runs no fp16 autocast on the CPU, and torch's CPU autocast skips fp16 weights."""
+    fp16 = [f"{key}: fp16" for key, value in (("model.dtype", weight_dtype), ("train.mixed_precision", mixed_precision))
+            if value == "fp16"]
+    if device_type != "cpu" or not fp16:
+        return
+    if weight_dtype == "fp32":
+        logger.warning("train.mixed_precision: fp16 has no effect on the CPU (accelerate runs fp16 autocast only on "
+                       "GPUs): this run trains in fp32. Use train.mixed_precision: bf16 for mixed precision here.")
+        return
+    raise UserError(
+        f"{' with '.join(fp16)} needs a GPU: on the CPU accelerate runs no fp16 mixed precision and torch's "
+        "autocast does not cover fp16 weights, so the first step would fail. On the CPU use "
+        "train.mixed_precision: bf16 (or no) with model.dtype: bf16 or fp32."
+    )

@@ -1,0 +1,38 @@
+"""What the optimizer sees: the trainable parameters (in float32), AdamW (or 8-bit AdamW), the LR schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from waveft_train.config import TrainSection
+
+
+def trainable_parameters_in_float32(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters, moved to float32 (as diffusers' `cast_training_params` does).
+
+    The spectrum already is; base biases (`waveft.bias: all`) and `modules_to_save` copies would otherwise keep
+    the frozen weights' bf16/fp16, where Adam's small steps round away and fp16 gradients cannot be unscaled.
+    Mixed precision (autocast) then runs them next to half-precision weights.
+    """
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.data = parameter.data.float()
+    return trainable
+
+
+def make_optimizer(train: TrainSection, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    options = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                   weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    if train.optimizer == "adamw8bit":
+        import bitsandbytes  # checked up front by `preflight.check_optional_dependencies`
+
+        return bitsandbytes.optim.AdamW8bit(parameters, **options)
+    return torch.optim.AdamW(parameters, **options)
+
+
+def make_lr_scheduler(train: TrainSection, optimizer: torch.optim.Optimizer):
+    """diffusers' schedulers; stepped once per optimizer step by the loop (not through accelerate)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
+                         num_training_steps=train.max_steps)
