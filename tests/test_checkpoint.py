@@ -84,7 +84,9 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def save_step(output_dir: Path, step: int, net: nn.Module | None = None, keep: int | None = None) -> Path:
     return save_checkpoint(output_dir, step, unet=net or adapted_net(step), base_model_name_or_path="tiny",
-                           training_state={"step": step, "fingerprint": "abc123", "rng": torch.arange(6)}, keep=keep)
+                           training_state={"step": step, "fingerprint": "abc123", "rng": torch.arange(6),
+                                           "optimizer": {"state": {}}, "lr_scheduler": {"last_epoch": step}},
+                           keep=keep)
 
 
 # ------------------------------------------------------------------------------------ adapter format

@@ -232,7 +232,7 @@ def test_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(trainer, "diffusion_loss", interrupted)
     code, err = run_cli(["--config", write_config(tmp_path)], capsys)
-    assert code == 130 and "Aborted." in err
+    assert code == 130 and "Aborted (Ctrl-C)" in err and "resumes from its newest checkpoint" in err
 
 
 def test_output_dir_that_is_a_file_is_one_paragraph(tmp_path, capsys):

@@ -476,6 +476,7 @@ def test_fingerprint_tracks_training_fields_only(tmp_path: Path) -> None:
     assert base == config_fingerprint(load_config(path)) and len(base) == 16
     for same in ("validation.every=7", "output.dir=elsewhere", "train.checkpoint_every=5", "train.log_every=9",
                  "train.max_steps=800",  # raising max_steps extends a run rather than starting another
+                 "train.batch_size=2", "train.gradient_accumulation=2",  # only the global batch counts (checkpoints)
                  "waveft.target_modules=[to_k,to_q,to_v,to_out.0]"):
         assert config_fingerprint(load_config(path, [same])) == base, same
     for different in ("train.learning_rate=2e-4", "waveft.n_frequency=100", "train.seed=1",

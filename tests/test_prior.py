@@ -20,7 +20,7 @@ from waveft_train.prior import (
     MANIFEST_NAME,
     GenerationSettings,
     ensure_class_images,
-    shard_indices,
+    shard_batches,
 )
 
 PROMPT = "a photo of dog"
@@ -247,11 +247,13 @@ def test_class_dir_that_is_a_file_is_a_user_error(tmp_path: Path) -> None:
         ensure(path, refuse_pipeline, num_images=1)
 
 
-def test_shard_indices_splits_by_index_modulo() -> None:
-    assert shard_indices([0, 1, 2, 5, 6], 0, 2) == [0, 2, 6]
-    assert shard_indices([0, 1, 2, 5, 6], 1, 2) == [1, 5]
-    assert shard_indices([3, 4], 0, 1) == [3, 4]
-    assert shard_indices([1], 2, 3) == []
+def test_shard_batches_keeps_every_generation_batch_whole_whatever_the_processes() -> None:
+    """Batch composition decides the pixels (batched kernels round differently), so it must not depend on layout."""
+    assert shard_batches([0, 1, 2, 5, 6], 2, 0, 2) == [[0, 1], [5]]
+    assert shard_batches([0, 1, 2, 5, 6], 2, 1, 2) == [[2], [6]]
+    assert shard_batches([0, 1, 2, 5, 6], 2, 0, 1) == [[0, 1], [2], [5], [6]]
+    assert shard_batches([3, 4], 1, 0, 1) == [[3], [4]]
+    assert shard_batches([1], 2, 2, 3) == []
 
 
 def test_two_processes_generate_the_same_images_as_one(tmp_path: Path, tiny_components) -> None:
@@ -284,5 +286,6 @@ def test_two_processes_generate_the_same_images_as_one(tmp_path: Path, tiny_comp
 def test_share_missing_after_the_barrier_is_a_user_error(tmp_path: Path, tiny_components) -> None:
     """The main process finds another process's images absent (e.g. class_dir not on a shared filesystem)."""
     with pytest.raises(UserError, match=r"indices \[1\] are missing .*all of them share"):
-        ensure(tmp_path / "class", CountingFactory(tiny_components), num_images=2, accelerator=FakeAccelerator(0, 2))
+        ensure(tmp_path / "class", CountingFactory(tiny_components), num_images=2, batch_size=1,
+               accelerator=FakeAccelerator(0, 2))
     assert not (tmp_path / "class" / MANIFEST_NAME).exists()

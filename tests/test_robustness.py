@@ -109,8 +109,8 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, class_dir, monkeypatch,
 
     def nan_at_step_three(*args, **kwargs):
         calls["n"] += 1
-        loss, parts = real_loss(*args, **kwargs)
-        return (loss * float("nan"), parts) if calls["n"] == 5 else (loss, parts)  # micro-batch 5 = step 3
+        instance, prior = real_loss(*args, **kwargs)
+        return (instance * float("nan"), prior) if calls["n"] == 5 else (instance, prior)  # micro-batch 5 = step 3
 
     monkeypatch.setattr(trainer, "diffusion_loss", nan_at_step_three)
     with pytest.raises(SystemExit) as exit_info:
@@ -140,9 +140,9 @@ def test_non_finite_gradient_stops_too(tmp_path, class_dir, monkeypatch, capsys)
     real_loss = trainer.diffusion_loss
 
     def with_infinite_gradient(unet, *args, **kwargs):
-        loss, parts = real_loss(unet, *args, **kwargs)
+        instance, prior = real_loss(unet, *args, **kwargs)
         spectrum = next(p for p in unet.parameters() if p.requires_grad)
-        return loss + InfiniteGradient.apply(spectrum), parts
+        return instance + InfiniteGradient.apply(spectrum), prior
 
     monkeypatch.setattr(trainer, "diffusion_loss", with_infinite_gradient)
     with pytest.raises(SystemExit) as exit_info:

@@ -141,27 +141,28 @@ class SplitUNet(torch.nn.Module):
         return (prediction,)
 
 
-def test_prior_preservation_loss_split():
+def test_prior_preservation_loss_split_and_per_example_noise():
     from diffusers import DDPMScheduler
 
     from waveft_train.encode import UNetInputs
-    from waveft_train.trainer import LoopSettings, diffusion_loss, micro_batch_generator
+    from waveft_train.trainer import LoopSettings, batch_generators, diffusion_loss, example_generator
 
     inputs = UNetInputs(latents=torch.randn(4, 4, 8, 8), prompt_embeds=torch.zeros(4, 77, 64), pooled=torch.zeros(4, 32),
                         time_ids=torch.zeros(4, 6), num_instance=2)
     settings = LoopSettings(max_steps=1, gradient_accumulation=1, max_grad_norm=None, prediction_type="epsilon",
                             snr_gamma=None, noise_offset=0.0, prior_loss_weight=0.3, seed=0)
-    loss, parts = diffusion_loss(SplitUNet(2), DDPMScheduler(), inputs, micro_batch_generator(0, 0, 0), settings, torch.float32)
-    noise = torch.randn(inputs.latents.shape, generator=micro_batch_generator(0, 0, 0))
-    expected_instance = noise[:2].square().mean()
-    expected_prior = (1 - noise[2:]).square().mean()
-    torch.testing.assert_close(parts["instance_loss"], expected_instance)
-    torch.testing.assert_close(parts["prior_loss"], expected_prior)
-    torch.testing.assert_close(loss, expected_instance + 0.3 * expected_prior)
+    instance, prior = diffusion_loss(SplitUNet(2), DDPMScheduler(), inputs, batch_generators(0, 10, 2, True), settings,
+                                     torch.float32)
+    # example k of the run draws from its own generator, whatever batch it comes in: instance 10, 11, class 10, 11
+    noise = torch.stack([torch.randn(4, 8, 8, generator=example_generator(0, position, role))
+                         for role in ("instance", "class") for position in (10, 11)])
+    torch.testing.assert_close(instance, noise[:2].square().mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(prior, (1 - noise[2:]).square().mean(dim=(1, 2, 3)))
 
     no_prior = LoopSettings(**{**settings.__dict__, "prior_loss_weight": None})
-    loss, parts = diffusion_loss(SplitUNet(2), DDPMScheduler(), inputs, micro_batch_generator(0, 0, 0), no_prior, torch.float32)
-    assert "prior_loss" not in parts
+    _, prior = diffusion_loss(SplitUNet(2), DDPMScheduler(), inputs, batch_generators(0, 10, 2, True), no_prior,
+                              torch.float32)
+    assert prior is None
 
 
 def test_cached_and_uncached_conditioning_give_the_same_loss(tmp_path, class_dir):
@@ -171,7 +172,7 @@ def test_cached_and_uncached_conditioning_give_the_same_loss(tmp_path, class_dir
     from waveft_train.encode import Conditioning
     from waveft_train.images import images_from_files, load_images
     from waveft_train.models import load_components
-    from waveft_train.trainer import LoopSettings, diffusion_loss, micro_batch_generator
+    from waveft_train.trainer import LoopSettings, batch_generators, diffusion_loss
 
     config = load_config(DEMO, fast_overrides(tmp_path, class_dir))
     components = load_components(config.model.pretrained)
@@ -183,13 +184,13 @@ def test_cached_and_uncached_conditioning_give_the_same_loss(tmp_path, class_dir
                             snr_gamma=None, noise_offset=0.1, prior_loss_weight=1.0, seed=0)
     losses = []
     for cache in (True, False):
-        conditioning = Conditioning(components, dataset, device=torch.device("cpu"), resolution=32, cache_latents=cache,
-                                    progress=False)
+        conditioning = Conditioning(components, dataset, device=torch.device("cpu"), cache_latents=cache, progress=False)
         assert (conditioning.examples is dataset) is not cache  # the cache replaces pixels by latents
         batch = collate([conditioning.examples[3], conditioning.examples[0]], with_prior=True)
         inputs = conditioning(batch)
-        loss, _ = diffusion_loss(components.unet, DDPMScheduler(), inputs, micro_batch_generator(0, 5, 0), settings, torch.float32)
-        losses.append(loss.item())
+        instance, prior = diffusion_loss(components.unet, DDPMScheduler(), inputs, batch_generators(0, 5, 2, True),
+                                         settings, torch.float32)
+        losses.append((instance.sum() + prior.sum()).item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
 

@@ -16,7 +16,8 @@ import torch
 
 from waveft_train.adapter_files import ADAPTER_CONFIG, AdapterFiles, check_fit, read_adapter
 from waveft_train.errors import UserError
-from waveft_train.files import atomic_folder
+from waveft_train.files import atomic_folder, writing
+from waveft_train.lock import FolderLock
 from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_scheduler, load_unet
 
 if TYPE_CHECKING:
@@ -148,25 +149,31 @@ def export_merged(
     out = Path(out_dir).expanduser().absolute()
     _check_export_target(out, Path(adapter_dir).expanduser(), force)
     adapter = read_adapter(adapter_dir)
-    base_name = _base_name(adapter, base)
-    unet = load_unet(base_name, dtype=torch.float32)
-    scheduler = scheduler_for(adapter, load_scheduler(base_name))
-    base_keys = set(unet.state_dict())
-    merged = _inject(unet, adapter, base_name, 1.0).merge_and_unload()
-    extra = sorted(set(merged.state_dict()) - base_keys)
-    if extra:
-        raise UserError(
-            f"The adapter {adapter.folder} adds weights the base UNet does not have (first: {extra[0]}), e.g. a "
-            "bias='waveft_only' bias on a layer without bias; a plain diffusers UNet cannot hold them. Load the "
-            "adapter with peft instead of exporting it."
-        )
-    with _quiet_diffusers_fp32_notice():
-        merged.to(DTYPES[dtype])
-
-    with atomic_folder(out) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
-        scheduler.save_config(staging)
+    with writing(out, "the merged UNet"), export_lock(out):
+        _check_export_target(out, Path(adapter_dir).expanduser(), force)  # again: another export may have finished
+        base_name = _base_name(adapter, base)
+        unet = load_unet(base_name, dtype=torch.float32)
+        scheduler = scheduler_for(adapter, load_scheduler(base_name))
+        base_keys = set(unet.state_dict())
+        merged = _inject(unet, adapter, base_name, 1.0).merge_and_unload()
+        extra = sorted(set(merged.state_dict()) - base_keys)
+        if extra:
+            raise UserError(
+                f"The adapter {adapter.folder} adds weights the base UNet does not have (first: {extra[0]}); a plain "
+                "diffusers UNet cannot hold them. Load the adapter with peft instead of exporting it."
+            )
+        with _quiet_diffusers_fp32_notice():
+            merged.to(DTYPES[dtype])
+        with atomic_folder(out) as staging:
+            merged.save_pretrained(staging, safe_serialization=True)
+            scheduler.save_config(staging)
     return out
+
+
+def export_lock(out: Path) -> FolderLock:
+    """One export at a time into `out`: the lock file sits beside it (`out` itself is swapped atomically)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return FolderLock(out, what="export", lock_path=out.parent / f".{out.name}.lock")
 
 
 EXPORT_CONFIG_NAME = "config.json"

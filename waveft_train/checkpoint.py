@@ -19,7 +19,7 @@ import logging
 import numbers
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ CHECKPOINT_PATTERN = re.compile(r"step-(\d{6,})")
 # so a JSON object with a marker key is always a placeholder.
 TENSOR, NDARRAY, TUPLE, DICT = "__tensor__", "__ndarray__", "__tuple__", "__dict__"
 MARKERS = frozenset({TENSOR, NDARRAY, TUPLE, DICT})
+REQUIRED_STATE = ("step", "fingerprint", "optimizer", "lr_scheduler")  # what resuming reads from every checkpoint
 
 # ------------------------------------------------------------------------------------ checkpoints
 
@@ -76,19 +77,55 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [folder for _, folder in _numbered_folders(output_dir) if _incomplete_reason(folder) is None]
 
 
-def find_latest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step (what a rerun resumes from), or None."""
+def newest_checkpoints(output_dir: Path) -> Iterator[Path]:
+    """Complete checkpoints, newest first (what a rerun tries to resume from); incomplete ones are named and skipped."""
     for _, folder in reversed(_numbered_folders(output_dir)):
         reason = _incomplete_reason(folder)
         if reason is None:
-            return folder
-        logger.warning("Skipping incomplete checkpoint %s: %s", folder, reason)
-    return None
+            yield folder
+        else:
+            logger.warning("Skipping incomplete checkpoint %s: %s", folder, reason)
 
 
-def checkpoint_step(folder: Path) -> int:
-    """The step a complete checkpoint was written at, read from its JSON alone (no tensors are loaded)."""
-    return int(read_json(Path(folder) / STATE_JSON)["step"])
+def find_latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    return next(newest_checkpoints(output_dir), None)
+
+
+def checkpoint_record(folder: Path) -> dict[str, Any]:
+    """A complete checkpoint's plain-JSON state (step, fingerprint, global batch, image manifest), read without
+    loading any tensor; tensor-holding entries come back as placeholders."""
+    return read_json(Path(folder) / STATE_JSON)["state"]
+
+
+def finished_step(output_dir: Path, max_steps: int) -> int | None:
+    """The newest checkpoint's step when the run there is finished (at or past `max_steps`, summary.json written)."""
+    latest = find_latest_checkpoint(output_dir)
+    if latest is None or not (Path(output_dir) / "summary.json").exists():
+        return None
+    step = checkpoint_record(latest)["step"]
+    return step if step >= max_steps else None
+
+
+def why_not_continue(output_dir: Path, *, image_manifest: Mapping[str, str], global_batch: int, layout: str) -> str | None:
+    """Why this run cannot continue the newest checkpoint (other subject photos, another global batch), or None."""
+    from waveft_train.images import manifest_changes
+
+    latest = find_latest_checkpoint(output_dir)
+    if latest is None:
+        return None
+    record = checkpoint_record(latest)
+    problems = []
+    changes = manifest_changes(record.get("instance_images", image_manifest), dict(image_manifest))
+    if changes:
+        problems.append(f"the subject photos (data.instance_dir) changed since it was written: {changes}")
+    if record.get("global_batch", global_batch) != global_batch:
+        problems.append(f"it was trained with a global batch of {record['global_batch']} images per step and this "
+                        f"launch has {global_batch} ({layout}); any layout with the same global batch continues the "
+                        "same run")
+    if not problems:
+        return None
+    return f"The checkpoint {latest} cannot be continued by this run: {'; and '.join(problems)}"
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -126,11 +163,18 @@ def _incomplete_reason(folder: Path) -> str | None:
     for name in CHECKPOINT_FILES:
         if not (folder / name).is_file():
             return f"{name} is missing"
+    documents = {}
     for name in (ADAPTER_CONFIG, STATE_JSON):
         try:
-            json.loads((folder / name).read_text(encoding="utf-8"))
+            documents[name] = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as error:
             return f"{name} is not readable JSON ({error})"
+    state = documents[STATE_JSON]
+    if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT and isinstance(state.get("state"), dict)):
+        return f"{STATE_JSON} is not a waveft-train training state (no \"format\": \"{STATE_FORMAT}\" and \"state\")"
+    lacking = [key for key in REQUIRED_STATE if key not in state["state"]]
+    if lacking or not isinstance(state["state"].get("step"), int):
+        return f"{STATE_JSON} lacks {', '.join(lacking) or 'an integer step'}"
     for name in (ADAPTER_WEIGHTS, STATE_TENSORS):
         problem = safetensors_problem(folder / name)
         if problem:

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from waveft_train.errors import UserError
+from waveft_train.errors import RunInterrupted, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -158,6 +158,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     _register_adapter_commands()
     try:
         code = app(args=args, standalone_mode=False)  # Ctrl-C comes back as 130 (typer turns it into Exit(130))
+    except RunInterrupted as error:  # a signal ended a run at a step boundary: not an error, but not done either
+        typer.echo(str(error), err=True)
+        sys.exit(error.exit_code)
     except UserError as error:
         if debug:
             raise
@@ -187,6 +190,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(2)
         raise
     if code == 130:
-        typer.echo("Aborted.", err=True)
+        typer.echo("Aborted (Ctrl-C). Every file is written atomically, so nothing was left half-written; a training "
+                   "run resumes from its newest checkpoint when the same command runs again.", err=True)
     if isinstance(code, int) and code != 0:
         sys.exit(code)

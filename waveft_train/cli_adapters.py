@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from waveft_train.errors import UserError
-from waveft_train.files import save_png_atomically
+from waveft_train.files import save_png_atomically, writing
 
 COMPARE_GROUP_GAP = 16  # white pixels between the base model's images and the adapter's in --compare-base grids
 SAMPLE_DTYPES = ("auto", "fp16", "bf16", "fp32")
@@ -70,7 +70,7 @@ def sample(
     """
     from waveft_train.models import build_pipeline
     from waveft_train.adapters import adapters_disabled, load_adapter_unet
-    from waveft_train.sampling import default_image_size, generate_grid_images, make_grid
+    from waveft_train.sampling import NonFiniteImage, default_image_size, generate_grid_images, make_grid
 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end with .png (the grid is written as a PNG image).")
@@ -95,15 +95,24 @@ def sample(
     size = default_image_size(pipeline)
     seeds = list(range(seed, seed + num_images))
     options = {"steps": steps, "guidance": guidance, "height": height or size, "width": width or size}
-    rows = generate_grid_images(pipeline, prompts, seeds, **options)
+    try:
+        rows = generate_grid_images(pipeline, prompts, seeds, **options)
+        if compare_base:
+            with adapters_disabled(unet):
+                base_rows = generate_grid_images(pipeline, prompts, seeds, **options)
+    except NonFiniteImage as error:
+        raise UserError(
+            f"Sampling gave no image: {error}, so the grid would be black. The adapter at --scale {scale:g} (with "
+            f"--guidance {guidance:g}) drives the model out of range; use a --scale between 0 and about 2 (1 = as "
+            "trained). If --scale 1 fails too, the adapter itself is broken (a diverged run)."
+        ) from None
     if compare_base:
-        with adapters_disabled(unet):
-            base_rows = generate_grid_images(pipeline, prompts, seeds, **options)
         rows = [base_row + adapter_row for base_row, adapter_row in zip(base_rows, rows)]
         grid = make_grid(rows, group_size=num_images, group_gap=COMPARE_GROUP_GAP)
     else:
         grid = make_grid(rows)
-    save_png_atomically(grid, out)
+    with writing(out, "the sample grid"):
+        save_png_atomically(grid, out)
     layout = " (base | adapter)" if compare_base else ""
     typer.echo(f"Wrote {out}: {len(prompts)} prompt(s) x seeds {seeds[0]}..{seeds[-1]}{layout}.")
 

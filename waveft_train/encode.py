@@ -19,6 +19,29 @@ import torch
 from tqdm.auto import tqdm
 
 
+def warn_about_long_prompts(prompts_by_source: Sequence[tuple[str, str]], tokenizer) -> None:
+    """Name every prompt longer than CLIP's window, and what of it is cut.
+
+    Both SDXL text encoders read 77 tokens (75 of text); the rest is dropped, in training as by every stock SDXL
+    pipeline at inference. Training on exactly what inference will see is the point, so long prompts are cut, not
+    encoded in chunks; the warning says which words the model never sees.
+    """
+    import logging
+
+    limit = tokenizer.model_max_length - 2  # the start and end tokens
+    sources: dict[str, list[str]] = {}
+    for source, prompt in prompts_by_source:
+        sources.setdefault(prompt, []).append(source)
+    for prompt, names in sources.items():
+        ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        if len(ids) > limit:
+            where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            logging.getLogger(__name__).warning(
+                "The prompt of %s is %d tokens long; CLIP reads %d, so training (like SDXL pipelines at inference) "
+                "never sees its end: %r. Shorten it, or put what matters first.", where, len(ids), limit,
+                tokenizer.decode(ids[limit:]))
+
+
 @torch.no_grad()
 def encode_prompts(prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds (B, 77, D1+D2), pooled (B, P)) exactly as diffusers' SDXL pipeline computes them."""
@@ -33,10 +56,9 @@ def encode_prompts(prompts: Sequence[str], tokenizers: Sequence, text_encoders: 
     return torch.cat(hidden_states, dim=-1), pooled
 
 
-def compute_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, target_size: tuple[int, int]) -> torch.Tensor:
+def compute_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, target_sizes: torch.Tensor) -> torch.Tensor:
     """SDXL micro-conditioning (B, 6): original (h, w) + crop (top, left) + target (h, w), per example."""
-    target = torch.tensor(target_size, dtype=torch.long).expand(original_sizes.shape[0], 2)
-    return torch.cat([original_sizes.long(), crop_top_lefts.long(), target], dim=1)
+    return torch.cat([original_sizes.long(), crop_top_lefts.long(), target_sizes.long()], dim=1)
 
 
 @torch.no_grad()
@@ -95,11 +117,19 @@ class LatentCache(torch.utils.data.Dataset):
 
 @dataclass
 class UNetInputs:
+    """A collated batch for the UNet: its `num_instance` instance examples first, then as many class examples (if
+    any)."""
+
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
     time_ids: torch.Tensor
     num_instance: int
+
+    def item(self, index: int) -> UNetInputs:
+        """Instance example `index` and, with prior preservation, its class example: one DreamBooth item."""
+        rows = [index] + ([self.num_instance + index] if self.latents.shape[0] > self.num_instance else [])
+        return UNetInputs(self.latents[rows], self.prompt_embeds[rows], self.pooled[rows], self.time_ids[rows], 1)
 
 
 class Conditioning:
@@ -111,9 +141,8 @@ class Conditioning:
     every module to the device for sampling (validation) and puts each back where training keeps it.
     """
 
-    def __init__(self, components, dataset, *, device: torch.device, resolution: int, cache_latents: bool,
-                 progress: bool = True):
-        self.components, self.device, self.resolution = components, device, resolution
+    def __init__(self, components, dataset, *, device: torch.device, cache_latents: bool, progress: bool = True):
+        self.components, self.device = components, device
         self.cache_latents = cache_latents
         prompts = list(dataset.instance_images.prompts)
         if dataset.class_images is not None:
@@ -144,7 +173,7 @@ class Conditioning:
         images = batch["images"]
         latents = images if self.cache_latents else encode_latents(self.components.vae, images)
         embeds, pooled = self.prompts(batch["prompts"])
-        time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], (self.resolution, self.resolution))
+        time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
         return UNetInputs(
             latents=latents.to(self.device),
             prompt_embeds=embeds.to(self.device),

@@ -11,3 +11,11 @@ class UserError(Exception):
     """A mistake the user can fix; the message is shown as-is, without a traceback."""
 
     exit_code = 2
+
+
+class RunInterrupted(UserError):
+    """The run stopped on a signal (SIGTERM, Ctrl-C); the message says where it resumes. Exit 128 + signal number."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

@@ -187,3 +187,23 @@ def atomic_folder(target: Path, *, replace: bool = True) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """Any failure to write `what` at `path` (full disk, permissions, I/O error; safetensors' own error type) becomes
+    one paragraph naming the path. The writers below are atomic, so nothing half-written is left behind."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+        raise UserError(f"Could not write {what} to {path}{where}: {error.strerror or error}. Nothing was "
+                        "half-written. Free some disk space or fix the permissions, then rerun the same command."
+                        ) from error
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":  # safetensors reports I/O failures as its own type
+            raise
+        raise UserError(f"Could not write {what} to {path}: {str(error).strip()}. Nothing was half-written. Free "
+                        "some disk space or fix the permissions, then rerun the same command.") from error

@@ -62,3 +62,40 @@ def check_precision(device_type: str, weight_dtype: str, mixed_precision: str) -
         "autocast does not cover fp16 weights, so the first step would fail. On the CPU use "
         "train.mixed_precision: bf16 (or no) with model.dtype: bf16 or fp32."
     )
+
+
+def check_shared_folders(accelerator, folders: dict[str, Path]) -> None:
+    """Collective. Refuse, on every process alike, folders that some process does not see as the main process does.
+
+    The main process writes a marker file into each folder; every process then looks for it. With one process
+    (or one machine's local disk shared by all processes) this costs a file write and two barriers.
+    """
+    import socket
+    import uuid
+
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.num_processes == 1:
+        return
+    token = broadcast_object_list([f".waveft-train-shared-{uuid.uuid4().hex[:12]}"])[0]
+    if accelerator.is_main_process:
+        for folder in folders.values():
+            (folder / token).touch()
+    accelerator.wait_for_everyone()
+    unseen = [key for key, folder in folders.items() if not (folder / token).exists()]
+    flags = accelerator.gather(torch.tensor([[float(key in unseen) for key in folders]], device=accelerator.device))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for folder in folders.values():
+            (folder / token).unlink(missing_ok=True)
+    missing = [key for index, key in enumerate(folders) if flags[:, index].max() > 0]
+    if missing:
+        culprits = ", ".join(f"{key} ({folders[key]})" for key in missing)
+        raise UserError(
+            f"{culprits} is not on storage that every process sees (process {accelerator.process_index} on "
+            f"{socket.gethostname()} {'does not' if unseen else 'does, but another one does not'} see what the main "
+            "process writes there). With several machines, output.dir and prior.class_dir must be on a shared "
+            "filesystem (NFS, Lustre, a mounted bucket): the main process writes the checkpoints every process resumes "
+            "from, and each process writes its share of the class images."
+        )

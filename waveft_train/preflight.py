@@ -137,3 +137,18 @@ def check_vae(model: ModelSection) -> None:
         from waveft_train.models import resolve_vae
 
         resolve_vae(model.vae)
+
+
+def checkpoint_is_another_run(output_dir: Path, image_manifest: dict[str, str], global_batch: int,
+                              train: TrainSection, *, force: bool) -> bool:
+    """Whether the newest checkpoint belongs to a run this one cannot continue (other subject photos, another
+    global batch): with --force it is replaced (True); without, refused."""
+    from waveft_train.checkpoint import why_not_continue
+
+    problem = why_not_continue(output_dir, image_manifest=image_manifest, global_batch=global_batch,
+                               layout=f"train.batch_size {train.batch_size} × train.gradient_accumulation "
+                                      f"{train.gradient_accumulation} × processes")
+    if problem and not force:
+        raise UserError(f"{problem}. Restore what changed to resume it, use another output.dir, or pass --force to "
+                        "start over there.")
+    return problem is not None

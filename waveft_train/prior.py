@@ -10,9 +10,11 @@ Why it looks like this:
   noise does not depend on the batch size, the number of processes or which images already existed.
   (Pixels can still differ by a rounding step between batch sizes: batched float kernels round
   differently. The noise, and so the image content, is the same.)
-- Several processes (accelerate) split the missing indices by `index % num_processes`, write their own
-  files, and the main process alone writes the manifest after a barrier. The class folder must be on a
-  filesystem every process sees (as for the rest of the output).
+- Several processes (accelerate) split the missing indices batch by batch: index i belongs to generation batch
+  i // generation_batch_size, and batch k goes to process k % num_processes, so every image is generated in the
+  same batch, with the same pixels, whatever the number of processes (a run is a function of its config, not of
+  its layout). Each process writes its own files, and the main process alone writes the
+  manifest after a barrier. The class folder must be on a filesystem every process sees.
 - Files are written atomically (hidden temp file in the same folder + os.replace), so an interrupted
   run never leaves a half-written image or manifest behind.
 """
@@ -31,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from waveft_train.images import IMAGE_EXTENSIONS
+from waveft_train.config import ModelSection, PriorSection
 from waveft_train.errors import UserError
-from waveft_train.files import atomic_write_text, save_png_atomically
+from waveft_train.files import atomic_write_text, save_png_atomically, writing
 from waveft_train.paths import is_hidden
 
 if TYPE_CHECKING:
@@ -154,7 +157,8 @@ def write_manifest(class_dir: Path, entries: Iterable[dict[str, Any]]) -> None:
     """Write the manifest atomically, sorted by file name (stable bytes for the same content)."""
     images = sorted(entries, key=lambda entry: entry["file"])
     text = json.dumps({"version": MANIFEST_VERSION, "images": images}, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_text(class_dir / MANIFEST_NAME, text)
+    with writing(class_dir / MANIFEST_NAME, "the class-image manifest"):
+        atomic_write_text(class_dir / MANIFEST_NAME, text)
 
 
 def save_image_atomically(image: Image.Image, path: Path) -> None:
@@ -204,22 +208,26 @@ def plan_class_images(class_dir: Path, settings: GenerationSettings, num_images:
     return ClassImagePlan(tuple(user_images), kept, tuple(missing), unrecorded)
 
 
-def shard_indices(indices: Sequence[int], process_index: int, num_processes: int) -> list[int]:
-    """This process's share: index i belongs to process i % num_processes (same split on every process)."""
-    return [index for index in indices if index % num_processes == process_index]
+def shard_batches(indices: Sequence[int], batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
+    """This process's share of the generation batches: index i is in batch i // batch_size, batch k is process
+    k % num_processes's. Fixed by the indices alone, so every process computes the same split."""
+    batches: dict[int, list[int]] = {}
+    for index in indices:
+        batches.setdefault(index // batch_size, []).append(index)
+    return [batches[key] for key in sorted(batches) if key % num_processes == process_index]
 
 
 # ----------------------------------------------------------------------------------------------- generation
 def generate_class_images(
-    pipeline: StableDiffusionXLPipeline, class_dir: Path, settings: GenerationSettings, indices: Sequence[int],
-    *, batch_size: int, progress: bool,
+    pipeline: StableDiffusionXLPipeline, class_dir: Path, settings: GenerationSettings, batches: Sequence[list[int]],
+    *, progress: bool,
 ) -> None:
-    """Generate and save the images with these generation indices, `batch_size` at a time."""
+    """Generate and save the images with these generation indices, one pipeline call per batch."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(indices), desc="Generating class images", unit="image", disable=not progress) as bar:
-        for start in range(0, len(indices), batch_size):
-            batch = list(indices[start:start + batch_size])
+    total = sum(len(batch) for batch in batches)
+    with tqdm(total=total, desc="Generating class images", unit="image", disable=not progress) as bar:
+        for batch in batches:
             output = pipeline(
                 prompt=[settings.prompt] * len(batch),
                 height=settings.resolution,
@@ -230,7 +238,8 @@ def generate_class_images(
                 output_type="pil",
             )
             for index, image in zip(batch, output.images, strict=True):
-                save_image_atomically(image, class_dir / settings.file_name(index))
+                with writing(class_dir / settings.file_name(index), "a generated class image"):
+                    save_image_atomically(image, class_dir / settings.file_name(index))
             bar.update(len(batch))
 
 
@@ -279,11 +288,10 @@ def ensure_class_images(
         return plan.images(settings, class_dir, num_images)
     if accelerator is not None:  # every process plans from the same folder state before anyone writes
         accelerator.wait_for_everyone()
-    own = shard_indices(plan.missing, process_index, num_processes)
+    own = shard_batches(plan.missing, batch_size, process_index, num_processes)
     if own:
         pipeline = make_pipeline()
-        generate_class_images(pipeline, class_dir, settings, own, batch_size=batch_size,
-                              progress=progress and is_main)
+        generate_class_images(pipeline, class_dir, settings, own, progress=progress and is_main)
         del pipeline
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -308,3 +316,20 @@ def _record_generated(class_dir: Path, settings: GenerationSettings, indices: Se
     kept = [entry for entry in read_manifest(class_dir)
             if entry["file"] not in new_files and (class_dir / entry["file"]).is_file()]
     write_manifest(class_dir, kept + new)
+
+
+def class_images_for_run(prior: PriorSection, model: ModelSection, components, *, resolution: int, seed: int,
+                         accelerator: ProcessGroup, progress: bool) -> list[Path]:
+    """`ensure_class_images` with a run's settings: generated with the run's base model (its path, revision, VAE and
+    dtype are what the images depend on, beside the sampling settings) on the run's device."""
+    from waveft_train.models import build_pipeline
+
+    identity = components.model_path + (f"@{model.revision}" if model.revision else "")
+    identity += (f"|vae={model.vae}" if model.vae else "") + f"|{model.dtype}"
+    return ensure_class_images(
+        Path(prior.class_dir), num_images=prior.num_class_images, prompt=prior.class_prompt, model_id=identity,
+        resolution=resolution, steps=prior.generation_steps, guidance=prior.generation_guidance, seed=seed,
+        batch_size=prior.generation_batch_size,
+        make_pipeline=lambda: build_pipeline(components, progress_bar=False).to(accelerator.device),
+        accelerator=accelerator, progress=progress,
+    )

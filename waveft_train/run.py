@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 import os
 import time
 import warnings
@@ -24,11 +25,12 @@ from pathlib import Path
 import torch
 
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
+from waveft_train.checkpoint import finished_step
 from waveft_train.errors import UserError
-from waveft_train.files import atomic_write_text, make_folder, save_png_atomically, write_atomically
+from waveft_train.files import atomic_write_text, make_folder, save_png_atomically, write_atomically, writing
 from waveft_train.models import DTYPES
-from waveft_train.preflight import (adapter_on_meta_unet, check_optional_dependencies, check_vae, clear_previous_run,
-                                    holds_other_run, validate_inputs)
+from waveft_train.preflight import (adapter_on_meta_unet, check_optional_dependencies, check_vae,
+                                    checkpoint_is_another_run, clear_previous_run, holds_other_run, validate_inputs)
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +51,25 @@ class DreamBoothRun:
         self.final_loss: float | None = None
         self.base_samples: list | None = None  # the base model's validation images: the same at every step
         self.last_samples: Path | None = None
+        self.lock = None
+        self.is_main = int(os.environ.get("RANK", "0")) == 0  # before accelerate starts: the launcher's global rank
+        train = config.train  # the run's global batch: what a resumed run (on any layout) must keep
+        self.global_batch = train.batch_size * train.gradient_accumulation * int(os.environ.get("WORLD_SIZE", "1"))
 
     def run(self) -> Path:
-        if self.preflight():
-            return self.output_dir
-        self.setup()
-        self.train()
-        self.finish()
-        self.cleanup()
+        from waveft_train.stopping import GracefulStop
+
+        with GracefulStop(self.output_dir) as self.stop:
+            if self.preflight():
+                return self.output_dir
+            try:
+                self.setup()
+                self.train()
+                self.finish()
+                self.cleanup()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
         return self.output_dir
 
     # ------------------------------------------------------------------------------------------ setup
@@ -64,9 +77,9 @@ class DreamBoothRun:
         """Every check that needs no weights; True when the output folder already holds this finished run."""
         config = self.config
         self.replace_other_run = holds_other_run(self.output_dir, self.fingerprint, force=self.force)
-        finished_at = None if self.replace_other_run else self._finished_step()
+        finished_at = None if self.replace_other_run else finished_step(self.output_dir, config.train.max_steps)
         if finished_at is not None:
-            if int(os.environ.get("RANK", "0")) == 0:  # config.yaml stays as the finished run wrote it
+            if self.is_main:  # config.yaml stays as the finished run wrote it
                 print(f"{self.output_dir} already holds the finished run ({finished_at} steps); nothing to do. Raise "
                       "train.max_steps to train further.", flush=True)
             return True
@@ -74,21 +87,17 @@ class DreamBoothRun:
         check_optional_dependencies(config.train)
         adapter_on_meta_unet(config.model, config.waveft)  # target_modules, n_frequency against the architecture
         check_vae(config.model)
-        from waveft_train.images import load_images
+        from waveft_train.images import image_manifest, load_images, warn_about_small_images
 
         self.instance_images = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
                                            default_prompt=config.data.instance_prompt)
+        if self.is_main:
+            warn_about_small_images(self.instance_images, config.data.resolution, "data.instance_dir")
+        self.image_manifest = image_manifest(self.instance_images)
+        if not self.replace_other_run:
+            self.replace_other_run = checkpoint_is_another_run(self.output_dir, self.image_manifest, self.global_batch,
+                                                               config.train, force=self.force)
         return False
-
-    def _finished_step(self) -> int | None:
-        """The step of the newest checkpoint when the run is finished there (and summary.json was written)."""
-        from waveft_train import checkpoint
-
-        latest = checkpoint.find_latest_checkpoint(self.output_dir)
-        if latest is None or not (self.output_dir / "summary.json").exists():
-            return None
-        step = checkpoint.checkpoint_step(latest)
-        return step if step >= self.config.train.max_steps else None
 
     def setup(self) -> None:
         """Collective. Load and build everything; only then touch the output folder (resume or take it over)."""
@@ -101,8 +110,14 @@ class DreamBoothRun:
         # Made (empty, if new) once the cheap checks have passed and before the models load: a path that cannot be a
         # folder fails in seconds, and a refused run leaves no stray folders.
         make_folder(self.output_dir, "output.dir")
+        if self.accelerator.is_main_process:  # one writer per output folder; the other processes never write there
+            from waveft_train.lock import FolderLock
+
+            self.lock = FolderLock(self.output_dir, what="training run")
+            self.lock.acquire()
         if config.prior.enabled:
             make_folder(Path(config.prior.class_dir), "prior.class_dir")
+        self._check_shared_storage()
         if self.accelerator.is_main_process:
             for caveat in stock_peft_caveats(config.waveft):
                 logger.warning(caveat[0].upper() + caveat[1:])
@@ -111,6 +126,13 @@ class DreamBoothRun:
                                           weight_dtype=DTYPES[config.model.dtype])
         self.prediction_type = config.train.prediction_type or self.components.scheduler.config.get(
             "prediction_type", "epsilon")
+        if self.accelerator.is_main_process:
+            from waveft_train.encode import warn_about_long_prompts
+
+            class_prompt = [("prior.class_prompt", config.prior.class_prompt)] if config.prior.enabled else []
+            warn_about_long_prompts([*zip(self.instance_images.names(), self.instance_images.prompts), *class_prompt,
+                                     *(("validation.prompts", text) for text in config.validation.prompts)],
+                                    self.components.tokenizer)
         self._setup_data()
         self._setup_adapter()
         # Only now, with everything loaded and built, is anything in the output folder touched (up front it was only
@@ -123,11 +145,23 @@ class DreamBoothRun:
         if self.accelerator.is_main_process:
             from waveft_train.metrics import MetricsLog
 
-            atomic_write_text(self.output_dir / "config.yaml", dump_config(config))
-            self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", self.start_step)
+            with writing(self.output_dir / "config.yaml", "the run's resolved config"):
+                atomic_write_text(self.output_dir / "config.yaml", dump_config(config))
+            with writing(self.output_dir / "metrics.jsonl", "the metrics log"):
+                self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", self.start_step)
             if config.train.report_to == "tensorboard":
                 self.accelerator.init_trackers("waveft-train")
         self.accelerator.wait_for_everyone()
+
+    def _check_shared_storage(self) -> None:
+        """Collective. Several processes (or machines) need output.dir and prior.class_dir on storage they all see:
+        the main process writes checkpoints that every process resumes from, and each writes its share of class images."""
+        from waveft_train.launch import check_shared_folders
+
+        folders = {"output.dir": self.output_dir}
+        if self.config.prior.enabled:
+            folders["prior.class_dir"] = Path(self.config.prior.class_dir)
+        check_shared_folders(self.accelerator, folders)
 
     def _setup_data(self) -> None:
         """Class images (generated where missing), the DreamBooth pairing, and the conditioning that owns caches."""
@@ -137,34 +171,20 @@ class DreamBoothRun:
 
         data, prior, main = self.config.data, self.config.prior, self.accelerator.is_main_process
         class_images = None
-        if prior.enabled:
-            files = self._ensure_class_images()
+        if prior.enabled:  # collective: every process generates its share of the missing class images
+            from waveft_train.prior import class_images_for_run
+
+            files = class_images_for_run(prior, self.config.model, self.components, resolution=data.resolution,
+                                         seed=self.config.train.seed, accelerator=self.accelerator,
+                                         progress=self.progress)
             class_images = images_from_files(files, prompt=prior.class_prompt, source=prior.class_dir)
-        dataset = DreamBoothDataset(
+        self.dataset = DreamBoothDataset(
             self.instance_images, resolution=data.resolution, seed=self.config.train.seed, center_crop=data.center_crop,
             random_flip=data.random_flip, repeats=data.repeats, class_images=class_images,
-            num_class_images=prior.num_class_images if prior.enabled else None,
+            num_class_images=prior.num_class_images if prior.enabled else None, bucketing=data.bucketing,
         )
-        self.conditioning = Conditioning(self.components, dataset, device=self.accelerator.device,
-                                         resolution=data.resolution, cache_latents=self.config.train.cache_latents,
-                                         progress=self.progress and main)
-
-    def _ensure_class_images(self) -> list[Path]:
-        """Collective (every process generates its share of the missing class images)."""
-        from waveft_train.models import build_pipeline
-        from waveft_train.prior import ensure_class_images
-
-        config, components = self.config, self.components
-        identity = components.model_path + (f"@{config.model.revision}" if config.model.revision else "")
-        identity += (f"|vae={config.model.vae}" if config.model.vae else "") + f"|{config.model.dtype}"
-        return ensure_class_images(
-            Path(config.prior.class_dir), num_images=config.prior.num_class_images, prompt=config.prior.class_prompt,
-            model_id=identity, resolution=config.data.resolution, steps=config.prior.generation_steps,
-            guidance=config.prior.generation_guidance, seed=config.train.seed,
-            batch_size=config.prior.generation_batch_size,
-            make_pipeline=lambda: build_pipeline(components, progress_bar=False).to(self.accelerator.device),
-            accelerator=self.accelerator, progress=self.progress,
-        )
+        self.conditioning = Conditioning(self.components, self.dataset, device=self.accelerator.device,
+                                         cache_latents=self.config.train.cache_latents, progress=self.progress and main)
 
     def _setup_adapter(self) -> None:
         """WaveFT on the UNet (through diffusers' add_adapter and our registered tuner), optimizer, LR schedule."""
@@ -189,19 +209,26 @@ class DreamBoothRun:
             self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
 
     def _resume(self) -> int:
-        """Load the newest complete checkpoint, if any; returns the step to continue from."""
+        """Load the newest checkpoint that loads (damaged ones are named and skipped); the step to continue from."""
         from waveft_train import checkpoint
+
+        for folder in checkpoint.newest_checkpoints(self.output_dir):
+            try:
+                adapter, state = checkpoint.load_checkpoint(folder)
+            except UserError as error:
+                logger.warning("Skipping the damaged checkpoint %s: %s", folder, error)
+                continue
+            return self._continue_from(folder, adapter, state)
+        return 0
+
+    def _continue_from(self, folder: Path, adapter: dict, state: dict) -> int:
         from waveft_train.adapter_files import load_adapter_weights_into
 
-        latest = checkpoint.find_latest_checkpoint(self.output_dir)
-        if latest is None:
-            return 0
-        adapter, state = checkpoint.load_checkpoint(latest)
         if state.get("fingerprint") != self.fingerprint:
-            raise UserError(f"The checkpoint {latest} was written by a run with a different config; use another "
+            raise UserError(f"The checkpoint {folder} was written by a run with a different config; use another "
                             "output.dir, or --force to start this run from scratch there.")
         load_adapter_weights_into(
-            self.accelerator.unwrap_model(self.unet), adapter, misfit=f"The checkpoint {latest} does not fit this run's "
+            self.accelerator.unwrap_model(self.unet), adapter, misfit=f"The checkpoint {folder} does not fit this run's "
             "adapter", remedy="Was it trained with other waveft settings (target_modules, n_frequency, "
             "n_frequency_pattern) or for another model? Use the same settings, or another output.dir.")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -212,7 +239,7 @@ class DreamBoothRun:
         if self.accelerator.is_main_process:
             where = (f"step {step} of {max_steps}" if step <= max_steps else
                      f"step {step}, past train.max_steps {max_steps}: the run finishes there without training further")
-            print(f"Resuming from {latest} ({where}).", flush=True)
+            print(f"Resuming from {folder} ({where}).", flush=True)
         return step
 
     # ------------------------------------------------------------------------------------------ training
@@ -229,6 +256,7 @@ class DreamBoothRun:
             prior_loss_weight=config.prior.loss_weight if config.prior.enabled else None,
         )
         input_dtype = torch.float32 if train.mixed_precision != "no" else DTYPES[config.model.dtype]
+        self.stop.end_run_if_asked(accelerator, saved=None)
         steps = training_steps(
             accelerator=accelerator, unet=self.unet, noise_scheduler=self.components.training_noise_scheduler(),
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, batches=iter(self._loader()),
@@ -239,6 +267,9 @@ class DreamBoothRun:
             self.step, self.final_loss = step, metrics["loss"]
             self.step_seconds.append(metrics["seconds"])
             self._log(step, metrics)
+            if step < train.max_steps and self.stop.agreed(accelerator):
+                self.save_checkpoint(step)
+                self.stop.end_run_if_asked(accelerator, saved=step)
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
                 self.save_checkpoint(step)
             if config.validation.every and step % config.validation.every == 0 and step < train.max_steps:
@@ -251,12 +282,12 @@ class DreamBoothRun:
         """This process's endless batches, starting where step `start_step` left off."""
         from torch.utils.data import DataLoader
 
-        from waveft_train.data import ProcessBatchSampler, collate
+        from waveft_train.data import StepBatchSampler, collate
 
         train, accelerator, examples = self.config.train, self.accelerator, self.conditioning.examples
-        sampler = ProcessBatchSampler(
-            len(examples), batch_size=train.batch_size, seed=train.seed,
-            start=self.start_step * train.gradient_accumulation,
+        sampler = StepBatchSampler(
+            [self.dataset.bucket_of(position) for position in range(len(self.dataset))], batch_size=train.batch_size,
+            accumulation=train.gradient_accumulation, seed=train.seed, start_step=self.start_step,
             process_index=accelerator.process_index, num_processes=accelerator.num_processes,
         )
         return DataLoader(examples, batch_sampler=sampler, collate_fn=partial(collate, with_prior=self.config.prior.enabled),
@@ -265,7 +296,8 @@ class DreamBoothRun:
     def _log(self, step: int, metrics: dict) -> None:
         train = self.config.train
         if self.accelerator.is_main_process and (step % train.log_every == 0 or step == train.max_steps):
-            self.metrics_log.write({"step": step, **metrics})  # the last step always: summary.json's final_loss
+            with writing(self.metrics_log.path, "the metrics log"):
+                self.metrics_log.write({"step": step, **metrics})  # the last step always: summary.json's final_loss
             if train.report_to == "tensorboard":
                 self.accelerator.log({name: value for name, value in metrics.items() if value is not None}, step=step)
 
@@ -282,6 +314,8 @@ class DreamBoothRun:
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "global_batch": self.global_batch,
+                "instance_images": self.image_manifest,
             }
             try:
                 checkpoint.save_checkpoint(
@@ -305,28 +339,30 @@ class DreamBoothRun:
 
     def validate(self, step: int) -> None:
         """Collective. samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, same seeds."""
-        from waveft_train.adapters import adapters_disabled
         from waveft_train.models import build_pipeline
-        from waveft_train.sampling import generate_grid_images, make_grid
+        from waveft_train.sampling import NonFiniteImage, base_and_adapter_grid
 
         config, accelerator = self.config, self.accelerator
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and config.validation.prompts:
             unet = accelerator.unwrap_model(self.unet)
             unet.eval()
-            with self.conditioning.lent_to_pipeline(), torch.no_grad():
-                pipeline = build_pipeline(self.components, unet=unet, prediction_type=self.prediction_type)
-                seeds = [config.validation.seed + i for i in range(config.validation.num_images)]
-                size = config.validation_resolution()
-                options = dict(steps=config.validation.steps, guidance=config.validation.guidance, height=size,
-                               width=size, progress=self.progress)
-                adapted = generate_grid_images(pipeline, config.validation.prompts, seeds, **options)
-                if self.base_samples is None:
-                    with adapters_disabled(unet):
-                        self.base_samples = generate_grid_images(pipeline, config.validation.prompts, seeds, **options)
-            grid = make_grid([base + ours for base, ours in zip(self.base_samples, adapted)])
-            self.last_samples = self.output_dir / "samples" / f"step-{step:06d}.png"
-            save_png_atomically(grid, self.last_samples)
+            seeds = [config.validation.seed + i for i in range(config.validation.num_images)]
+            size = config.validation_resolution()
+            try:
+                with self.conditioning.lent_to_pipeline(), torch.no_grad():
+                    pipeline = build_pipeline(self.components, unet=unet, prediction_type=self.prediction_type)
+                    grid, self.base_samples = base_and_adapter_grid(
+                        pipeline, unet, config.validation.prompts, seeds, base_rows=self.base_samples,
+                        steps=config.validation.steps, guidance=config.validation.guidance, height=size, width=size,
+                        progress=self.progress)
+            except NonFiniteImage as error:
+                logger.warning("No validation grid at step %d: %s (the adapter or the sampling settings drive the "
+                               "model out of range).", step, error)
+            else:
+                self.last_samples = self.output_dir / "samples" / f"step-{step:06d}.png"
+                with writing(self.last_samples, "the validation grid"):
+                    save_png_atomically(grid, self.last_samples)
             unet.train()
         accelerator.wait_for_everyone()
 
@@ -347,11 +383,13 @@ class DreamBoothRun:
                           prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.last_samples is not None,
                           prediction_type=self._recorded_prediction_type())
-        save_adapter(adapter_dir, accelerator.unwrap_model(self.unet), base_model_name_or_path=self.components.base_model_name,
-                     prediction_type=self._recorded_prediction_type(), model_card=card)
-        if self.last_samples is not None:
-            last = self.last_samples.read_bytes()
-            write_atomically(adapter_dir / "samples.png", lambda stream: stream.write(last))
+        with writing(adapter_dir, "the final adapter"):
+            save_adapter(adapter_dir, accelerator.unwrap_model(self.unet),
+                         base_model_name_or_path=self.components.base_model_name,
+                         prediction_type=self._recorded_prediction_type(), model_card=card)
+            if self.last_samples is not None:
+                last = self.last_samples.read_bytes()
+                write_atomically(adapter_dir / "samples.png", lambda stream: stream.write(last))
         timed = self.step_seconds[1:] or self.step_seconds  # the first step pays for warm-up
         final_loss = self.final_loss if self.final_loss is not None else (self.metrics_log.last or {}).get("loss")
         summary = {
@@ -361,10 +399,12 @@ class DreamBoothRun:
             "seconds_per_step": sum(timed) / len(timed) if timed else None,
             "peak_memory_bytes": peak_memory_bytes(accelerator.device),
             "num_processes": accelerator.num_processes,
+            "buckets": dict(sorted(Counter(f"{width}x{height}" for height, width in self.dataset.buckets).items())),
             "final_loss": final_loss,
             "wall_seconds": round(time.perf_counter() - self.started, 3),
         }
-        atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        with writing(self.output_dir / "summary.json", "the run summary"):
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         samples = f", samples in {self.output_dir / 'samples'}" if self.last_samples is not None else ""
         print(f"Done: adapter in {adapter_dir}{samples}.", flush=True)
 

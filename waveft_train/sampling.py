@@ -7,6 +7,7 @@ checking, loading, exporting) are in adapters.py.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -16,6 +17,16 @@ import torch
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteImage(ValueError):
+    """The pipeline produced NaN or inf pixels for one (prompt, seed)."""
+
+    def __init__(self, prompt: str, seed: int):
+        super().__init__(f"the image for {prompt!r} with seed {seed} is not finite (NaN or inf)")
+        self.prompt, self.seed = prompt, seed
 
 
 # --------------------------------------------------------------------------------------------------- grids
@@ -124,8 +135,11 @@ def generate_grid_images(
 
     Each image is generated on its own, from a CPU generator seeded with its seed: the image for (prompt,
     seed) does not depend on the other prompts or seeds, and on CPU it is bit-identical across runs. (Batching
-    would be faster on GPUs but would tie each image to its batch.)
+    would be faster on GPUs but would tie each image to its batch.) An image that comes out non-finite (NaN or
+    inf before it is turned into pixels, which would show as black) raises `NonFiniteImage`; a constant one (a
+    single colour) is named in a warning.
     """
+    import numpy as np
     from tqdm.auto import tqdm
 
     rows: list[list[Image.Image]] = []
@@ -140,12 +154,33 @@ def generate_grid_images(
                     height=height,
                     width=width,
                     generator=torch.Generator("cpu").manual_seed(int(seed)),
-                    output_type="pil",
+                    output_type="np",
                 )
-                row.append(result.images[0])
+                pixels = np.asarray(result.images[0])
+                if not np.isfinite(pixels).all():
+                    raise NonFiniteImage(prompt, int(seed))
+                if pixels.size and np.ptp(pixels) == 0:
+                    logger.warning("The image for %r with seed %d is a single flat colour: the model's output "
+                                   "collapsed (too large an adapter scale or guidance, or too few steps?).", prompt, seed)
+                row.append(pipeline.numpy_to_pil(pixels[None])[0])
                 bar.update(1)
             rows.append(row)
     return rows
+
+
+def base_and_adapter_grid(pipeline: StableDiffusionXLPipeline, unet: torch.nn.Module, prompts: Sequence[str],
+                          seeds: Sequence[int], *, base_rows: list | None = None, **options) -> tuple[Image.Image, list]:
+    """A validation grid: per prompt, the base model's images, then the adapter's, for the same seeds.
+
+    The base model's rows do not change during a run: pass the returned `base_rows` back to reuse them.
+    """
+    from waveft_train.adapters import adapters_disabled
+
+    adapted = generate_grid_images(pipeline, prompts, seeds, **options)
+    if base_rows is None:
+        with adapters_disabled(unet):
+            base_rows = generate_grid_images(pipeline, prompts, seeds, **options)
+    return make_grid([base + ours for base, ours in zip(base_rows, adapted)]), base_rows
 
 
 def default_image_size(pipeline: StableDiffusionXLPipeline) -> int:

@@ -2,8 +2,19 @@
 
 It knows no YAML and no file layout: the run (`run.py`) hands it prepared objects and a stream of batches that
 already starts at the resume point, and `training_steps` yields after every optimizer step, so the run logs,
-checkpoints and validates between steps in plain sight. All randomness is derived from (seed, micro-batch index,
-process), so a resumed run draws exactly the noise and timesteps an uninterrupted one would.
+checkpoints and validates between steps in plain sight.
+
+A run is a function of its config and its global batch (batch_size × processes × accumulation), not of how that
+batch is split: every random draw belongs to an example, keyed by the example's position in the run (the k-th
+example drawn), and the loss is the mean over the global batch whatever the split (each process scales its sum
+by processes / global batch; DDP then averages the processes' gradients). Each DreamBooth item (an instance
+example and its class example) goes through the UNet as its own forward and backward: batched kernels round
+differently for different batch sizes, and Adam turns such rounding in near-zero gradients into visible
+differences, so one item per pass is what makes every layout compute the same numbers. So 1 process with batch 2,
+2 processes with batch 1, or accumulation 2 train the same adapter to float rounding (bit for bit on CPU), and a
+resumed run, on any layout with the same global batch, draws exactly the noise and timesteps an uninterrupted one
+would. `batch_size` is therefore how many items a step takes per process, not a kernel batch: it costs nothing
+in memory beyond one item.
 """
 
 from __future__ import annotations
@@ -40,10 +51,20 @@ class LoopSettings:
     seed: int
 
 
-def micro_batch_generator(seed: int, micro_index: int, process_index: int) -> torch.Generator:
-    """The CPU generator for one micro-batch's noise and timesteps."""
-    state = np.random.SeedSequence([seed, micro_index, process_index]).generate_state(1, dtype=np.uint64)[0]
+ROLES = {"instance": 0, "class": 1}
+
+
+def example_generator(seed: int, position: int, role: str) -> torch.Generator:
+    """The CPU generator of one example's noise and timestep: example `position` of the run, instance or class."""
+    state = np.random.SeedSequence([seed, position, ROLES[role]]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def batch_generators(seed: int, first_position: int, num_instance: int, with_prior: bool) -> list[torch.Generator]:
+    """Generators for a collated batch: its instance examples (run positions first_position…), then its class ones."""
+    positions = range(first_position, first_position + num_instance)
+    roles = ["instance"] + (["class"] if with_prior else [])
+    return [example_generator(seed, position, role) for role in roles for position in positions]
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -56,16 +77,23 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
 
 
 def diffusion_loss(
-    unet, noise_scheduler, inputs: UNetInputs, generator: torch.Generator, settings: LoopSettings, input_dtype: torch.dtype
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Instance MSE (optionally Min-SNR weighted) + prior_loss_weight × class MSE on the class half of the batch."""
+    unet, noise_scheduler, inputs: UNetInputs, generators: list[torch.Generator], settings: LoopSettings,
+    input_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example losses: (instance MSEs, optionally Min-SNR weighted; class MSEs, or None without prior).
+
+    Each example draws its noise (then its offset noise, then its timestep) from its own generator.
+    """
     latents = inputs.latents.float()
-    batch, channels = latents.shape[:2]
+    channels = latents.shape[1]
     device = latents.device
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
     if settings.noise_offset:
-        noise = noise + settings.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator).to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+        noise = noise + settings.noise_offset * torch.stack([torch.randn((channels, 1, 1), generator=g)
+                                                             for g in generators])
+    noise = noise.to(device)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(
         noisy.to(input_dtype),
@@ -85,14 +113,8 @@ def diffusion_loss(
     instance = per_example[:n]
     if settings.snr_gamma is not None:
         instance = instance * min_snr_weights(noise_scheduler, timesteps[:n], settings.snr_gamma, settings.prediction_type)
-    instance_loss = instance.mean()
-    parts = {"instance_loss": instance_loss.detach()}
-    loss = instance_loss
-    if settings.prior_loss_weight is not None and per_example.shape[0] > n:
-        prior_loss = per_example[n:].mean()
-        loss = loss + settings.prior_loss_weight * prior_loss
-        parts["prior_loss"] = prior_loss.detach()
-    return loss, parts
+    prior = per_example[n:] if settings.prior_loss_weight is not None and per_example.shape[0] > n else None
+    return instance, prior
 
 
 def training_steps(
@@ -116,26 +138,40 @@ def training_steps(
     metrics are reduced across processes every step).
     """
     accumulation = settings.gradient_accumulation
+    processes = accelerator.num_processes
     bar = tqdm(
         total=settings.max_steps, initial=start_step, desc="training", disable=not (progress and accelerator.is_main_process)
     )
     unet.train()
     step = start_step
+    prior_weight = settings.prior_loss_weight
     try:
         while step < settings.max_steps:
             started = time.perf_counter()
-            totals: dict[str, torch.Tensor] = {}
+            sums = {"instance": torch.zeros((), device=accelerator.device),
+                    "class": torch.zeros((), device=accelerator.device)}
+            global_batch = 0
             for micro in range(accumulation):
                 inputs = conditioning(next(batches))
-                generator = micro_batch_generator(settings.seed, step * accumulation + micro, accelerator.process_index)
-                syncing = micro == accumulation - 1
-                with nullcontext() if syncing else accelerator.no_sync(unet):
-                    loss, parts = diffusion_loss(unet, noise_scheduler, inputs, generator, settings, input_dtype)
-                    if not _finite_everywhere(accelerator, loss):  # every process stops together, none hangs
-                        raise TrainingDiverged(_diverged_message(step + 1, "loss", loss.item()))
-                    accelerator.backward(loss / accumulation)
-                for name, value in {"loss": loss.detach(), **parts}.items():
-                    totals[name] = totals.get(name, 0.0) + value / accumulation
+                local = inputs.num_instance
+                global_micro = local * processes  # every process draws the same number of examples
+                global_batch = global_micro * accumulation
+                first = (step * accumulation + micro) * global_micro + accelerator.process_index * local
+                for index in range(local):
+                    item = inputs.item(index)
+                    generators = batch_generators(settings.seed, first + index, 1, prior_weight is not None)
+                    syncing = micro == accumulation - 1 and index == local - 1
+                    with nullcontext() if syncing else accelerator.no_sync(unet):
+                        instance, prior = diffusion_loss(unet, noise_scheduler, item, generators, settings, input_dtype)
+                        total = instance.sum() + (prior_weight * prior.sum() if prior is not None else 0.0)
+                        if not _finite_everywhere(accelerator, total):  # every process stops together, none hangs
+                            raise TrainingDiverged(_diverged_message(step + 1, "loss", total.item()))
+                        # DDP averages gradients over processes: scaling by processes / global batch makes the
+                        # result the gradient of the mean over the global batch, whatever the split.
+                        accelerator.backward(total * (processes / global_batch))
+                    sums["instance"] += instance.detach().sum()
+                    if prior is not None:
+                        sums["class"] += prior.detach().sum()
 
             grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm or float("inf"))
             if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
@@ -145,14 +181,17 @@ def training_steps(
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            reduced = {name: accelerator.reduce(value.reshape(1), reduction="mean").item()
-                       for name, value in totals.items()}
-            reduced.setdefault("prior_loss", None)  # every line has the same keys; null without prior preservation
+            totals = torch.stack([sums["instance"], sums["class"]]).reshape(2)
+            if processes > 1:
+                totals = accelerator.reduce(totals, reduction="sum")
+            instance_loss, prior_loss = (totals / global_batch).tolist()
+            loss = instance_loss + (prior_weight * prior_loss if prior_weight is not None else 0.0)
             seconds = time.perf_counter() - started
-            metrics = {**reduced, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "seconds": seconds}
+            metrics = {"loss": loss, "instance_loss": instance_loss,
+                       "prior_loss": prior_loss if prior_weight is not None else None,
+                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "seconds": seconds}
             bar.update(1)
-            bar.set_postfix(loss=f"{reduced['loss']:.4f}", lr=f"{metrics['lr']:.2e}", s_per_step=f"{seconds:.2f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", s_per_step=f"{seconds:.2f}")
             yield step, metrics
     finally:
         bar.close()

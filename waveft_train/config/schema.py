@@ -179,7 +179,10 @@ class DataSection(Section):
                                   example="a photo of sks dog")
     caption_column: str | None = doc(None, "per-image captions from a dataset column or the folder's metadata.jsonl; "
                                      "null = instance_prompt for every image")
-    resolution: Resolution = doc(1024, "training size in pixels (multiple of 8)")
+    resolution: Resolution = doc(1024, "training size in pixels (multiple of 8): the side of the square bucket; "
+                                 "other buckets have about as many pixels")
+    bucketing: bool = doc(True, "train each photo at the aspect-ratio bucket nearest its shape (SDXL's ~1 MP list "
+                          "scaled to resolution) instead of a square crop")
     center_crop: bool = doc(False, "crop the centre instead of a random window")
     random_flip: bool = doc(True, "random horizontal flips (turn off for text or asymmetric subjects)")
     repeats: PositiveInt = doc(1, "each instance image appears this many times per epoch")
@@ -218,8 +221,8 @@ class TrainSection(Section):
 
     max_steps: PositiveInt = doc(500, "optimizer steps (raising it later extends a finished run; a decaying LR "
                                  "schedule is then stretched to the new total)")
-    batch_size: PositiveInt = doc(1, "instance images per process per micro-step (prior preservation adds as many "
-                                  "class images)")
+    batch_size: PositiveInt = doc(1, "items per process per micro-step (an item is an instance image and, with prior "
+                                  "preservation, its class image; each item is its own forward/backward pass)")
     gradient_accumulation: PositiveInt = doc(4, "micro-steps per optimizer step; the global batch is batch_size × "
                                              "processes × gradient_accumulation")
     learning_rate: PositiveFloat = doc(1e-4, "peak learning rate")
