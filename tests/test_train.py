@@ -425,4 +425,6 @@ def test_waveft_only_bias_warns_at_start_and_in_the_card(tmp_path, class_dir, ca
     assert any("waveft_only" in r.getMessage() and "stock peft drops" in r.getMessage() for r in caplog.records)
     assert "which stock peft drops without an error" in (output_dir / "adapter" / "README.md").read_text()
     keys = load_file(output_dir / "adapter" / "adapter_model.safetensors").keys()
-    assert any(key.endswith(".waveft_bias") for key in keys)
+    # peft's meaning of waveft_only: the adapted layers' own biases (SDXL: to_out.0), saved as base_layer.bias
+    assert any(key.endswith("to_out.0.base_layer.bias") for key in keys)
+    assert not any(key.endswith(".waveft_bias") for key in keys)
