@@ -253,6 +253,27 @@ def test_lora_file_through_diffusers_matches_within_its_recorded_error(
     assert (output - outputs["none"]).norm() <= 1.5 * errors[worst] * change
 
 
+def test_low_rank_errors_are_the_singular_value_tails():
+    from waveft_train.export_formats import low_rank
+
+    torch.manual_seed(0)
+    delta = torch.randn(48, 40)
+    energy = torch.linalg.svdvals(delta).double().square()
+    for rank, alpha in ((1, 1.0), (5, 5.0), (7, 3.0), (40, 40.0), (100, 100.0)):
+        factors = low_rank(delta, torch.float32, rank, None, alpha)
+        kept = min(rank, 40)
+        assert factors.rank == kept and factors.up.shape == (48, kept) and factors.down.shape == (kept, 40)
+        expected = (energy[kept:].sum() / energy.sum()).sqrt().item()
+        assert factors.error == pytest.approx(expected, abs=1e-5)
+        applied = (alpha / kept) * factors.up @ factors.down  # what every app computes from the file
+        assert relative(applied, delta) == pytest.approx(factors.error, abs=1e-6)
+    chosen = low_rank(delta, torch.float16, None, 0.3, 1.0)
+    assert chosen.error <= 0.3 < low_rank(delta, torch.float16, chosen.rank - 1, None, 1.0).error
+    assert low_rank(delta, torch.float16, 10, 0.01, 10.0).rank == 10  # --rank caps --max-error
+    zero = low_rank(torch.zeros(8, 6), torch.float16, 4, None, 4.0)
+    assert zero.rank == 1 and zero.error == 0 and not zero.up.any()
+
+
 def test_lora_refuses_trained_biases_and_points_to_comfyui(adapters, tmp_path, capsys):
     out = tmp_path / "lora.safetensors"
     code, _, stderr = run_cli(["export", "-a", adapters["waveft_only"], "--format", "lora", "--rank", "4", "-o", out],

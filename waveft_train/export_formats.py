@@ -221,7 +221,7 @@ def lora_tensors(updates: list[LayerUpdate], key_of, dtype: str, rank: int | Non
         _finite(factors.down, f"The LoRA factors of {update.name}", dtype)
         tensors[f"{key}.lora_down.weight"] = factors.down
         tensors[f"{key}.lora_up.weight"] = factors.up
-        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=DTYPES[dtype])
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)  # float32 whatever --dtype: bf16 would round e.g. 711 to 712
         errors[key], ranks[key] = factors.error, factors.rank
     return tensors, errors, ranks, alpha
 
