@@ -63,12 +63,22 @@ def _pair(options: dict, seed: int = 0):
     return reference, ours
 
 
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, msg: str = "", rtol: float = 1e-5) -> None:
+    """Equal up to fp32 summation order: the tolerance scales with the tensor's magnitude, not each element's.
+
+    Two correct implementations sum the same terms in different orders (and torch releases change the order), so an
+    entry near zero that cancels large terms can differ by rtol times the large terms, not times itself.
+    """
+    scale = max(1.0, expected.detach().abs().max().item())
+    torch.testing.assert_close(actual, expected, atol=rtol * scale, rtol=rtol, msg=msg or None)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_backward_and_merge_match_reference(case):
     reference, ours = _pair(CASES[case])
     x = torch.randn(5, 16)
     expected, actual = reference(x), ours(x)
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(actual, expected)
     with ours.disable_adapter():
         assert not torch.allclose(ours(x), actual, atol=1e-3)  # the spectra are random: the adapter matters
 
@@ -76,21 +86,19 @@ def test_forward_backward_and_merge_match_reference(case):
     actual.square().sum().backward()
     for (name, p_ref), (_, p_ours) in zip(reference.named_parameters(), ours.named_parameters()):
         if p_ref.requires_grad:
-            torch.testing.assert_close(p_ours.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=name)
+            assert_close_to_scale(p_ours.grad, p_ref.grad, msg=name)
 
     for layer in TARGETS:
         ref_layer = reference.get_submodule(f"base_model.model.{layer}")
         our_layer = ours.get_submodule(f"base_model.model.{layer}")
         assert our_layer.waveft_n_frequency == ref_layer.waveft_n_frequency
         torch.testing.assert_close(our_layer.waveft_indices["default"], ref_layer.waveft_indices["default"])
-        torch.testing.assert_close(
-            our_layer.get_delta_weight("default"), ref_layer.get_delta_weight("default"), atol=1e-5, rtol=1e-5
-        )
+        assert_close_to_scale(our_layer.get_delta_weight("default"), ref_layer.get_delta_weight("default"))
     merged_ref = reference.merge_and_unload().state_dict()
     merged_ours = ours.merge_and_unload().state_dict()
     assert merged_ref.keys() == merged_ours.keys()
     for key in merged_ref:
-        torch.testing.assert_close(merged_ours[key], merged_ref[key], atol=1e-5, rtol=1e-5, msg=key)
+        assert_close_to_scale(merged_ours[key], merged_ref[key], msg=key)
 
 
 def test_options_really_change_the_layout():
