@@ -239,9 +239,8 @@ def load_adapted_unet(
     base_name = _base_name(adapter, base)
     unet = load_unet(base_name, dtype=torch.float32)
     plain = unet.state_dict()
-    names = (_layer_name(key) + "." + key.rsplit(".", 1)[-1] for key in adapter.shapes)
-    replaced = {name.replace(".base_layer.", "."): None for name in names}
-    base_values = {name: plain[name].detach().clone() for name in replaced if name in plain}
+    names = {key.removeprefix("base_model.model.").replace(".base_layer.", ".") for key in adapter.shapes}
+    base_values = {name: plain[name].detach().clone() for name in names if name in plain}
     return adapter, base_name, base_values, _inject(unet, adapter, base_name, 1.0)
 
 
