@@ -404,7 +404,8 @@ def test_extra_trainable_parameters_train_in_float32(tiny_model_dir):
         ({"waveft.wavelet_family": "db11"}, ["stock peft does not reproduce this adapter"]),
         ({"waveft.wavelet_family": "coif4"}, ["stock peft does not reproduce this adapter"]),
         ({"waveft.wavelet_family": "coif6", "waveft.use_idwt": False}, []),  # without the IDWT no filter is used
-        ({"waveft.bias": "waveft_only", "waveft.wavelet_family": "sym11"}, ["stock peft drops", "stock peft does not"]),
+        ({"waveft.bias": "waveft_only", "waveft.wavelet_family": "sym11"}, ["stock peft does not"]),
+        ({"waveft.bias": "waveft_only"}, []),  # peft's own meaning: stock peft loads it
     ],
 )
 def test_what_stock_peft_would_not_reproduce_is_named_in_the_card(tmp_path, overrides, expected):
@@ -417,16 +418,37 @@ def test_what_stock_peft_would_not_reproduce_is_named_in_the_card(tmp_path, over
     assert ("**Note:**" in card) == bool(caveats)
 
 
-def test_waveft_only_bias_warns_at_start_and_in_the_card(tmp_path, class_dir, caplog):
-    """Stock peft drops waveft_bias keys without an error, so the user is told when training starts and in the card."""
-    logger = logging.getLogger("waveft_train")  # the CLI's logger may not propagate to caplog's root handler
-    logger.addHandler(caplog.handler)
-    try:
-        output_dir = train(tmp_path / "run", class_dir, **{"waveft.bias": "waveft_only", "train.max_steps": 1,
-                                                           "validation.every": 0})
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert any("waveft_only" in r.getMessage() and "stock peft drops" in r.getMessage() for r in caplog.records)
-    assert "which stock peft drops without an error" in (output_dir / "adapter" / "README.md").read_text()
+def test_waveft_only_trains_the_adapted_layers_biases_and_stock_peft_loads_them(tmp_path, class_dir):
+    """peft's `<method>_only`: the adapted layers' own biases train and save as base_layer.bias; stock peft loads the
+    adapter with the same outputs as ours, so the card carries no caveat."""
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    from waveft_train.tiny import tiny_model_dir
+    from waveft_train.waveft import register, unregister
+
+    output_dir = train(tmp_path / "run", class_dir, **{"waveft.bias": "waveft_only", "train.max_steps": 2,
+                                                       "validation.every": 0, "train.learning_rate": 1e-2})
     keys = load_file(output_dir / "adapter" / "adapter_model.safetensors").keys()
-    assert any(key.endswith(".waveft_bias") for key in keys)
+    # peft's meaning of waveft_only: the adapted layers' own biases (SDXL: to_out.0), saved as base_layer.bias
+    assert any(key.endswith("to_out.0.base_layer.bias") for key in keys)
+    assert not any(key.endswith(".waveft_bias") for key in keys)
+    assert "**Note:**" not in (output_dir / "adapter" / "README.md").read_text()
+    torch.manual_seed(0)
+    inputs = (torch.randn(1, 4, 16, 16), torch.tensor([500]))
+    kwargs = dict(encoder_hidden_states=torch.randn(1, 77, 64),
+                  added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])})
+    outputs = []
+    for tuner in (register, unregister):
+        tuner()
+        try:
+            unet = UNet2DConditionModel.from_pretrained(tiny_model_dir(), subfolder="unet")
+            with torch.no_grad():
+                outputs.append(PeftModel.from_pretrained(unet, output_dir / "adapter")(*inputs, **kwargs).sample)
+        finally:
+            register()
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir(), subfolder="unet")
+    with torch.no_grad():
+        before = base(*inputs, **kwargs).sample
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    assert (outputs[0] - before).abs().max() > 1e-6

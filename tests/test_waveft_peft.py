@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
@@ -180,41 +179,129 @@ def test_several_adapters_set_and_delete():
     torch.testing.assert_close(model(x), first)
 
 
-def test_waveft_only_bias_trains_saves_and_loads(tmp_path):
+def trainable_names(model) -> list[str]:
+    return sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
+
+
+def test_waveft_only_trains_the_existing_biases_of_adapted_layers_as_stock_peft_does():
+    """peft's `<method>_only`: the adapted layers' own biases become trainable (to_q has none); nothing is added."""
     torch.manual_seed(0)
-    base = Block()
-    model = get_peft_model(copy.deepcopy(base), config(bias="waveft_only"))
-    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == [
-        "base_model.model.to_q.waveft_bias.default",
+    ours = get_peft_model(Block(), config(bias="waveft_only"))
+    unregister()
+    try:
+        stock = get_peft_model(Block(), config(bias="waveft_only"))
+    finally:
+        register()
+    assert trainable_names(ours) == trainable_names(stock) == [
         "base_model.model.to_q.waveft_spectrum.default",
-        "base_model.model.to_v.waveft_bias.default",
+        "base_model.model.to_v.base_layer.bias",
         "base_model.model.to_v.waveft_spectrum.default",
     ]
+    assert ours.base_model.model.to_q.base_layer.bias is None  # no bias is created for a layer without one
+    assert not any("waveft_bias" in name for name in ours.state_dict())
+
+
+def train_biases(model) -> None:
+    """A random spectrum and a changed bias on every trainable base bias, as a few training steps would give."""
     randomize(model)
-    x = torch.randn(3, 24)
-    expected = model(x)
-    model.save_pretrained(tmp_path)
-    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
-    assert "base_model.model.to_q.waveft_bias" in keys and "base_model.model.to_v.waveft_bias" in keys
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
-    merged = loaded.merge_and_unload()  # to_q had no bias: merging gives it one
-    assert merged.to_q.bias is not None
-    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and name.endswith("base_layer.bias"):
+                parameter.add_(torch.randn_like(parameter))
 
 
-def test_waveft_only_bias_is_ignored_by_stock_peft(tmp_path, stock_peft):
-    register()
+def test_waveft_only_adapter_round_trips_through_stock_peft(tmp_path):
     torch.manual_seed(0)
-    model = get_peft_model(Block(), config(bias="waveft_only"))
-    randomize(model)
-    model.save_pretrained(tmp_path)
+    base = Block()
+    x = torch.randn(3, 24)
+    ours = get_peft_model(copy.deepcopy(base), config(bias="waveft_only"))
+    train_biases(ours)
+    expected = ours(x)
+    ours.save_pretrained(tmp_path / "ours")
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(saved) == [
+        "base_model.model.to_q.waveft_spectrum",
+        "base_model.model.to_v.base_layer.bias",
+        "base_model.model.to_v.waveft_spectrum",
+    ]
+    assert not torch.equal(saved["base_model.model.to_v.base_layer.bias"], base.to_v.bias)
+    assert all(saved[key].abs().min() > 0 for key in saved if key.endswith("waveft_spectrum"))
+
     unregister()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stock = PeftModel.from_pretrained(Block(), tmp_path)
-    assert not any("waveft_bias" in name for name, _ in stock.named_parameters())
+    try:  # stock peft loads the trained bias and the spectra: the same outputs
+        stock = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        assert not isinstance(stock.base_model.model.to_v, WaveFTLinear)
+        torch.testing.assert_close(stock(x), expected, atol=1e-5, rtol=1e-5)
+        stock_trained = get_peft_model(copy.deepcopy(base), config(bias="waveft_only"))
+        train_biases(stock_trained)
+        stock_expected = stock_trained(x)
+        stock_trained.save_pretrained(tmp_path / "stock")
+    finally:
+        register()
+    assert sorted(load_file(tmp_path / "stock" / "adapter_model.safetensors")) == sorted(saved)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "stock")  # and ours loads stock's
+    assert isinstance(loaded.base_model.model.to_v, WaveFTLinear)
+    torch.testing.assert_close(loaded(x), stock_expected, atol=1e-5, rtol=1e-5)
+    merged = loaded.merge_and_unload()
+    assert merged.to_q.bias is None
+    torch.testing.assert_close(merged(x), stock_expected, atol=1e-5, rtol=1e-5)
+
+
+def spectrum_dtypes(model) -> set[torch.dtype]:
+    return {parameter.dtype for name, parameter in model.named_parameters() if "waveft_spectrum" in name}
+
+
+def build_through(entry_point: str, autocast: bool, dtype: torch.dtype, folder) -> torch.nn.Module:
+    """Adapter weights on a `dtype` Block through one of peft's entry points (`folder` holds a saved adapter)."""
+    torch.manual_seed(0)
+    if entry_point == "get_peft_model":
+        return get_peft_model(Block().to(dtype), config(), autocast_adapter_dtype=autocast)
+    if entry_point == "from_pretrained":
+        return PeftModel.from_pretrained(Block().to(dtype), folder, is_trainable=True, autocast_adapter_dtype=autocast)
+    if entry_point == "add_adapter":
+        model = get_peft_model(Block().to(dtype), config(), autocast_adapter_dtype=autocast)
+        model.add_adapter("second", config(random_loc_seed=3), autocast_adapter_dtype=autocast)
+        model.set_adapter("second")  # the new adapter is the one that trains
+        return model
+    if entry_point == "load_adapter":
+        model = PeftModel.from_pretrained(Block().to(dtype), folder, is_trainable=True, autocast_adapter_dtype=autocast)
+        model.load_adapter(folder, adapter_name="second", is_trainable=True, autocast_adapter_dtype=autocast)
+        model.set_adapter("second")
+        return model
+    if entry_point == "inject_adapter_in_model":  # no autocast argument: peft leaves the base dtype
+        return inject_adapter_in_model(config(), Block().to(dtype))
+    raise ValueError(entry_point)
+
+
+ENTRY_POINTS = [
+    ("get_peft_model", True), ("get_peft_model", False), ("from_pretrained", True), ("from_pretrained", False),
+    ("add_adapter", True), ("add_adapter", False), ("load_adapter", True), ("load_adapter", False),
+    ("inject_adapter_in_model", None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("entry_point, autocast", ENTRY_POINTS)
+def test_adapter_weight_dtype_per_entry_point_is_stock_peft_s(entry_point, autocast, dtype, tmp_path):
+    """peft's contract: autocast_adapter_dtype=True (the default) upcasts fp16/bf16 adapter weights to float32;
+    False, and inject_adapter_in_model (which has no such argument), leave them in the base model's dtype."""
+    torch.manual_seed(0)
+    get_peft_model(Block(), config()).save_pretrained(tmp_path / "saved")
+    ours = build_through(entry_point, autocast, dtype, tmp_path / "saved")
+    unregister()
+    try:
+        stock = build_through(entry_point, autocast, dtype, tmp_path / "saved")
+    finally:
+        register()
+    assert isinstance(ours.get_submodule("to_q" if entry_point == "inject_adapter_in_model" else "base_model.model.to_q"),
+                      WaveFTLinear)
+    assert spectrum_dtypes(ours) == spectrum_dtypes(stock) == {torch.float32 if autocast else dtype}
+    randomize(ours)
+    out = ours(torch.randn(3, 24, dtype=dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    trainable = [parameter for parameter in ours.parameters() if parameter.requires_grad]
+    out.float().square().sum().backward()
+    assert trainable and all(p.grad is not None and p.grad.dtype == p.dtype for p in trainable)
 
 
 @pytest.mark.parametrize("family", ["db1", "db10", "db11", "sym10", "sym11", "coif3", "coif4", "coif5", "db38"])
@@ -306,3 +393,18 @@ def test_tiny_sdxl_unet_through_diffusers_add_adapter(tiny_components):
         torch.testing.assert_close(unet(sample, 10, **kwargs).sample, before)
     unet(sample, 10, **kwargs).sample.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters() if p.requires_grad)
+
+
+def test_diffusers_add_adapter_leaves_the_adapter_in_the_unet_dtype_as_stock_peft_does(tiny_model_dir):
+    """diffusers' `unet.add_adapter` goes through inject_adapter_in_model, which never autocasts: a bf16 UNet gets
+    bf16 spectra (training code casts trainable parameters to float32 itself, as diffusers' scripts do)."""
+    from diffusers import UNet2DConditionModel
+
+    dtypes = []
+    for tuner in (register, unregister):
+        tuner()
+        unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet", torch_dtype=torch.bfloat16)
+        unet.add_adapter(WaveFTConfig(n_frequency=100, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        dtypes.append(spectrum_dtypes(unet))
+    register()
+    assert dtypes[0] == dtypes[1] == {torch.bfloat16}

@@ -131,6 +131,25 @@ def scheduler_for(adapter: AdapterFiles, scheduler):
     return type(scheduler).from_config(scheduler.config, prediction_type=adapter.prediction_type)
 
 
+def load_adapted_unet(
+    adapter_dir: Path | str, base: str | None = None
+) -> tuple[AdapterFiles, str, dict[str, torch.Tensor], PeftModel]:
+    """The base UNet (fp32, frozen) with the adapter loaded and checked as `export` checks it, for exports of the
+    update itself rather than of the merged model (export_formats.py).
+
+    Returns (adapter, base model name, base values, model). Loading overwrites in place the base tensors the adapter
+    file holds (e.g. `<module>.base_layer.bias` of `bias: waveft_only`), so their base values, keyed by the plain
+    UNet's parameter names, are copied first: an update is the loaded value minus them.
+    """
+    adapter = read_adapter(adapter_dir)
+    base_name = _base_name(adapter, base)
+    unet = load_unet(base_name, dtype=torch.float32)
+    plain = unet.state_dict()
+    names = {key.removeprefix("base_model.model.").replace(".base_layer.", ".") for key in adapter.shapes}
+    base_values = {name: plain[name].detach().clone() for name in names if name in plain}
+    return adapter, base_name, base_values, _inject(unet, adapter, base_name, 1.0)
+
+
 def export_merged(
     adapter_dir: Path | str, out_dir: Path | str, *, base: str | None = None, dtype: str = "fp16", force: bool = False
 ) -> Path:

@@ -119,22 +119,57 @@ def sample(
 
 def export(
     adapter: Path = AdapterOption,
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the merged UNet to (diffusers format)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Where to write: a folder (--format diffusers) or a .safetensors file (comfyui, lora)."
+    ),
+    format: str = typer.Option(
+        "diffusers", "--format", "-f", help="diffusers: the merged UNet folder. comfyui: one file of full updates "
+        "(.diff) for ComfyUI, A1111/Forge and LyCORIS, exact. lora: one kohya LoRA file made by SVD (lossy; needs "
+        "--rank and/or --max-error)."
+    ),
+    rank: Optional[int] = typer.Option(None, "--rank", help="--format lora: the rank of every layer (with "
+                                       "--max-error: the largest rank used).", show_default=False),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="--format lora: per layer, the smallest rank "
+                                              "whose relative Frobenius error is at most this (e.g. 0.05).",
+                                              show_default=False),
+    naming: Optional[str] = typer.Option(None, "--naming", help="comfyui/lora: module names, diffusers (default; read "
+                                         "by ComfyUI, A1111/Forge, LyCORIS) or ldm (kohya's SDXL spelling).",
+                                         show_default=False),
     base: Optional[str] = BaseOption,
     dtype: str = typer.Option("fp16", "--dtype", help="Precision of the saved weights: fp16, bf16 or fp32."),
     force: bool = typer.Option(
-        False, "--force", help="Replace an earlier export at --out (a folder holding anything else is never replaced)."
+        False, "--force", help="Replace an earlier export at --out (anything else is never replaced)."
     ),
 ) -> None:
-    """Export the base UNet with the adapter merged in, in diffusers format (safetensors), usable without peft.
+    """Export an adapter without peft: a merged diffusers UNet (default), or one .safetensors file for ComfyUI,
+    A1111/Forge and LyCORIS (--format comfyui) or as a compact kohya LoRA (--format lora).
 
-    Load it with UNet2DConditionModel.from_pretrained(OUT) and pass it to
-    StableDiffusionXLPipeline.from_pretrained(BASE, unet=...).
+    The merged UNet loads with UNet2DConditionModel.from_pretrained(OUT). Put a comfyui/lora file in ComfyUI's
+    models/loras/ or A1111/Forge's models/Lora/.
     """
-    from waveft_train.adapters import export_merged
+    if format == "diffusers":
+        given = [flag for flag, value in (("--rank", rank), ("--max-error", max_error), ("--naming", naming))
+                 if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} apply to --format comfyui or lora (one .safetensors file); "
+                            "--format diffusers writes the merged UNet folder.")
+        from waveft_train.adapters import export_merged
 
-    written = export_merged(adapter, out, base=base, dtype=dtype, force=force)
-    typer.echo(f"Wrote the merged UNet to {written}.")
+        written = export_merged(adapter, out, base=base, dtype=dtype, force=force)
+        typer.echo(f"Wrote the merged UNet to {written}.")
+        return
+    from waveft_train.export_formats import export_file
+
+    result = export_file(adapter, out, format=format, base=base, dtype=dtype, naming=naming or "diffusers",
+                         rank=rank, max_error=max_error, force=force)
+    if result.errors:
+        typer.echo(f"{'layer':<96} {'rank':>5} {'rel. error':>10}")
+        for key, error in result.errors.items():
+            typer.echo(f"{key:<96} {result.ranks[key]:>5} {error:>10.4f}")
+        worst_key, worst_error = result.worst
+        typer.echo(f"Worst relative Frobenius error: {worst_error:.4f} ({worst_key}); all errors are in the file's "
+                   "metadata (waveft.lora_errors).")
+    typer.echo(f"Wrote {result.path}: {result.layers} layers, --format {format}.")
 
 
 def _read_prompts(path: Path) -> list[str]:

@@ -16,9 +16,6 @@ def stock_peft_caveats(waveft: WaveFTSection) -> list[str]:
     load_with_us = ("Load it with waveft-train (`waveft-train sample`, or `waveft_train.waveft.register()` before "
                     "`PeftModel.from_pretrained`), or export it merged (`waveft-train export`).")
     caveats = []
-    if waveft.bias == "waveft_only":
-        caveats.append("this adapter trains a `waveft_bias` per layer (`waveft.bias: waveft_only`), which stock peft "
-                       f"drops without an error when it loads the adapter. {load_with_us}")
     if waveft.use_idwt and not stock_peft_reproduces_family(waveft.wavelet_family):
         caveats.append(f"stock peft does not reproduce this adapter: its WaveFT has correct filters only for the "
                        f"wavelet families {STOCK_PEFT_FAMILIES_TEXT}, and fails on `{waveft.wavelet_family}` "

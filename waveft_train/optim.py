@@ -10,8 +10,9 @@ from waveft_train.config import TrainSection
 def trainable_parameters_in_float32(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable parameters, moved to float32 (as diffusers' `cast_training_params` does).
 
-    The spectrum already is; base biases (`waveft.bias: all`) and `modules_to_save` copies would otherwise keep
-    the frozen weights' bf16/fp16, where Adam's small steps round away and fp16 gradients cannot be unscaled.
+    `unet.add_adapter` leaves the spectrum in the UNet's dtype (peft's inject_adapter_in_model never autocasts), and
+    base biases (`waveft.bias: all` or `waveft_only`) and `modules_to_save` copies would otherwise keep the frozen
+    weights' bf16/fp16, where Adam's small steps round away and fp16 gradients cannot be unscaled.
     Mixed precision (autocast) then runs them next to half-precision weights.
     """
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]

@@ -16,7 +16,8 @@ def describe_parameters(model: ModelSection, waveft: WaveFTSection) -> str:
         if isinstance(module, tuner.WaveFTLayer):
             n = module.waveft_n_frequency["default"]
             rows.append(f"{name:<72} {module.out_features:>5}x{module.in_features:<5} {n:>8}")
-            total += n + (module.out_features if "default" in module.waveft_bias else 0)
+            base_bias = module.get_base_layer().bias  # waveft_only trains it, as peft's <method>_only does
+            total += n + (base_bias.numel() if waveft.bias == "waveft_only" and base_bias is not None else 0)
             lora_unit += module.in_features + module.out_features
     lines = [f"{'layer':<72} {'d_out x d_in':>11} {'n_freq':>8}", *rows, "",
              f"adapted layers: {len(rows)}", f"trainable parameters: {total:,}",

@@ -7,8 +7,12 @@ Differences from peft's reference, all deliberate:
 - Every PyWavelets family in WaveFT's documented range works (the reference crashes on db11+, sym11+, coif6+).
 - Coefficient locations and the transform's index tensors are non-persistent buffers: they move with the module
   and are never re-copied per call.
-- The spectrum stays float32 when the base layer is fp16/bf16; the output has the input's dtype.
-- `bias="waveft_only"` adds a trainable per-adapter bias `waveft_bias` (zeros) to each adapted layer.
+- The spectrum is created in the base layer's floating dtype, as peft creates adapter weights; peft's
+  `autocast_adapter_dtype=True` (the default of get_peft_model, PeftModel.from_pretrained, add_adapter and
+  load_adapter) then upcasts fp16/bf16 spectra to float32, and `False` leaves them in the base dtype. The output
+  has the input's dtype.
+- `bias="waveft_only"` is peft's generic `<method>_only`: it trains the existing biases of the adapted layers
+  (saved as `<module>.base_layer.bias`); the layer itself adds no bias.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 
 class WaveFTLayer(BaseTunerLayer):
-    adapter_layer_names = ("waveft_spectrum", "waveft_bias")
+    adapter_layer_names = ("waveft_spectrum",)
     other_param_names = (
         "waveft_n_frequency",
         "waveft_scaling",
@@ -46,7 +50,6 @@ class WaveFTLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.waveft_spectrum = nn.ParameterDict({})
-        self.waveft_bias = nn.ParameterDict({})
         self.waveft_n_frequency: dict[str, int] = {}
         self.waveft_scaling: dict[str, float] = {}
         self.waveft_random_loc_seed: dict[str, int] = {}
@@ -86,15 +89,20 @@ class WaveFTLayer(BaseTunerLayer):
         self.waveft_transform[adapter_name] = SparseIDWT(
             self.out_features, self.in_features, locations, config.wavelet_family, config.use_idwt
         ).to(device)
-        # The spectrum is float32 on purpose (also for fp16/bf16 base layers): it is tiny and updates are small.
+        # Drawn in float32 (the same values whatever the base dtype), then stored in the base layer's dtype as peft's
+        # `_move_adapter_to_device_of_base_layer` stores adapter weights: `autocast_adapter_dtype` decides later.
+        # Only the spectrum is cast: the transform's float filter buffers stay float32.
         if config.init_weights:
             spectrum = torch.zeros(n_frequency, device=device)
         else:
             spectrum = torch.randn(n_frequency, device=device) * 0.01
-        self.waveft_spectrum[adapter_name] = nn.Parameter(spectrum)
-        if config.bias == "waveft_only":
-            self.waveft_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features, device=device))
+        self.waveft_spectrum[adapter_name] = nn.Parameter(spectrum.to(self._adapter_dtype()))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        """The base weight's dtype when it is a float type (not e.g. a quantized integer one), else float32."""
+        dtype = self.get_base_layer().weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
 
     @torch.no_grad()
     def reset_wave_parameters(self, adapter_name: str) -> None:
@@ -129,12 +137,9 @@ class WaveFTLinear(nn.Module, WaveFTLayer):
                 continue
             with torch.no_grad():
                 weight = base.weight.data.float() + self._weight_delta(name).float()
-                bias = self._merged_bias(base, name)
-                if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+                if safe_merge and not torch.isfinite(weight).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 base.weight.data = weight.to(base.weight.dtype)
-                if bias is not None:
-                    self._set_base_bias(base, bias)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -149,21 +154,6 @@ class WaveFTLinear(nn.Module, WaveFTLayer):
             with torch.no_grad():
                 weight = base.weight.data.float() - self._weight_delta(name).float()
                 base.weight.data = weight.to(base.weight.dtype)
-                if name in self.waveft_bias:
-                    self._set_base_bias(base, base.bias.data.float() - self.waveft_bias[name].float())
-
-    def _merged_bias(self, base: nn.Module, name: str) -> Optional[torch.Tensor]:
-        if name not in self.waveft_bias:
-            return None
-        current = base.bias.data.float() if base.bias is not None else 0.0
-        return current + self.waveft_bias[name].float()
-
-    @staticmethod
-    def _set_base_bias(base: nn.Module, bias: torch.Tensor) -> None:
-        if base.bias is None:  # e.g. SDXL's to_q/to_k/to_v have no bias: give the base layer one to merge into
-            base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
-        else:
-            base.bias.data = bias.to(base.bias.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -176,12 +166,8 @@ class WaveFTLinear(nn.Module, WaveFTLayer):
 
         base = self.get_base_layer()
         weight = base.weight.T if self.fan_in_fan_out else base.weight
-        bias = base.bias
-        extra_bias = [self.waveft_bias[name] for name in active if name in self.waveft_bias]
-        if extra_bias:
-            bias = sum(extra_bias) if bias is None else bias + sum(extra_bias)
         adapters = [(self.waveft_spectrum[name], self.waveft_transform[name], self.waveft_scaling[name]) for name in active]
-        return waveft_linear(x, weight, bias, adapters)
+        return waveft_linear(x, weight, base.bias, adapters)
 
     def __repr__(self) -> str:
         return "waveft." + super().__repr__()

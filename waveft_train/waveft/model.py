@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING
 from peft.utils.error import NoMatchingPeftModuleError
@@ -124,21 +123,6 @@ class WaveFTModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        # peft's generic "<prefix>_only" trains the base layers' own biases; our waveft_only trains `waveft_bias`
-        # instead and leaves the base model frozen.
-        if any(getattr(self.peft_config[name], "bias", "none") == "waveft_only" for name in self.active_adapters):
-            for module in model.modules():
-                if isinstance(module, WaveFTLayer) and module.get_base_layer().bias is not None:
-                    module.get_base_layer().bias.requires_grad = False
-
-    @classmethod
-    def _get_learnable_bias_state_dict(cls, model, state_dict, config) -> dict[str, torch.Tensor]:
-        if getattr(config, "bias", "none") == "waveft_only":
-            return {}  # `waveft_bias` is saved with the other adapter weights
-        return super()._get_learnable_bias_state_dict(model, state_dict, config)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
