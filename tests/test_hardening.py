@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from waveft_train import checkpoint, cli, run
+from helpers import run_cli as shared_run_cli
+from waveft_train import checkpoint, run
 from waveft_train.config import load_config
 from waveft_train.errors import UserError
 from waveft_train.images import UnconvertibleImage, load_images, to_rgb, validate_image_folder
@@ -47,12 +48,8 @@ def cli_command(output_dir: Path, **extra) -> list[str]:
 
 
 def run_cli(args: list, capsys) -> tuple[int, str]:
-    try:
-        cli.main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
+    code, _, err = shared_run_cli(args, capsys)
+    return code, err
 
 
 def same_adapter(a: Path, b: Path) -> bool:

@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helpers import run_cli
 from waveft_train.adapters import export_merged, load_adapter_unet
-from waveft_train.cli import main
 from waveft_train.export_formats import export_file
 from waveft_train.unet_names import UNetNames
 from waveft_train.waveft import register
@@ -49,17 +49,6 @@ def make_adapter(model_dir: Path, out: Path, *, bias: str = "none", seed: int = 
     model.peft_config["default"].base_model_name_or_path = str(model_dir)
     model.save_pretrained(out, save_embedding_layers=False)
     return out
-
-
-def run_cli(args: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

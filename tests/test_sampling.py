@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from waveft_train.cli import main
+from helpers import run_cli
 from waveft_train.cli_adapters import COMPARE_GROUP_GAP
 from waveft_train.models import build_pipeline, load_components
 from waveft_train.adapters import adapters_disabled, export_merged, load_adapter_unet
@@ -52,18 +52,6 @@ def make_adapter(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
     model.peft_config["default"].base_model_name_or_path = str(model_dir)
     model.save_pretrained(out, save_embedding_layers=False)
     return out
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """`waveft-train ARGS` in-process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def sample_args(adapter: Path, out: Path, *extra: object) -> list[str]:
