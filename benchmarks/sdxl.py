@@ -1,6 +1,7 @@
 """The SDXL-base architecture, written out so that benchmarks build it without downloading anything.
 
-Values from stabilityai/stable-diffusion-xl-base-1.0, unet/config.json.
+Values from stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, text_encoder/config.json (CLIP ViT-L/14),
+text_encoder_2/config.json (OpenCLIP ViT-bigG/14 with projection) and vae/config.json (the architecture fields).
 """
 
 from __future__ import annotations
@@ -53,3 +54,17 @@ SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.js
     "use_linear_projection": True,
 }
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention linears waveft-train adapts by default
+TEXT_ENCODER_CONFIG = {  # text_encoder/config.json: CLIPTextModel, 123 M parameters
+    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu", "projection_dim": 768,
+}  # fmt: skip
+TEXT_ENCODER_2_CONFIG = {  # text_encoder_2/config.json: CLIPTextModelWithProjection, 695 M parameters
+    "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+    "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu", "projection_dim": 1280,
+}  # fmt: skip
+VAE_CONFIG = {  # vae/config.json: AutoencoderKL, 84 M parameters; force_upcast: it overflows in fp16
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "block_out_channels": (128, 256, 512, 512), "act_fn": "silu", "sample_size": 1024, "scaling_factor": 0.13025,
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "force_upcast": True,
+}  # fmt: skip
