@@ -2,7 +2,7 @@
 
 Oracles: torch.autograd.gradcheck in float64 (every custom function, both paths, both ways of building ΔW), and
 peft's reference WaveFT layer with plain autograd (outputs and gradients to 1e-5 relative). Speed is measured by
-scripts/bench_layer.py and scripts/bench_step.py, never here.
+benchmarks/layer.py and benchmarks/step.py, never here.
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ GATHER_CHUNK_ELEMENTS = 1 << 22  # bounds the (coefficients × tokens) buffers o
 # cache between being made and being sampled (measured best: 1024 tokens at widths 640-1280).
 CPU_CHUNK_ELEMENTS, MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 1 << 20, 256, 1024
 # Relative cost of one patch entry and of one element of a dense ΔW build, in units of one element of factorized
-# work; fitted on CPU with cold caches, as each layer runs inside a UNet step (scripts/bench_layer.py --calibrate
-# --cold; BENCHMARKS.md): with db1 patches merged wins from ~8-16 tokens on (a warm loop over one layer had put
-# that at ~100 and chosen the slower path for SDXL's 64-token layers at 32×32 latents).
+# work; fitted on CPU with cold caches, as each layer runs inside a UNet step (python -m benchmarks.layer
+# --calibrate --cold; benchmarks/LOG.md): with db1 patches merged wins from ~8-16 tokens on (a warm loop over one
+# layer had put that at ~100 and chosen the slower path for SDXL's 64-token layers at 32×32 latents).
 PATCH_COST, DENSE_BUILD_COST = 7.0, 10.0
 
 

@@ -7,7 +7,7 @@ frozen base layers of one UNet; every round swaps each method in and times one s
 Models:
 - tiny: the embedded tiny SDXL UNet (waveft_train.tiny), 32x32 latents.
 - sdxl: the SDXL-base UNet *architecture* (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json values written
-  below; nothing is downloaded) with random weights; 2.57 B parameters. `--transformer-layers` can reduce its
+  in benchmarks/sdxl.py; nothing is downloaded) with random weights; 2.57 B parameters. `--transformer-layers` can reduce its
   transformer depth; the output then says so.
 
 Reported per method: median step time, its ratio to LoRA's and to the reference's (medians over rounds of per-round
@@ -16,10 +16,10 @@ peak a step adds over what was resident before it (CPU: VmHWM reset through /pro
 return every block of 64 KiB or more to the system on free, so the resident size follows live memory; CUDA:
 torch.cuda.max_memory_allocated).
 
-Usage:
-    python scripts/bench_step.py --model sdxl                          # CPU fp32, 32x32 latents, batch 1
-    python scripts/bench_step.py --model tiny
-    python scripts/bench_step.py --model sdxl --device cuda --latent 128 --batch 2   # bf16 autocast, bf16 weights
+Usage (from the repository root; results also go to outputs/bench/step-<date>-<time>.json, or --json PATH):
+    python -m benchmarks.step --model sdxl                          # CPU fp32, 32x32 latents, batch 1
+    python -m benchmarks.step --model tiny
+    python -m benchmarks.step --model sdxl --device cuda --latent 128 --batch 2   # bf16 autocast, bf16 weights
 """
 
 from __future__ import annotations
@@ -29,74 +29,26 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_layer import (  # noqa: E402
+from benchmarks.common import (
+    add_json_argument,
+    command_line,
     cpu_peak_step_bytes,
-    round_order,
     machine,
     return_freed_memory_to_system,
+    round_order,
+    synchronize,
     wait_until_quiet,
     waveft_config,
+    write_results,
 )
+from benchmarks.sdxl import SDXL_UNET_CONFIG, TARGETS
 
-SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": (5, 10, 20),
-    "block_out_channels": (320, 640, 1280),
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": (1, 2, 10),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 METHODS = ("ours", "reference", "lora")
 TEXT_TOKENS = 77
 
@@ -215,11 +167,6 @@ def train_step(unet: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, a
     return loss.item()
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(unet, methods: Methods, names, batch, args) -> dict[str, list[float]]:
     times = {m: [] for m in names}
     for method in names:
@@ -271,9 +218,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--family", default="db1")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--transformer-layers", type=int, nargs=3, metavar="N", help="reduce SDXL's (1, 2, 10)")
-    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS", help="see bench_layer.py")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS", help="see benchmarks/layer.py")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--json", type=Path)
+    add_json_argument(parser, "step")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.latent = args.latent or (128 if cuda else 32)
@@ -294,7 +241,7 @@ def main(argv=None) -> dict:
     batch = make_batch(unet, args)
     results = {
         "machine": machine(args.device),
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line("benchmarks.step", argv),
         "model": description,
         "setup": f"{args.latent}x{args.latent} latents, batch {args.batch}, "
         + ("bf16 weights under bf16 autocast" if args.autocast else "fp32")
@@ -330,8 +277,7 @@ def main(argv=None) -> dict:
                 summary[method]["memory_with_weights_vs_lora"] = round((own + base) / (lora + base), 3)
     results["methods"] = summary
     print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_results(results, args.json, "step")
     return results
 
 

@@ -15,39 +15,43 @@ peak resident set size VmHWM, reset through /proc/self/clear_refs, measured afte
 return every block of 64 KiB or more to the system on free, so the resident size follows the live tensors), and the
 adapter's resident parameters and buffers, counted tensor by tensor.
 
-Usage:
-    python scripts/bench_layer.py                         # CPU, fp32, 2 threads
-    python scripts/bench_layer.py --device cuda           # bf16 weights and inputs under bf16 autocast
-    python scripts/bench_layer.py --paths                 # also time our two paths forced at the three shapes
-    python scripts/bench_layer.py --calibrate --cold      # where merged vs factorized should switch (choose_path)
-    python scripts/bench_layer.py --device cuda --check   # first: ours vs the reference on the device, and the
+Usage (from the repository root; results also go to outputs/bench/layer-<date>-<time>.json, or --json PATH):
+    python -m benchmarks.layer                            # CPU, fp32, 2 threads
+    python -m benchmarks.layer --device cuda              # bf16 weights and inputs under bf16 autocast
+    python -m benchmarks.layer --paths                    # also time our two paths forced at the three shapes
+    python -m benchmarks.layer --calibrate --cold         # where merged vs factorized should switch (choose_path)
+    python -m benchmarks.layer --device cuda --check      # first: ours vs the reference on the device, and the
                                                           # sampled-product kernels timed there
-    python scripts/bench_layer.py --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
-import random
-import re
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from waveft_train.waveft.functional import choose_path, sampled_products, waveft_linear  # noqa: E402
+from benchmarks.common import (
+    add_json_argument,
+    command_line,
+    cpu_peak_step_bytes,
+    lora_rank,
+    machine,
+    median_ratio,
+    return_freed_memory_to_system,
+    synchronize,
+    time_interleaved,
+    waveft_config,
+    write_results,
+)
+from waveft_train.waveft.functional import choose_path, sampled_products, waveft_linear
 
 SHAPES = {
     "self-attn 640, 64x64 latents (8192 tok)": (8192, 640, 640),
@@ -55,17 +59,6 @@ SHAPES = {
     "cross-attn to_k 2048->1280 (154 tok)": (154, 2048, 1280),
 }
 METHODS = ("frozen", "reference", "lora", "ours")
-
-
-def lora_rank(n_frequency: int, in_features: int, out_features: int) -> int:
-    """The LoRA rank whose parameter count r·(d_in + d_out) is closest to WaveFT's n."""
-    return max(1, round(n_frequency / (in_features + out_features)))
-
-
-def waveft_config(n_frequency: int, family: str, use_idwt: bool = True):
-    from peft import WaveFTConfig
-
-    return WaveFTConfig(n_frequency=n_frequency, wavelet_family=family, use_idwt=use_idwt, init_weights=False)
 
 
 def wrap(method: str, base: nn.Linear, n_frequency: int, family: str) -> nn.Module:
@@ -140,79 +133,6 @@ def build(shape: tuple[int, int, int], methods, device: str, args) -> Setup:
     return Setup(x=x, grad=grad, modules=modules, autocast=device == "cuda")
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def busy_fraction(interval: float = 0.3) -> float:
-    """Fraction of all CPUs' time spent busy over `interval` (this process sleeps meanwhile: it is the others)."""
-
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    total, idle = sample()
-    time.sleep(interval)
-    total_after, idle_after = sample()
-    return 1.0 - (idle_after - idle) / max(1, total_after - total)
-
-
-def wait_until_quiet(max_wait: float, threshold: float = 0.1) -> None:
-    """On a shared machine: before a round, wait (up to `max_wait` s) until other processes leave the CPUs idle."""
-    deadline = time.monotonic() + max_wait
-    while max_wait > 0 and time.monotonic() < deadline and busy_fraction() > threshold:
-        pass
-
-
-def round_order(methods, round_index: int) -> list:
-    """This round's order of the methods: a seeded shuffle, so that over the rounds every method follows every
-    other about equally often. (A fixed cyclic rotation would always run one method right after the same
-    neighbour, e.g. ours after the cache-flushing reference and frozen after ours, which biases the ratios.)"""
-    order = list(methods)
-    random.Random(round_index).shuffle(order)
-    return order
-
-
-class CacheFlusher:
-    """Evicts the CPU caches before a timed step (`--cold`): inside a UNet step each layer's weight and index
-    buffers are cold, since dozens of other layers ran since its last call; a loop over one layer keeps them warm."""
-
-    def __init__(self, device: str, megabytes: int = 256):
-        self.buffer = torch.zeros(megabytes << 18) if device == "cpu" else None  # float32: 4 bytes each
-
-    def __call__(self) -> None:
-        if self.buffer is not None:
-            self.buffer.add_(1.0)
-
-
-def time_interleaved(
-    step: Callable[[str], None], methods, rounds: int, device: str = "cpu", quiet_wait: float = 0.0, cold: bool = False
-) -> dict[str, list[float]]:
-    """Seconds per `step(method)`, each method once per round in a shuffled order (after two warm-up steps each)."""
-    flush = CacheFlusher(device) if cold else (lambda: None)
-    times: dict[str, list[float]] = {method: [] for method in methods}
-    for method in methods:  # warm-up: allocator, lazy init, caches
-        for _ in range(2):
-            step(method)
-    synchronize(device)
-    for round_index in range(rounds):
-        wait_until_quiet(quiet_wait)
-        for method in round_order(methods, round_index):
-            flush()
-            synchronize(device)
-            start = time.perf_counter()
-            step(method)
-            synchronize(device)
-            times[method].append(time.perf_counter() - start)
-    return times
-
-
-def median_ratio(times: dict[str, list[float]], method: str, reference_method: str) -> float:
-    """The median over rounds of method's time / reference_method's time in the same round."""
-    return statistics.median(a / b for a, b in zip(times[method], times[reference_method]))
-
-
 def summarize(times: dict[str, list[float]], reference_method: str = "frozen") -> dict[str, dict]:
     return {
         method: {
@@ -221,32 +141,6 @@ def summarize(times: dict[str, list[float]], reference_method: str = "frozen") -
         }
         for method, values in times.items()
     }
-
-
-# ---- CPU peak memory, in a child process -------------------------------------------------------------------------
-
-
-def _status_bytes(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
-
-
-def cpu_peak_step_bytes(step, prepare=lambda: None) -> int:
-    """Peak resident bytes a call of `step` adds (VmHWM reset before; malloc must return big blocks on free)."""
-    step()  # warm-up
-    prepare()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap pages must fault in again when reused, to be seen
-    before = _status_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    step()
-    return _status_bytes("VmHWM") - before
-
-
-def return_freed_memory_to_system() -> None:
-    """glibc: serve every allocation ≥ 64 KiB by mmap and trim the heap, so RSS tracks live memory."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also disables the dynamic threshold)
-    libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
 
 
 def peak_memory(setup: Setup, method: str, device: str) -> int:
@@ -349,21 +243,6 @@ def check(args) -> dict:
     return {"check": report, "worst_fp32_relative_error": worst}
 
 
-def machine(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -382,7 +261,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="first compare ours with the reference on the device")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--shapes", nargs="*", type=int, help="indices into the shape table (default: all)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_json_argument(parser, "layer")
     return parser.parse_args(argv)
 
 
@@ -401,12 +280,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     shape_names = list(SHAPES)
-    results = {"machine": machine(args.device), "command": "python " + " ".join(sys.argv), "shapes": {}}
+    results = {"machine": machine(args.device), "command": command_line("benchmarks.layer", argv), "shapes": {}}
     if args.calibrate:
         print(f"# {results['machine']}; n_frequency={args.n_frequency}, rounds={args.rounds}")
         results.update(calibrate(args))
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+        write_results(results, args.json, "layer-calibrate")
         return results
     methods = list(METHODS) + (["ours-merged", "ours-factorized"] if args.paths else [])
     print(f"# {results['machine']}; n_frequency={args.n_frequency}, family={args.family}, rounds={args.rounds}")
@@ -442,8 +320,7 @@ def main(argv=None) -> dict:
     speedups = [results["shapes"][n]["ours_vs_reference_speedup"] for n in chosen]
     results["geomean_speedup_vs_reference"] = round(statistics.geometric_mean(speedups), 2)
     print(f"\ngeometric mean speed-up of ours over the reference: {results['geomean_speedup_vs_reference']}x")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_results(results, args.json, "layer")
     return results
 
 

@@ -1,0 +1,125 @@
+"""The memory estimate (waveft_train/memory.py) against a real training step, and its shape.
+
+The real measurement: one training step of the tiny UNet with waveft-train's adapter on the CPU (real kernels,
+fp32), counting the bytes of live tensor storages at the dispatcher (benchmarks/memory_tracking.py's LiveBytes):
+the CPU counterpart of torch.cuda.max_memory_allocated. The estimate has to be within TOLERANCE of it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.memory_tracking import LiveBytes
+from waveft_train.memory import GiB, estimate_training_memory, sizes_of, smallest_gpu
+
+TOLERANCE = 0.10  # relative, on the training step's total (resident state + the step's peak); measured: 1-3 %
+SDXL_BASE = {  # the SDXL-base UNet with waveft-train's default adapter (n_frequency 2592 on 560 attention linears)
+    "unet_params": 2_567_463_684, "trainable_params": 560 * 2592, "adapter_buffer_bytes": 173 * 2**20,
+}  # fmt: skip
+
+
+def sdxl_unet_config() -> dict:
+    from benchmarks.sdxl import SDXL_UNET_CONFIG
+
+    return dict(SDXL_UNET_CONFIG)
+
+
+def measured_step(tiny_model_dir, *, latent: int, batch: int, gradient_checkpointing: bool):
+    """(live bytes at the step's peak, the UNet): AdamW state exists, as from the second step of a run on."""
+    from diffusers import UNet2DConditionModel
+    from peft import WaveFTConfig
+
+    from waveft_train import waveft
+
+    torch.manual_seed(0)
+    waveft.register()
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").requires_grad_(False)
+    unet.add_adapter(WaveFTConfig(n_frequency=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    config = unet.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+    def step() -> None:
+        prediction = unet(
+            torch.randn(batch, config.in_channels, latent, latent), torch.randint(0, 1000, (batch,)),
+            encoder_hidden_states=torch.randn(batch, 77, config.cross_attention_dim),
+            added_cond_kwargs={"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)},
+            return_dict=False,
+        )[0]  # fmt: skip
+        torch.nn.functional.mse_loss(prediction, torch.randn_like(prediction)).backward()
+
+    step()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with LiveBytes() as tracker:
+        tensors = [*unet.parameters(), *unet.buffers()]
+        tensors += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        tracker.track(*tensors)
+        tracker.reset_peak()
+        step()
+    return tracker.peak, unet
+
+
+@pytest.mark.parametrize(("resolution", "gradient_checkpointing"), [(64, False), (128, True)])
+def test_estimate_is_within_tolerance_of_a_real_step_on_the_tiny_unet(tiny_model_dir, resolution, gradient_checkpointing):
+    latent = resolution // 2  # the tiny VAE halves the image side
+    peak, unet = measured_step(tiny_model_dir, latent=latent, batch=2, gradient_checkpointing=gradient_checkpointing)
+    estimate = estimate_training_memory(
+        dict(unet.config), **sizes_of(unet), resolution=resolution, batch_size=1, prior=True,
+        gradient_checkpointing=gradient_checkpointing, weight_dtype="fp32", mixed_precision="no", vae_scale_factor=2,
+    )  # fmt: skip
+    assert estimate["training_step"] == pytest.approx(peak, rel=TOLERANCE)
+
+
+def test_sizes_of_counts_the_adapter_on_the_meta_device():
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import WaveFTConfig, inject_adapter_in_model
+
+    from waveft_train import waveft
+
+    config = sdxl_unet_config()
+    config["transformer_layers_per_block"] = (1, 1, 1)  # fewer layers: the same counting, a quicker test
+    waveft.register()
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+        inject_adapter_in_model(WaveFTConfig(n_frequency=2592, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), unet)
+    sizes = sizes_of(unet)
+    layers = sum(isinstance(module, waveft.WaveFTLayer) for module in unet.modules())
+    assert sizes["trainable_params"] == layers * 2592
+    assert 200 * 1024 < sizes["adapter_buffer_bytes"] / layers < 400 * 1024  # ~300 KiB of index tensors per layer
+    assert sizes["unet_params"] + sizes["trainable_params"] == sum(p.numel() for p in unet.parameters())
+
+
+def estimate(**overrides) -> dict:
+    return estimate_training_memory(sdxl_unet_config(), **{**SDXL_BASE, **overrides})
+
+
+def test_the_papers_recipe_fits_in_12_gb_by_the_estimate():
+    recipe = estimate(resolution=1024, batch_size=1, prior=True, gradient_checkpointing=True)
+    assert recipe["training_step"] < 12 * GiB and smallest_gpu(recipe["peak"]) <= 12
+
+
+@pytest.mark.parametrize(
+    ("smaller", "larger"),
+    [
+        ({"resolution": 512}, {"resolution": 768}),
+        ({"resolution": 768}, {"resolution": 1024}),
+        ({"batch_size": 1}, {"batch_size": 2}),
+        ({"prior": False}, {"prior": True}),
+        ({"gradient_checkpointing": True}, {"gradient_checkpointing": False}),
+        ({"optimizer": "adamw8bit"}, {"optimizer": "adamw"}),
+        ({"cache_latents": True}, {"cache_latents": False}),
+        ({"weight_dtype": "bf16", "mixed_precision": "bf16"}, {"weight_dtype": "fp32", "mixed_precision": "no"}),
+    ],
+)
+def test_estimate_grows_with_what_costs_memory(smaller, larger):
+    small, large = estimate(**smaller), estimate(**larger)
+    assert small["training_step"] < large["training_step"]
+    assert small["peak"] <= large["peak"]
+    assert small["activations"] <= large["activations"]
