@@ -123,3 +123,42 @@ def test_estimate_grows_with_what_costs_memory(smaller, larger):
     assert small["training_step"] < large["training_step"]
     assert small["peak"] <= large["peak"]
     assert small["activations"] <= large["activations"]
+
+
+def sdxl_config_folder(tmp_path, tiny_model_dir, *, vae_force_upcast: bool):
+    """A model folder with SDXL-base's configs and no weights: enough for `params`, which builds on the meta device."""
+    import json
+    import shutil
+
+    from benchmarks.sdxl import SDXL_UNET_CONFIG, TEXT_ENCODER_2_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG
+
+    folder = tmp_path / "sdxl-configs"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    configs = {"unet": {"_class_name": "UNet2DConditionModel", **SDXL_UNET_CONFIG},
+               "text_encoder": {"architectures": ["CLIPTextModel"], **TEXT_ENCODER_CONFIG},
+               "text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"], **TEXT_ENCODER_2_CONFIG},
+               "vae": {"_class_name": "AutoencoderKL", **VAE_CONFIG, "force_upcast": vae_force_upcast}}
+    for name, config in configs.items():
+        (folder / name / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(("vae_force_upcast", "peak_gpu"), [(False, "12 GB"), (True, "16 GB")])
+def test_params_prints_the_memory_estimate_of_the_papers_recipe(tmp_path, tiny_model_dir, capsys, vae_force_upcast,
+                                                                 peak_gpu):
+    """configs/subject.yaml on SDXL-base's architecture: the training step fits 8 GB, the run with an fp16-fix VAE 12 GB;
+    with SDXL's own VAE (fp32) the first run's class-image decode needs 16 GB (BENCHMARKS.md §3's table)."""
+    import re
+    from pathlib import Path
+
+    from tests.helpers import run_cli
+
+    folder = sdxl_config_folder(tmp_path, tiny_model_dir, vae_force_upcast=vae_force_upcast)
+    subject = Path(__file__).resolve().parents[1] / "configs" / "subject.yaml"
+    code, out, err = run_cli(["params", "--config", subject, "--set", f"model.pretrained={folder}",
+                              "--set", "model.vae=null"], capsys)
+    assert code == 0, err
+    assert "trainable parameters: 1,451,520" in out  # 560 layers × 2592
+    step = re.search(r"training step\s+([\d.]+) GiB\s+fits (\d+) GB", out)
+    assert step and abs(float(step.group(1)) - 6.62) < 0.15 and step.group(2) == "8", out  # the fake-tensor count
+    assert re.search(rf"peak\s+[\d.]+ GiB: fits {peak_gpu}", out), out

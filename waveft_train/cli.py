@@ -65,12 +65,17 @@ def params(
     config: Path = typer.Option(..., "--config", "-c", help="Training config (YAML)."),
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
-    """Show per-layer n_frequency, trainable parameters and the LoRA rank with the same budget, without training."""
+    """Show per-layer n_frequency, trainable parameters, the LoRA rank with the same budget and the GPU memory the
+    run needs (an estimate), without loading weights."""
     from waveft_train.config import load_config
-    from waveft_train.params import describe_parameters
+    from waveft_train.params import describe_memory, describe_parameters
+    from waveft_train.preflight import adapter_on_meta_unet
 
     loaded = load_config(config, overrides or ())
-    typer.echo(describe_parameters(loaded.model, loaded.waveft))
+    unet = adapter_on_meta_unet(loaded.model, loaded.waveft)
+    typer.echo(describe_parameters(loaded.model, loaded.waveft, unet))
+    typer.echo("")
+    typer.echo(describe_memory(loaded.model, loaded.data, loaded.prior, loaded.train, loaded.validation, unet))
 
 
 @app.command()

@@ -1,16 +1,18 @@
-"""`waveft-train params`: per-layer n_frequency and totals, from the UNet's architecture on the meta device."""
+"""`waveft-train params`: per-layer n_frequency and totals, and the GPU memory the run needs, from the
+architecture on the meta device (no weights load)."""
 
 from __future__ import annotations
 
-from waveft_train.config import ModelSection, WaveFTSection
+from waveft_train.config import DataSection, ModelSection, PriorSection, TrainSection, ValidationSection, WaveFTSection
 from waveft_train.preflight import adapter_on_meta_unet
 
 
-def describe_parameters(model: ModelSection, waveft: WaveFTSection) -> str:
-    """Per-layer n_frequency, the trainable total and the LoRA rank with the same budget (no weights are loaded)."""
+def describe_parameters(model: ModelSection, waveft: WaveFTSection, unet=None) -> str:
+    """Per-layer n_frequency, the trainable total and the LoRA rank with the same budget (no weights are loaded).
+    `unet`: the adapted meta UNet when the caller has it (`adapter_on_meta_unet`)."""
     from waveft_train import waveft as tuner
 
-    unet = adapter_on_meta_unet(model, waveft)
+    unet = unet if unet is not None else adapter_on_meta_unet(model, waveft)
     rows, total, lora_unit = [], 0, 0
     for name, module in unet.named_modules():
         if isinstance(module, tuner.WaveFTLayer):
@@ -23,3 +25,71 @@ def describe_parameters(model: ModelSection, waveft: WaveFTSection) -> str:
              f"adapted layers: {len(rows)}", f"trainable parameters: {total:,}",
              f"LoRA with the same budget: rank {total / lora_unit:.2f} (one LoRA rank costs {lora_unit:,} parameters here)"]
     return "\n".join(lines)
+
+
+def describe_memory(model: ModelSection, data: DataSection, prior: PriorSection, train: TrainSection,
+                    validation: ValidationSection, unet) -> str:
+    """The device memory a run of this config needs per process, by phase, and the smallest GPU that holds it
+    (`waveft_train.memory`'s estimate, fitted to fake-tensor counts of CUDA's allocations; BENCHMARKS.md §3).
+    `unet`: the config's UNet with its adapter, on the meta device (`adapter_on_meta_unet`)."""
+    from waveft_train import memory
+
+    sizes = _component_sizes(model)
+    weight = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[model.dtype]
+    estimate = memory.estimate_training_memory(
+        dict(unet.config), **memory.sizes_of(unet), resolution=data.resolution, batch_size=train.batch_size,
+        prior=prior.enabled, gradient_checkpointing=train.gradient_checkpointing, weight_dtype=weight,
+        mixed_precision=train.mixed_precision, optimizer=train.optimizer, cache_latents=train.cache_latents,
+        validation=bool(validation.prompts), generate_class_images=prior.enabled,
+        generation_batch_size=prior.generation_batch_size, vae_scale_factor=sizes["vae_scale_factor"],
+        text_encoder_params=sizes["text_encoder_params"], vae_params=sizes["vae_params"],
+        vae_dtype="fp32" if sizes["vae_force_upcast"] else weight,
+    )
+
+    def gib(value: int) -> str:
+        return f"{value / memory.GiB:6.2f} GiB"
+
+    def fits(value: int) -> str:
+        size = memory.smallest_gpu(value)
+        return f"fits {size} GB" if size else f"needs more than {memory.GPU_SIZES[-1]} GB"
+
+    phases = [("training step", estimate["training_step"]),
+              ("validation sampling", estimate["validation_sampling"]),
+              ("class-image generation (first run)", estimate["class_image_generation"])]
+    setting = (f"{data.resolution} px, batch {train.batch_size}{' + class images' if prior.enabled else ''}, "
+               f"gradient checkpointing {'on' if train.gradient_checkpointing else 'off'}, {model.dtype} weights")
+    state = estimate["adapter"] + estimate["gradients"] + estimate["optimizer_state"]
+    parts = (f"  UNet weights {gib(estimate['unet_weights'])}, adapter + optimizer {gib(state)}, "
+             f"activations {gib(estimate['activations'])}")
+    peak = (f"  peak {gib(estimate['peak'])}: {fits(estimate['peak'])} "
+            "(allowing 10 % allocator slack + 0.5 GiB of CUDA context)")
+    lines = [f"GPU memory per process (estimate; {setting}):", parts,
+             *(f"  {name:<36} {gib(value)}  {fits(value)}" for name, value in phases if value), peak]
+    return "\n".join(lines)
+
+
+def _component_sizes(model: ModelSection) -> dict:
+    """Parameter counts of the text encoders and the VAE, and the VAE's downsampling, from their configs (meta)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from waveft_train.models import resolve_pretrained
+
+    path = resolve_pretrained(model.pretrained)
+    vae_path, vae_folder = (resolve_pretrained(model.vae), None) if model.vae else (path, "vae")
+    try:
+        vae_config = AutoencoderKL.load_config(vae_path, subfolder=vae_folder, revision=None if model.vae else model.revision)
+        text_configs = [CLIPTextConfig.from_pretrained(path, subfolder=folder, revision=model.revision)
+                        for folder in ("text_encoder", "text_encoder_2")]
+    except (OSError, ValueError):  # a hub model not in the cache: SDXL-base's sizes
+        from waveft_train import memory
+        return {"text_encoder_params": memory.SDXL_TEXT_ENCODER_PARAMS, "vae_params": memory.SDXL_VAE_PARAMS,
+                "vae_scale_factor": 8, "vae_force_upcast": model.vae is None}
+    with init_empty_weights():
+        encoders = [CLIPTextModel(text_configs[0]), CLIPTextModelWithProjection(text_configs[1])]
+        vae = AutoencoderKL.from_config(vae_config)
+    return {"text_encoder_params": sum(p.numel() for encoder in encoders for p in encoder.parameters()),
+            "vae_params": sum(p.numel() for p in vae.parameters()),
+            "vae_scale_factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
+            "vae_force_upcast": bool(vae_config.get("force_upcast", True))}

@@ -10,16 +10,19 @@ import warnings
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING
-try:
-    from peft.utils.error import NoMatchingPeftModuleError
-except ImportError:  # peft < 0.21 raises a plain ValueError ("Target modules ... not found in the base model")
-    class NoMatchingPeftModuleError(ValueError):
-        """Stand-in for peft >= 0.21's error of the same name (a ValueError there, too)."""
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from .layer import Conv1D, WaveFTLayer, WaveFTLinear
 from .families import check_family
+from .layer import Conv1D, WaveFTLayer, WaveFTLinear
+
+try:
+    from peft.utils.error import NoMatchingPeftModuleError
+except ImportError:  # peft < 0.21 raises a plain ValueError ("Target modules ... not found in the base model")
+
+    class NoMatchingPeftModuleError(ValueError):
+        """Stand-in for peft >= 0.21's error of the same name (a ValueError there, too)."""
+
 
 ALLOWED_BIAS = ("none", "all", "waveft_only")
 
