@@ -54,3 +54,15 @@ def fresh_accelerate_state() -> Iterator[None]:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """The CLI gives the `waveft_train` logger its own stderr handler and stops propagation (so caplog, which listens
+    on the root logger, would see nothing); each test starts from the logger as the previous one found it."""
+    import logging
+
+    logger = logging.getLogger("waveft_train")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

@@ -190,7 +190,7 @@ def pipeline(tiny_model_dir):
 def lora_applied_by_diffusers(path: Path, pipeline, unet_inputs):
     """(UNet state before, UNet state after diffusers' load_lora_weights + fuse_lora, the fused UNet's output)."""
     before = {key: value.clone() for key, value in pipeline.unet.state_dict().items()}
-    pipeline.load_lora_weights(str(path))
+    pipeline.load_lora_weights(str(path.parent), weight_name=path.name)  # diffusers 0.31 refuses a bare file offline
     pipeline.fuse_lora()
     try:
         after = {key.replace(".base_layer.", "."): value.clone() for key, value in pipeline.unet.state_dict().items()

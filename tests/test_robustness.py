@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,9 @@ def test_two_processes_share_the_work_and_write_once(tmp_path, class_dir):
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # one writer
     assert result.stdout.count("Done: adapter in") == 1
-    assert result.stderr.count("Loading weights:   0%") == 2  # the two text encoders' bars, from one process only
+    # the two text encoders' loading bars, from one process only (transformers < 5 shows none)
+    bars = 2 if int(version("transformers").split(".")[0]) >= 5 else 0
+    assert result.stderr.count("Loading weights:   0%") == bars
     assert "broadcast_buffers" not in result.stderr
     assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
     manifest = json.loads((shared_class_dir / "manifest.json").read_text())

@@ -269,7 +269,7 @@ def load_adapter_weights_into(unet: torch.nn.Module, adapter_tensors: Mapping[st
     expected = {key: tuple(value.shape) for key, value in adapter_state_dict(unet, adapter_name).items()}
     given = {key if key.startswith(prefix) else prefix + key: value for key, value in adapter_tensors.items()}
     check_fit(expected, {key: tuple(value.shape) for key, value in given.items()}, misfit=misfit, remedy=remedy)
-    # A plain model's parameters have no PeftModel prefix; peft < 0.21 would not strip it (peft >= 0.21 does).
+    # set_peft_model_state_dict takes the model's own module paths (a plain injected model has no PeftModel prefix)
     result = set_peft_model_state_dict(unet, {key.removeprefix(prefix): value for key, value in given.items()},
                                        adapter_name=adapter_name)
     if result.unexpected_keys:  # cannot happen after the check above; guards against peft changing key rules

@@ -102,10 +102,7 @@ def make_grid(
 def _label_font(band: int):
     from PIL import ImageFont
 
-    try:
-        return ImageFont.load_default(size=max(8, band * 3 // 4))
-    except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
-        return ImageFont.load_default()
+    return ImageFont.load_default(size=max(8, band * 3 // 4))  # Pillow >= 10.1: a scalable font with Unicode
 
 
 def _draw_label(draw, font, text: str, origin: tuple[int, int], width: int, band: int) -> None:

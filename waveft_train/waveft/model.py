@@ -10,18 +10,12 @@ import warnings
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING
+from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .families import check_family
 from .layer import Conv1D, WaveFTLayer, WaveFTLinear
-
-try:
-    from peft.utils.error import NoMatchingPeftModuleError
-except ImportError:  # peft < 0.21 raises a plain ValueError ("Target modules ... not found in the base model")
-
-    class NoMatchingPeftModuleError(ValueError):
-        """Stand-in for peft >= 0.21's error of the same name (a ValueError there, too)."""
 
 
 ALLOWED_BIAS = ("none", "all", "waveft_only")
@@ -57,9 +51,7 @@ class WaveFTModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except ValueError as error:
-            if not _matched_nothing(error):
-                raise
+        except NoMatchingPeftModuleError as error:
             config = self.peft_config[adapter_name]
             linear_names = [name for name, module in model.named_modules() if _linear_dims(module) is not None]
             endings = sorted({_short_name(name) for name in linear_names})
@@ -151,7 +143,3 @@ def _pattern_text(pattern) -> str:
         return repr(pattern)
     return "[" + ", ".join(repr(str(item)) for item in sorted(pattern)) + "]"
 
-
-def _matched_nothing(error: ValueError) -> bool:
-    """peft's "target_modules matched nothing": its own error type from 0.21, a message before that."""
-    return isinstance(error, NoMatchingPeftModuleError) or "not found in the base model" in str(error)
