@@ -1,4 +1,5 @@
-"""Draw the demo DreamBooth subject: a red-and-yellow striped toy ball, five shots.
+"""Draw the demo DreamBooth subject: a red-and-yellow striped toy ball, five shots (two square, three not:
+3:2, 2:3 and 7:4, so the demo trains in aspect-ratio buckets).
 
 Why procedural: the repository needs a tiny, license-clean subject set for the demo config and the tests,
 and drawing it from code makes its provenance obvious (CC0, no photos of anyone's property) and lets anyone
@@ -47,10 +48,10 @@ class Shot:
 
 SHOTS = (
     Shot("ball_01.png", 128, 128, "studio", (0.50, 0.52), 0.30, 0.35),
-    Shot("ball_02.png", 160, 128, "floor_and_wall", (0.36, 0.60), 0.24, -0.50),
-    Shot("ball_03.png", 128, 160, "sky_and_grass", (0.58, 0.66), 0.26, 1.10),
+    Shot("ball_02.png", 192, 128, "floor_and_wall", (0.36, 0.60), 0.24, -0.50),  # 3:2
+    Shot("ball_03.png", 128, 192, "sky_and_grass", (0.58, 0.66), 0.26, 1.10),  # 2:3
     Shot("ball_04.png", 128, 128, "checker_table", (0.44, 0.56), 0.36, 2.20),
-    Shot("ball_05.png", 144, 128, "pastel_dots", (0.64, 0.46), 0.20, -1.30),
+    Shot("ball_05.png", 224, 128, "pastel_dots", (0.64, 0.46), 0.20, -1.30),  # 7:4
 )
 
 
