@@ -162,3 +162,18 @@ def test_params_prints_the_memory_estimate_of_the_papers_recipe(tmp_path, tiny_m
     step = re.search(r"training step\s+([\d.]+) GiB\s+fits (\d+) GB", out)
     assert step and abs(float(step.group(1)) - 6.62) < 0.15 and step.group(2) == "8", out  # the fake-tensor count
     assert re.search(rf"peak\s+[\d.]+ GiB: fits {peak_gpu}", out), out
+
+
+def test_params_reads_a_separate_vae_from_a_pipeline_folder(tmp_path, tiny_model_dir, capsys):
+    """model.vae may name a pipeline folder (its vae/ is used, as in training): its fp32 SDXL VAE sets the peak."""
+    import re
+    from pathlib import Path
+
+    from tests.helpers import run_cli
+
+    folder = sdxl_config_folder(tmp_path, tiny_model_dir, vae_force_upcast=True)
+    subject = Path(__file__).resolve().parents[1] / "configs" / "subject.yaml"
+    code, out, err = run_cli(["params", "--config", subject, "--set", f"model.pretrained={folder}",
+                              "--set", f"model.vae={folder}"], capsys)
+    assert code == 0, err
+    assert re.search(r"peak\s+[\d.]+ GiB: fits 16 GB", out), out

@@ -35,7 +35,7 @@ def describe_memory(model: ModelSection, data: DataSection, prior: PriorSection,
     from waveft_train import memory
 
     sizes = _component_sizes(model)
-    weight = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[model.dtype]
+    weight = model.dtype  # "fp32" / "fp16" / "bf16", the names memory.BYTES uses
     estimate = memory.estimate_training_memory(
         dict(unet.config), **memory.sizes_of(unet), resolution=data.resolution, batch_size=train.batch_size,
         prior=prior.enabled, gradient_checkpointing=train.gradient_checkpointing, weight_dtype=weight,
@@ -74,12 +74,13 @@ def _component_sizes(model: ModelSection) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from waveft_train.models import resolve_pretrained
+    from waveft_train.models import resolve_pretrained, resolve_vae
 
     path = resolve_pretrained(model.pretrained)
-    vae_path, vae_folder = (resolve_pretrained(model.vae), None) if model.vae else (path, "vae")
+    # the trainer's own rules: a separate VAE is an AutoencoderKL folder, a pipeline folder's vae/, or a hub id
+    vae_path, vae_folder, vae_revision = (*resolve_vae(model.vae), None) if model.vae else (path, "vae", model.revision)
     try:
-        vae_config = AutoencoderKL.load_config(vae_path, subfolder=vae_folder, revision=None if model.vae else model.revision)
+        vae_config = AutoencoderKL.load_config(vae_path, subfolder=vae_folder, revision=vae_revision)
         text_configs = [CLIPTextConfig.from_pretrained(path, subfolder=folder, revision=model.revision)
                         for folder in ("text_encoder", "text_encoder_2")]
     except (OSError, ValueError):  # a hub model not in the cache: SDXL-base's sizes
