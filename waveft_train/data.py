@@ -93,10 +93,15 @@ def transform_image(
     return TransformedImage(to_tensor(image), original_size, (top, left), flipped, (target_height, target_width))
 
 
+def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
+    """An independent numpy generator per (train.seed, keys...): every random draw of the data order and the
+    augmentations comes from one, so any of them can be recomputed on its own, without replay."""
+    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, *keys]))
+
+
 def item_rng(seed: int, epoch: int, position: int, role: str) -> np.random.Generator:
     """Independent generator per (seed, epoch, dataset position, role): reproducible without replay."""
-    entropy = [seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, position, _ROLE_IDS[role]]
-    return np.random.default_rng(np.random.SeedSequence(entropy))
+    return seeded_rng(seed, epoch, position, _ROLE_IDS[role])
 
 
 def make_example(images: ImageSet, image_index: int, *, resolution: int, center_crop: bool,
@@ -191,7 +196,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 def epoch_indices(length: int, *, epoch: int, seed: int) -> list[int]:
     """A seeded shuffle of one epoch's positions, offset by epoch * length (for DreamBoothDataset)."""
-    order = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch])).permutation(length)
+    order = seeded_rng(seed, epoch).permutation(length)
     return [epoch * length + int(position) for position in order]
 
 
@@ -245,17 +250,16 @@ class StepBatchSampler(torch.utils.data.Sampler):
             if len(self.groups) == 1:
                 order = epoch_indices(self.length, epoch=epoch, seed=self.seed)
             else:
-                rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, group + 1]))
-                order = [epoch * self.length + positions[int(i)] for i in rng.permutation(len(positions))]
+                shuffled = seeded_rng(self.seed, epoch, group + 1).permutation(len(positions))
+                order = [epoch * self.length + positions[int(i)] for i in shuffled]
             yield from order[offset:]
             offset, epoch = 0, epoch + 1
 
     def _group_of_step(self, step: int) -> int:
         if len(self.groups) == 1:
             return 0
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFF_FFFF_FFFF_FFFF, step, 0xB0C4E7]))
         sizes = np.array([len(group) for group in self.groups], dtype=float)
-        return int(rng.choice(len(self.groups), p=sizes / sizes.sum()))
+        return int(seeded_rng(self.seed, step, 0xB0C4E7).choice(len(self.groups), p=sizes / sizes.sum()))
 
     def __iter__(self) -> Iterator[list[int]]:
         span = self.batch_size * self.num_processes
