@@ -17,8 +17,8 @@ from waveft_train.config import load_config
 from waveft_train.data import StepBatchSampler, epoch_indices, item_rng, transform_image
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
-SUBJECT = REPO / "configs" / "demo_subject"
+DEMO = REPO / "tests" / "data" / "tiny.yaml"
+SUBJECT = REPO / "tests" / "data" / "subject"
 
 
 def test_the_bucket_list_is_sdxls_about_one_megapixel_scaled_to_the_resolution():

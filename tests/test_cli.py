@@ -14,7 +14,7 @@ from waveft_train import cli
 from waveft_train.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-SUBJECT = REPO / "configs" / "demo_subject"
+SUBJECT = REPO / "tests" / "data" / "subject"
 
 
 def write_config(folder: Path, body: str = "", instance_dir: Path = SUBJECT) -> Path:

@@ -20,7 +20,7 @@ from waveft_train.images import load_images, validate_image_folder
 from waveft_train.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_DIR = REPO / "configs" / "demo_subject"
+DEMO_DIR = REPO / "tests" / "data" / "subject"
 
 
 # ----------------------------------------------------------------------------------------------- helpers

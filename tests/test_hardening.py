@@ -27,8 +27,8 @@ from waveft_train.images import UnconvertibleImage, load_images, to_rgb, validat
 from waveft_train.lock import FolderLock
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
-SUBJECT = REPO / "configs" / "demo_subject"
+DEMO = REPO / "tests" / "data" / "tiny.yaml"
+SUBJECT = REPO / "tests" / "data" / "subject"
 
 
 def overrides(output_dir: Path, **extra) -> list[str]:

@@ -16,7 +16,7 @@ from waveft_train.adapter_files import PREDICTION_TYPE_KEY, read_adapter
 from waveft_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "data" / "tiny.yaml"
 
 
 def train(output_dir: Path, **extra) -> Path:

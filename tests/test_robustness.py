@@ -20,7 +20,7 @@ from waveft_train import checkpoint, cli, run, trainer
 from waveft_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "data" / "tiny.yaml"
 
 
 def overrides(output_dir: Path, class_dir: Path, **extra) -> list[str]:

@@ -21,7 +21,7 @@ from waveft_train import checkpoint, run
 from waveft_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "data" / "tiny.yaml"
 def environment() -> dict[str, str]:
     """Read when a test runs: the session's WAVEFT_TRAIN_CACHE (set by conftest) must reach the processes."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

@@ -15,7 +15,7 @@ from waveft_train.config import load_config
 from waveft_train.model_card import model_card, stock_peft_caveats
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "data" / "tiny.yaml"
 
 
 def fast_overrides(output_dir: Path, class_dir: Path, **extra) -> list[str]:
