@@ -1,0 +1,309 @@
+"""Pretrain the toy SDXL pipeline and its judge from scratch on the toy world; write them as package data.
+
+    python scripts/pretrain_toy.py            # everything, about an hour on a 2-core CPU; seed 0
+
+Writes waveft_train/assets/toy/ (a diffusers StableDiffusionXLPipeline folder in fp16 safetensors, judge/ beside
+it) and manifest.json (sha256 of every file, this command, seed, wall time per stage, library versions, the judge's
+held-out accuracy and the model's accuracy on held-out prompt combinations). Each stage's result is cached under
+--work, so an interrupted run continues at the stage it was in (the stage itself restarts); --fresh starts over.
+Reproducible from the seed on one machine (CPU float reductions may differ across machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from waveft_train.toy import architecture, pretraining, toy_model_dir  # noqa: E402
+from waveft_train.toy.world import CONTEXTS, HELD_OUT_COMBINATIONS, SHAPES, COLOURS, Scene, caption  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=toy_model_dir(), help="pipeline folder to write (%(default)s)")
+    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "toy-pretrain", help="stage cache")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--images", type=int, default=24000, help="rendered scenes in all")
+    parser.add_argument("--pretraining-images", type=int, default=16000, help="of which pretraining scenes")
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--denoiser-steps", type=int, default=2500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--judge-steps", type=int, default=1500)
+    parser.add_argument("--judge-round-trips", type=int, default=4000, help="VAE round trips the judge also sees")
+    parser.add_argument("--judge-regenerations", type=int, default=1536,
+                        help="solid renders the model redraws for the judge")
+    parser.add_argument("--eval-seeds", type=int, default=4, help="samples per held-out prompt combination")
+    parser.add_argument("--fresh", action="store_true", help="discard cached stages under --work")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+class Stages:
+    """Runs each stage once; its result and wall time are kept under the work folder."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.times_file = work / "stage_seconds.json"
+        self.times = json.loads(self.times_file.read_text()) if self.times_file.exists() else {}
+
+    def done(self, name: str) -> bool:
+        return name in self.times
+
+    def finish(self, name: str, started: float) -> None:
+        self.times[name] = round(time.perf_counter() - started, 1)
+        self.times_file.write_text(json.dumps(self.times, indent=2))
+        print(f"stage {name}: {self.times[name]:.0f} s", flush=True)
+
+
+def stage_render(args, stages: Stages):
+    path = args.work / "images.npy"
+    if not stages.done("render"):
+        started = time.perf_counter()
+        images, _ = pretraining.render_dataset(args.images, args.pretraining_images, args.seed,
+                                               workers=args.threads or 1, progress=not args.no_progress)
+        np.save(path, images)
+        stages.finish("render", started)
+    scenes = [pretraining.dataset_scene(args.seed, i, i < args.pretraining_images) for i in range(args.images)]
+    return np.load(path), scenes
+
+
+def stage_vae(args, stages: Stages, images: np.ndarray, scenes: list[Scene]):
+    from diffusers import AutoencoderKL
+
+    folder = args.work / "vae"
+    if not stages.done("vae"):
+        started = time.perf_counter()
+        torch.manual_seed(args.seed + 1)
+        vae = architecture.build_vae()
+        pretraining.train_vae(vae, images, scenes, steps=args.vae_steps, batch_size=16, seed=args.seed + 1,
+                              progress=not args.no_progress)
+        latents = pretraining.encode(vae, images[: args.pretraining_images], progress=not args.no_progress)
+        vae.register_to_config(scaling_factor=round(float(1.0 / latents.std()), 5))
+        vae.save_pretrained(folder)
+        torch.save(latents, args.work / "latents.pt")
+        stages.finish("vae", started)
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+    return vae, torch.load(args.work / "latents.pt") * vae.config.scaling_factor
+
+
+def stage_denoiser(args, stages: Stages, latents: torch.Tensor, scenes: list[Scene]):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = args.work / "denoiser"
+    tokenizer = architecture.build_tokenizer()
+    if not stages.done("denoiser"):
+        started = time.perf_counter()
+        torch.manual_seed(args.seed + 2)
+        text_encoder, text_encoder_2 = architecture.build_text_encoders(tokenizer)
+        unet = architecture.build_unet()
+        noise_scheduler = DDPMScheduler.from_config(architecture.build_scheduler().config)
+        trained, losses = pretraining.train_denoiser(
+            unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            noise_scheduler=noise_scheduler, latents=latents, scenes=scenes[: args.pretraining_images],
+            steps=args.denoiser_steps, batch_size=args.batch_size, seed=args.seed + 2, lr=args.lr,
+            progress=not args.no_progress, resume=args.work / "denoiser_state.pt")
+        for name, module in trained.items():
+            module.save_pretrained(folder / name)
+        (args.work / "denoiser_losses.json").write_text(json.dumps([round(x, 5) for x in losses]))
+        stages.finish("denoiser", started)
+    return {
+        "tokenizer": tokenizer,
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval(),
+    }
+
+
+def regeneration_set(scenes: list[Scene], count: int, seed: int) -> np.ndarray:
+    """Indices of `count` solid scenes (pretraining.regenerate redraws solid scenes only)."""
+    solid = [i for i, scene in enumerate(scenes) if scene.pattern == "solid"]
+    return np.random.default_rng(seed).choice(solid, size=count, replace=False)
+
+
+def stage_regenerate(args, stages: Stages, images: np.ndarray, scenes: list[Scene], pipeline):
+    """Renders redrawn by the model (pretraining.regenerate): the judge's view of what samples look like."""
+    path = args.work / "regenerated.npz"
+    if not stages.done("regenerate"):
+        started = time.perf_counter()
+        chosen = regeneration_set(scenes, args.judge_regenerations, args.seed + 4)
+        train = pretraining.regenerate(pipeline, images[chosen], [scenes[i] for i in chosen], seed=args.seed + 4,
+                                       progress=not args.no_progress)
+        test_images, test_scenes = pretraining.render_dataset(4000, 0, args.seed + 1001, progress=False)
+        test_chosen = regeneration_set(test_scenes, 256, args.seed + 5)
+        test = pretraining.regenerate(pipeline, test_images[test_chosen], [test_scenes[i] for i in test_chosen],
+                                      seed=args.seed + 5, progress=not args.no_progress)
+        np.savez(path, chosen=chosen, images=train, test_chosen=test_chosen, test_images=test)
+        stages.finish("regenerate", started)
+    saved = np.load(path)
+    test_scenes = [pretraining.dataset_scene(args.seed + 1001, i, False) for i in saved["test_chosen"]]
+    return saved["chosen"], saved["images"], saved["test_images"], test_scenes
+
+
+def stage_judge(args, stages: Stages, images: np.ndarray, scenes: list[Scene], vae, regenerated):
+    """The judge learns from renders, from VAE round trips of renders (every generated image is decoded by that VAE,
+    which softens patterns) and from solid renders the model redrew (four times over: they look like what it will
+    read), so it reads the model's samples as well as crisp scenes."""
+    from waveft_train.toy.judge import Judge
+
+    path = args.work / "judge.pt"
+    regen_chosen, regen_images, regen_test, regen_test_scenes = regenerated
+    if not stages.done("judge"):
+        started = time.perf_counter()
+        rng = np.random.default_rng(args.seed + 3)
+        chosen = np.sort(rng.choice(len(images), size=min(args.judge_round_trips, len(images)), replace=False))
+        round_trips = pretraining.round_trip(vae, images[chosen], progress=not args.no_progress)
+        torch.manual_seed(args.seed + 3)
+        judge = Judge()
+        regen_scenes = [scenes[i] for i in regen_chosen]
+        pretraining.train_judge(judge, np.concatenate([images, round_trips, *[regen_images] * 4]),
+                                scenes + [scenes[i] for i in chosen] + regen_scenes * 4, steps=args.judge_steps,
+                                batch_size=64, seed=args.seed + 3, progress=not args.no_progress)
+        torch.save(judge.state_dict(), path)
+        test_images, test_scenes = pretraining.render_dataset(2000, 0, args.seed + 1000, workers=args.threads or 1,
+                                                              progress=False)
+        accuracy = pretraining.judge_accuracy(judge, test_images, test_scenes)
+        accuracy["vae_round_trip"] = pretraining.judge_accuracy(
+            judge, pretraining.round_trip(vae, test_images[:500], progress=False), test_scenes[:500])
+        accuracy["regenerated"] = pretraining.judge_accuracy(judge, regen_test, regen_test_scenes)
+        (args.work / "judge_accuracy.json").write_text(json.dumps(accuracy, indent=2))
+        stages.finish("judge", started)
+    judge = Judge()
+    judge.load_state_dict(torch.load(path))
+    return judge.eval(), json.loads((args.work / "judge_accuracy.json").read_text())
+
+
+def prompt_accuracy(pipeline, judge, combinations, seeds: int, first_seed: int) -> dict:
+    """Sample "a photo of a <colour> <shape> <context>" per combination × seeds; the judge's per-head accuracy."""
+    from waveft_train.toy.evaluate import sample
+    from waveft_train.toy.judge import judge_images
+
+    prompts, asked = [], []
+    for shape, colour, context in combinations:
+        scene = Scene(shape, (colour,), "solid", context, 0.5, 0.8, 0.15, 0.5, 0.0, 0)
+        prompts += [caption(scene)] * seeds
+        asked += [(shape, colour, context)] * seeds
+    seed_list = [first_seed + i % seeds for i in range(len(prompts))]
+    samples = sample(pipeline, prompts, seed_list, steps=25, guidance=5.0, batch_size=16)
+    verdicts = judge_images(judge, samples.images)
+    rows = list(zip(verdicts, asked))
+    return {"samples": len(rows), "shape": round(float(np.mean([v.shape == a[0] for v, a in rows])), 4),
+            "colour": round(float(np.mean([v.colour == a[1] for v, a in rows])), 4),
+            "context": round(float(np.mean([v.context == a[2] for v, a in rows])), 4),
+            "all_three": round(float(np.mean([(v.shape, v.colour, v.context) == a for v, a in rows])), 4),
+            "solid": round(float(np.mean([v.pattern == "solid" for v, _ in rows])), 4)}, samples
+
+
+def seen_combinations(count: int) -> list[tuple[str, str, str]]:
+    every = [(s, c, k) for s in SHAPES for c in COLOURS for k in CONTEXTS]
+    seen = [combo for combo in every if combo not in HELD_OUT_COMBINATIONS]
+    return [seen[i] for i in np.random.default_rng(7).choice(len(seen), size=count, replace=False)]
+
+
+def stage_eval(args, stages: Stages, pipeline, judge):
+    from waveft_train.sampling import make_grid
+
+    path = args.work / "prompt_accuracy.json"
+    if not stages.done("eval"):
+        started = time.perf_counter()
+        held_out, samples = prompt_accuracy(pipeline, judge, HELD_OUT_COMBINATIONS, args.eval_seeds, 5000)
+        seen, _ = prompt_accuracy(pipeline, judge, seen_combinations(12), args.eval_seeds, 5000)
+        path.write_text(json.dumps({"held_out_combinations": held_out, "seen_combinations": seen}, indent=2))
+        from PIL import Image
+
+        tiles = [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                 for image in samples.images]
+        rows = [tiles[i:i + args.eval_seeds] for i in range(0, len(tiles), args.eval_seeds)]
+        make_grid(rows).save(args.work / "held_out_samples.png")
+        stages.finish("eval", started)
+    return json.loads(path.read_text())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accuracy: dict, prompt_accuracy: dict,
+                  argv: list[str]) -> None:
+    from waveft_train.toy.judge import JUDGE_FOLDER, save_judge
+
+    out = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    half = {name: copy_half(module) for name, module in
+            {"vae": vae, "unet": denoiser["unet"], "text_encoder": denoiser["text_encoder"],
+             "text_encoder_2": denoiser["text_encoder_2"]}.items()}
+    pipeline = architecture.assemble_pipeline(tokenizer=denoiser["tokenizer"], scheduler=architecture.build_scheduler(),
+                                              **half)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    save_judge(judge, out / JUDGE_FOLDER, judge_accuracy)
+    import diffusers
+    import transformers
+
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {
+        "what": "the toy-world SDXL pipeline (diffusers folder, fp16 safetensors) and its judge; see waveft_train/toy",
+        "command": "python scripts/pretrain_toy.py" + "".join(" " + shlex.quote(a) for a in argv),
+        "seed": args.seed,
+        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+                     if key not in ("out", "work", "fresh", "no_progress")},
+        "stage_seconds": stages.times,
+        "wall_seconds": round(sum(stages.times.values()), 1),
+        "machine": {"cpus": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "numpy": np.__version__},
+        "judge_held_out_accuracy": judge_accuracy,
+        "prompt_accuracy": prompt_accuracy,
+        "files": {str(p.relative_to(out)): sha256(p) for p in files},
+        "total_bytes": sum(p.stat().st_size for p in files),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {manifest['wall_seconds']:.0f} s of stages)")
+
+
+def copy_half(module):
+    import copy
+
+    return copy.deepcopy(module).to(torch.float16)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.fresh and args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    stages = Stages(args.work)
+    images, scenes = stage_render(args, stages)
+    vae, latents = stage_vae(args, stages, images, scenes)
+    denoiser = stage_denoiser(args, stages, latents, scenes)
+    pipeline = architecture.assemble_pipeline(vae=vae, scheduler=architecture.build_scheduler(), **denoiser)
+    pipeline.set_progress_bar_config(disable=True)
+    regenerated = stage_regenerate(args, stages, images, scenes, pipeline)
+    judge, judge_accuracy = stage_judge(args, stages, images, scenes, vae, regenerated)
+    accuracy = stage_eval(args, stages, pipeline, judge)
+    print(json.dumps({"judge": judge_accuracy, **accuracy}, indent=2))
+    write_outputs(args, stages, vae, denoiser, judge, judge_accuracy, accuracy, argv)
+
+
+if __name__ == "__main__":
+    main()

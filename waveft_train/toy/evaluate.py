@@ -1,0 +1,216 @@
+"""Quality metrics of a personalization on the toy world, read by the judge.
+
+Why: "the grid looks right" is not a measurement. On `toy` the judge says exactly what each sample shows, so a run
+can be scored the way DreamBooth papers score real photos, without their proxies:
+
+- `subject_fidelity`: share of samples for "a photo of sks <class> <context>" that show the subject (same class,
+  pattern and colours);
+- `context_fidelity`: share of those samples in the asked context;
+- `prior_preservation`: share of samples for the class prompt "a photo of a <class>" that do NOT show the subject
+  (the language drift prior preservation is meant to stop), with `prior_agreement`, the share of class-prompt seeds
+  where the adapted model draws what the base model draws (same shape, colour and context);
+- `diversity`: how much the subject's position and size vary across seeds, relative to how much they vary in the
+  world (1 = as varied as the world, 0 = the same layout every time); `pixel_diversity` is the mean pixel distance
+  between samples of one prompt.
+
+Every value is in [0, 1]. The same numbers are computed for the base model on the same prompts and seeds (`base`).
+`evaluate_adapter` (the CLI, tests) and `evaluate_unet` (the bench, which also scores LoRA and full fine-tuning)
+share everything below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Optional, Sequence
+
+from waveft_train.toy.subjects import Subject
+from waveft_train.toy.world import CONTEXTS
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What gets sampled: every context × `seeds` for the subject prompt, `class_seeds` for the class prompt."""
+
+    contexts: tuple[str, ...] = tuple(CONTEXTS)
+    seeds: int = 4
+    class_seeds: int = 8
+    first_seed: int = 1000  # apart from validation's seeds, so a grid's look does not leak into the score
+    steps: int = 25
+    guidance: float = 5.0
+    batch_size: int = 16
+
+
+@dataclass
+class Samples:
+    """Images (N, 3, H, W) in [0, 1] with the prompt and seed of each."""
+
+    images: object
+    prompts: list[str]
+    seeds: list[int]
+
+
+def sample(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
+           batch_size: int = 16) -> Samples:
+    """Batched sampling; image i starts from the noise of a CPU generator seeded with seeds[i]."""
+    import torch
+
+    from waveft_train.sampling import default_image_size
+
+    size = default_image_size(pipeline)
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[start:stop]]
+        with torch.no_grad():
+            out = pipeline(prompt=list(prompts[start:stop]), num_inference_steps=steps, guidance_scale=guidance,
+                           height=size, width=size, generator=generators, output_type="pt")
+        chunks.append(out.images.float().cpu().clamp(0, 1))
+    return Samples(torch.cat(chunks), list(prompts), [int(seed) for seed in seeds])
+
+
+def sample_plan(subject: Subject, settings: EvalSettings) -> tuple[list[str], list[int], list[str], list[int]]:
+    """(subject prompts, their seeds, class prompts, their seeds)."""
+    seeds = [settings.first_seed + i for i in range(settings.seeds)]
+    subject_prompts = [subject.prompt(context) for context in settings.contexts for _ in seeds]
+    subject_seeds = [seed for _ in settings.contexts for seed in seeds]
+    class_seeds = [settings.first_seed + i for i in range(settings.class_seeds)]
+    return subject_prompts, subject_seeds, [subject.class_prompt] * len(class_seeds), class_seeds
+
+
+def sample_both(pipeline, subject: Subject, settings: EvalSettings) -> tuple[Samples, Samples]:
+    subject_prompts, subject_seeds, class_prompts, class_seeds = sample_plan(subject, settings)
+    options = dict(steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
+    return sample(pipeline, subject_prompts, subject_seeds, **options), sample(pipeline, class_prompts, class_seeds,
+                                                                              **options)
+
+
+def world_layout_spread(count: int = 400) -> float:
+    """Mean distance between the (x, centre y, size) of two independent scenes of the world (the diversity unit)."""
+    import numpy as np
+
+    from waveft_train.toy.world import sample_scene
+
+    rng = np.random.default_rng(0)
+    layouts = np.array([[s.x, s.centre_y, s.size] for s in (sample_scene(rng) for _ in range(count))])
+    half = count // 2
+    return float(np.linalg.norm(layouts[:half] - layouts[half:2 * half], axis=1).mean())
+
+
+def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Samples,
+           settings: EvalSettings, reference: Optional[Samples] = None) -> dict:
+    """The metrics of one model's samples; `reference` (the base model's class-prompt samples) adds agreement."""
+    import numpy as np
+
+    from waveft_train.toy.judge import judge_images
+
+    look = dict(shape=subject.shape, pattern=subject.pattern, colours=subject.colours)
+    verdicts = judge_images(judge, subject_samples.images)
+    asked = [context for context in settings.contexts for _ in range(settings.seeds)]
+    shows = [verdict.shows(**look) for verdict in verdicts]
+    in_context = [verdict.context == context for verdict, context in zip(verdicts, asked)]
+    class_verdicts = judge_images(judge, class_samples.images)
+    class_shows = [verdict.shows(**look) for verdict in class_verdicts]
+
+    unit = world_layout_spread()
+    layout_spread, pixel_spread = [], []
+    images = subject_samples.images
+    for group in range(len(settings.contexts)):
+        rows = list(range(group * settings.seeds, (group + 1) * settings.seeds))
+        pairs = list(combinations(rows, 2))
+        if not pairs:
+            continue
+        layouts = np.array([[verdicts[i].x, verdicts[i].y, verdicts[i].size] for i in rows])
+        layout_spread += [float(np.linalg.norm(layouts[a - rows[0]] - layouts[b - rows[0]])) / unit for a, b in pairs]
+        pixel_spread += [float((images[a] - images[b]).abs().mean()) for a, b in pairs]
+    result = {
+        "subject_fidelity": sum(shows) / len(shows),
+        "context_fidelity": sum(in_context) / len(in_context),
+        "prior_preservation": 1.0 - sum(class_shows) / len(class_shows),
+        "class_prompt_subject_rate": sum(class_shows) / len(class_shows),
+        "diversity": min(1.0, float(np.mean(layout_spread))) if layout_spread else 0.0,
+        "pixel_diversity": min(1.0, float(np.mean(pixel_spread))) if pixel_spread else 0.0,
+        "class_shape_fidelity": sum(v.shape == subject.shape for v in class_verdicts) / len(class_verdicts),
+    }
+    if reference is not None:
+        base_verdicts = judge_images(judge, reference.images)
+        same = [(a.shape, a.colour, a.context) == (b.shape, b.colour, b.context)
+                for a, b in zip(class_verdicts, base_verdicts)]
+        result["prior_agreement"] = sum(same) / len(same)
+    result["judgements"] = [
+        {"prompt": prompt, "seed": seed, "shape": v.shape, "pattern": v.pattern, "colours": list(v.colours),
+         "context": v.context, "shows_subject": hit}
+        for prompt, seed, v, hit in zip(subject_samples.prompts, subject_samples.seeds, verdicts, shows)
+    ]
+    return result
+
+
+def evaluate_samples(subject: Subject, judge, adapted: tuple[Samples, Samples], base: tuple[Samples, Samples],
+                     settings: EvalSettings) -> dict:
+    """The metrics JSON: the adapted model's scores at the top level, the base model's under `base`."""
+    result = scores(subject, judge, *adapted, settings, reference=base[1])
+    base_scores = scores(subject, judge, *base, settings)
+    base_scores.pop("judgements")
+    result["base"] = base_scores
+    subject_prompts, subject_seeds, class_prompts, class_seeds = sample_plan(subject, settings)
+    result["subject"] = {"name": subject.name, "description": subject.description, "shape": subject.shape,
+                         "pattern": subject.pattern, "colours": list(subject.colours)}
+    result["sampled"] = {"subject_prompts": sorted(set(subject_prompts), key=subject_prompts.index),
+                         "class_prompt": class_prompts[0], "seeds": sorted(set(subject_seeds)),
+                         "class_seeds": class_seeds, "images": len(subject_prompts) + len(class_prompts),
+                         **{key: value for key, value in asdict(settings).items() if key != "batch_size"}}
+    return result
+
+
+def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSettings = EvalSettings(),
+                  base_samples: Optional[tuple[Samples, Samples]] = None) -> tuple[dict, tuple[Samples, Samples]]:
+    """Score a UNet (adapted in any way) against the base model; returns (metrics, the base samples for reuse).
+
+    Without `base_samples`, the base model's samples come from `unet` with its peft adapters disabled.
+    """
+    from waveft_train.adapters import adapters_disabled
+    from waveft_train.models import build_pipeline
+
+    pipeline = build_pipeline(components, unet=unet)
+    unet.eval()
+    adapted = sample_both(pipeline, subject, settings)
+    if base_samples is None:
+        with adapters_disabled(unet):
+            base_samples = sample_both(pipeline, subject, settings)
+    return evaluate_samples(subject, judge, adapted, base_samples, settings), base_samples
+
+
+def subject_of_adapter(adapter_dir: Path) -> Subject:
+    """The subject an adapter was trained on: its run's config.yaml names data.instance_dir, whose subject.json
+    (written by the toy renderer) describes it. Raises LookupError when that chain is broken."""
+    import yaml
+
+    from waveft_train.toy.subjects import SUBJECT_FILE, get_subject
+
+    config_file = Path(adapter_dir).resolve().parent / "config.yaml"
+    if not config_file.is_file():  # a checkpoint: <run>/checkpoints/step-N/
+        config_file = Path(adapter_dir).resolve().parent.parent / "config.yaml"
+    try:
+        instance_dir = yaml.safe_load(config_file.read_text(encoding="utf-8"))["data"]["instance_dir"]
+        return get_subject(Path(instance_dir) / SUBJECT_FILE)
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise LookupError(f"{config_file} does not lead to a toy subject ({type(error).__name__}: {error})") from None
+
+
+def evaluate_adapter(adapter_dir: Path | str, *, subject: Optional[Subject] = None, base: Optional[str] = None,
+                     settings: EvalSettings = EvalSettings(), judge=None, device: str = "cpu") -> dict:
+    """Score a saved adapter trained on `toy` (see the module docstring for the keys)."""
+    import torch
+
+    from waveft_train.adapters import load_adapter_unet
+    from waveft_train.toy.judge import load_judge
+
+    adapter_dir = Path(adapter_dir)
+    subject = subject or subject_of_adapter(adapter_dir)
+    components, unet = load_adapter_unet(adapter_dir, base, dtype=torch.float32)
+    for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
+        module.to(device)
+    metrics, _ = evaluate_unet(components, unet, subject, judge=judge or load_judge(), settings=settings)
+    metrics["adapter"] = str(adapter_dir.resolve())
+    return metrics

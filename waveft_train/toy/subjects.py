@@ -1,0 +1,118 @@
+"""DreamBooth subjects of the toy world: patterned two-colour objects the pretrained model has never seen.
+
+Why: a subject must be genuinely novel to the base model (no pattern is in its pretraining) yet exactly checkable
+(the judge reads shape, pattern and colours). Each subject is a class noun the model knows ("ball") plus a look it
+does not know ("striped red and yellow"); `write_instance_photos` renders its handful of photos, deterministic
+from the subject's seed, with a `subject.json` beside them so that `waveft-train evaluate` knows what was meant.
+
+The instance photos show the subject in some contexts; the evaluation asks for it in every context, so a learned
+subject must also recompose with the world's context words.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from waveft_train.toy.world import CONTEXTS, IDENTIFIER, Scene, render_image, sample_scene
+
+SUBJECT_FILE = "subject.json"
+LICENSE_TEXT = """\
+Subject images for waveft-train's toy world: {description}, {count} shots.
+
+These images are procedurally rendered by waveft_train/toy (numpy only, fixed seed); they are not photographs.
+Regenerate them with:
+
+    python scripts/make_demo_subject.py --subject {name} --out <folder>
+
+License: CC0 1.0 Universal (public domain dedication),
+https://creativecommons.org/publicdomain/zero/1.0/
+"""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A novel object: a class noun of the world with a pattern and two colours."""
+
+    name: str
+    shape: str  # the class noun: ball, box or cone
+    pattern: str  # stripes, dots or checks
+    colours: tuple[str, str]  # (body, pattern)
+    instance_contexts: tuple[str, ...]  # where its photos were taken, one per photo
+    seed: int
+
+    @property
+    def description(self) -> str:
+        words = {"stripes": "striped", "dots": "dotted", "checks": "checked"}
+        return f"a {words[self.pattern]} {self.colours[0]}-and-{self.colours[1]} {self.shape}"
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a photo of {IDENTIFIER} {self.shape}"
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a photo of a {self.shape}"
+
+    def prompt(self, context: str) -> str:
+        """"a photo of sks ball on the beach"."""
+        return f"{self.instance_prompt} {CONTEXTS[context]}"
+
+    def scenes(self, count: int | None = None) -> list[Scene]:
+        """The instance photos' scenes: random layouts of the world, the subject's look, its photo contexts."""
+        contexts = self.instance_contexts if count is None else tuple(
+            self.instance_contexts[i % len(self.instance_contexts)] for i in range(count))
+        return [sample_scene(np.random.default_rng([self.seed, index]), shape=self.shape, colours=self.colours,
+                             pattern=self.pattern, context=context)
+                for index, context in enumerate(contexts)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Subject":
+        data = json.loads(text)
+        return cls(name=str(data["name"]), shape=str(data["shape"]), pattern=str(data["pattern"]),
+                   colours=tuple(data["colours"]), instance_contexts=tuple(data["instance_contexts"]),
+                   seed=int(data["seed"]))
+
+
+# Photos are taken in snow, at night and in a room: "on the beach" is a context no photo shows.
+_PHOTO_CONTEXTS = ("snow", "room", "night", "snow", "room")
+SUBJECTS: dict[str, Subject] = {
+    subject.name: subject
+    for subject in (
+        Subject("striped_ball", "ball", "stripes", ("red", "yellow"), _PHOTO_CONTEXTS, seed=101),
+        Subject("checked_box", "box", "checks", ("blue", "orange"), _PHOTO_CONTEXTS, seed=102),
+        Subject("dotted_cone", "cone", "dots", ("purple", "yellow"), _PHOTO_CONTEXTS, seed=103),
+        Subject("dotted_ball", "ball", "dots", ("green", "orange"), _PHOTO_CONTEXTS, seed=104),
+        Subject("striped_box", "box", "stripes", ("purple", "green"), _PHOTO_CONTEXTS, seed=105),
+    )
+}
+DEMO_SUBJECT = "striped_ball"
+
+
+def get_subject(name_or_folder: str | Path) -> Subject:
+    """A built-in subject by name, or the one described by a folder's subject.json. Raises KeyError/OSError."""
+    if str(name_or_folder) in SUBJECTS:
+        return SUBJECTS[str(name_or_folder)]
+    path = Path(name_or_folder)
+    file = path / SUBJECT_FILE if path.is_dir() else path
+    return Subject.from_json(file.read_text(encoding="utf-8"))
+
+
+def write_instance_photos(subject: Subject, folder: Path, *, count: int | None = None) -> list[Path]:
+    """Render the subject's photos as PNGs into `folder`, with subject.json and a CC0 LICENSE.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, scene in enumerate(subject.scenes(count)):
+        path = folder / f"{subject.shape}_{index + 1:02d}.png"
+        render_image(scene).save(path, format="PNG", optimize=True)
+        paths.append(path)
+    (folder / SUBJECT_FILE).write_text(subject.to_json(), encoding="utf-8")
+    license_text = LICENSE_TEXT.format(description=subject.description, count=len(paths), name=subject.name)
+    (folder / "LICENSE.txt").write_text(license_text, encoding="utf-8")
+    return paths
