@@ -1,7 +1,7 @@
 """The `waveft-train` command line (Typer).
 
 `waveft-train --config FILE` trains (also `python -m waveft_train` and `accelerate launch -m waveft_train`);
-`params`, `init`, `sample` and `export` are subcommands. A `UserError` anywhere becomes one readable paragraph
+`params`, `init`, `sample`, `export` and `evaluate` (toy-model adapters) are subcommands. A `UserError` anywhere becomes one readable paragraph
 and exit status 2; `--debug` shows the full traceback instead.
 """
 
@@ -100,10 +100,11 @@ def init(
 
 
 def _register_adapter_commands() -> None:
-    from waveft_train.cli_adapters import export, sample
+    from waveft_train.cli_adapters import evaluate, export, sample
 
     app.command(help=sample.__doc__)(sample)
     app.command(help=export.__doc__)(export)
+    app.command(help=evaluate.__doc__)(evaluate)
 
 
 def _configure_logging(debug: bool) -> None:

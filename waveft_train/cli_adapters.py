@@ -1,6 +1,7 @@
-"""`waveft-train sample` and `waveft-train export`: use a saved adapter folder without a training config.
+"""`waveft-train sample`, `export` and `evaluate`: use a saved adapter folder without a training config.
 
-cli.py registers `sample` and `export` as Typer commands; their docstrings are the commands' help text.
+cli.py registers them as Typer commands; their docstrings are the commands' help text. `evaluate` scores adapters
+trained on the toy model (waveft_train/toy/evaluate.py does the measuring).
 """
 
 from __future__ import annotations
@@ -226,3 +227,86 @@ def _sample_dtype(name: str, device: str):
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return DTYPES[name]
+
+
+def evaluate(
+    adapter: Path = AdapterOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics here (.json); default: print only.",
+                                       show_default=False),
+    subject: Optional[str] = typer.Option(
+        None, "--subject", help="The subject: a built-in name (striped_ball, ...) or a folder with subject.json. "
+        "Default: the one whose photos the adapter's run trained on (its config.yaml's data.instance_dir).",
+        show_default=False),
+    seeds: int = typer.Option(4, "--seeds", min=2, help="Samples per context for the subject prompt."),
+    class_seeds: int = typer.Option(8, "--class-seeds", min=1, help="Samples of the class prompt."),
+    steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps per sample."),
+    guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
+    base: Optional[str] = typer.Option(None, "--base", help="The toy base model: `toy` (default) or a copy of its "
+                                       "folder.", show_default=False),
+) -> None:
+    """Score an adapter trained on the toy model (`model.pretrained: toy`) with the toy world's judge.
+
+    Samples "a photo of sks <class> <context>" for every context and the class prompt "a photo of a <class>" with
+    the adapter and with the base model (same seeds), and reports subject_fidelity, context_fidelity,
+    prior_preservation and diversity (each in [0, 1]), the base model's values, and what was sampled, as JSON.
+    """
+    import json
+
+    from waveft_train.adapters import read_adapter
+    from waveft_train.files import atomic_write_text, make_folder
+    from waveft_train.toy.evaluate import EvalSettings, evaluate_adapter
+
+    if out is not None and out.suffix.lower() != ".json":
+        raise UserError(f"--out {out} must end with .json (the metrics are written as JSON).")
+    if not math.isfinite(guidance):
+        raise UserError(f"--guidance {guidance} is not a finite number; give a real number, e.g. --guidance 5.0.")
+    files = read_adapter(adapter)
+    base_name = base or files.config.base_model_name_or_path or ""
+    if not _is_toy_model(base_name):
+        raise UserError(
+            f"`waveft-train evaluate` measures adapters trained on the toy model, but {adapter} was trained on "
+            f"'{base_name or 'an unnamed base model'}'. Its judge only knows the toy world's scenes; train with "
+            "model.pretrained: toy (as configs/demo.yaml does), or pass --base toy if the adapter's base is a copy "
+            "of the toy model."
+        )
+    chosen = _evaluation_subject(adapter, subject)
+    if out is not None:
+        make_folder(out.absolute().parent, "The folder of --out")
+    settings = EvalSettings(seeds=seeds, class_seeds=class_seeds, steps=steps, guidance=guidance)
+    metrics = evaluate_adapter(adapter, subject=chosen, base=base, settings=settings)
+    text = json.dumps(metrics, indent=2) + "\n"
+    if out is not None:
+        atomic_write_text(out, text)
+    keys = ("subject_fidelity", "context_fidelity", "prior_preservation", "diversity")
+    summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f})" for key in keys)
+    typer.echo(f"{chosen.name}: {summary}" + (f"; wrote {out}" if out is not None else ""))
+
+
+def _is_toy_model(name: str) -> bool:
+    from waveft_train.toy import TOY_MODEL_NAME, toy_model_dir
+
+    if name.strip() == TOY_MODEL_NAME:
+        return True
+    folder = Path(name).expanduser()
+    manifest = folder / "manifest.json"
+    reference = toy_model_dir() / "manifest.json"
+    return folder.is_dir() and manifest.is_file() and reference.is_file() and \
+        manifest.read_bytes() == reference.read_bytes()
+
+
+def _evaluation_subject(adapter: Path, subject: Optional[str]):
+    from waveft_train.toy.evaluate import subject_of_adapter
+    from waveft_train.toy.subjects import SUBJECTS, get_subject
+
+    names = ", ".join(SUBJECTS)
+    if subject is None:
+        try:
+            return subject_of_adapter(adapter)
+        except LookupError as error:
+            raise UserError(f"Cannot tell which subject {adapter} was trained on: {error}. Pass --subject with a "
+                            f"built-in subject ({names}) or a folder of toy subject photos holding subject.json.") from None
+    try:
+        return get_subject(subject)
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"--subject {subject} is neither a built-in subject ({names}) nor a folder (or file) with a "
+                        f"readable subject.json ({type(error).__name__}: {error}).") from None

@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_MODEL_NAME = "tiny"
+TOY_MODEL_NAME = "toy"  # the committed toy-world pipeline (waveft_train/toy), loaded like any local folder
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype names configs and flags use
 ALLOWED_MODELS = (
-    "`tiny` (the embedded test model), a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0, "
+    "`tiny` (the embedded test model), `toy` (the pretrained toy-world model), a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0, "
     "or a local diffusers folder containing model_index.json"
 )
 ALLOWED_VAES = (
@@ -49,8 +50,8 @@ class SDXLComponents:
     tokenizer_2: CLIPTokenizer
     scheduler: SchedulerMixin  # the model's own (sampling) scheduler, as named in its scheduler_config.json
     model_path: str  # absolute local folder or hub id, as resolved
-    # What adapters record as their base: `tiny` for the embedded model (its cache folder differs from one machine
-    # and user to the next, and every waveft-train resolves the name), else model_path.
+    # What adapters record as their base: `tiny` or `toy` for the built-in models (their folders differ from one
+    # machine and user to the next, and every waveft-train resolves the names), else model_path.
     base_model_name: str
     vae_scaling_factor: float
     vae_force_upcast: bool  # the VAE overflows in fp16 and must decode in fp32 (SDXL's original VAE)
@@ -104,10 +105,15 @@ def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
     """Turn `model.pretrained` into what `from_pretrained` accepts: an absolute folder or a hub id.
 
     `tiny` builds (once) and returns the embedded model's cached folder; `cache_dir` overrides its cache root.
+    `toy` is the pretrained toy-world pipeline committed inside the package (waveft_train/assets/toy).
     """
     name = str(pretrained).strip()
     if name == TINY_MODEL_NAME:
         return str(tiny_model_dir(cache_dir))
+    if name == TOY_MODEL_NAME:
+        from waveft_train.toy import toy_model_dir
+
+        return str(toy_model_dir())
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -264,7 +270,8 @@ def load_components(
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
         model_path=model_path,
-        base_model_name=TINY_MODEL_NAME if str(pretrained).strip() == TINY_MODEL_NAME else model_path,
+        base_model_name=str(pretrained).strip() if str(pretrained).strip() in (TINY_MODEL_NAME, TOY_MODEL_NAME)
+        else model_path,
         vae_scaling_factor=float(vae_model.config.scaling_factor),
         vae_force_upcast=bool(getattr(vae_model.config, "force_upcast", True)),
     )

@@ -199,7 +199,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config, apply `section.key=value` overrides (values parsed as YAML), validate, make paths
     absolute and check that the folders stay apart. Relative paths written in the file resolve against the file's
     folder; relative paths given with --set resolve against the current working directory, where the user typed them.
-    `model.pretrained: tiny` is the embedded test model, never a folder. Raises `UserError`."""
+    `model.pretrained: tiny` / `toy` are the built-in models, never folders. Raises `UserError`."""
     config_path = Path(path).expanduser()
     data = _read_mapping(config_path)
     overridden: set[str] = set()

@@ -79,8 +79,8 @@ class Section(BaseModel):
 class ModelSection(Section):
     """Which SDXL to personalize, in which precision."""
 
-    pretrained: str = doc("tiny", "`tiny` (embedded test model, random weights), a hub id, or a local diffusers "
-                          "folder", example="stabilityai/stable-diffusion-xl-base-1.0",
+    pretrained: str = doc("tiny", "`tiny` (embedded test model, random weights), `toy` (the pretrained toy-world model, "
+                          "see the README's Toy world), a hub id, or a local diffusers folder", example="stabilityai/stable-diffusion-xl-base-1.0",
                           min_length=1)
     revision: str | None = doc(None, "hub branch, tag or commit of `model.pretrained`")
     vae: str | None = doc(None, "a separate AutoencoderKL (hub id or folder); the stock SDXL VAE overflows in fp16, so "
