@@ -141,17 +141,17 @@ def stage_regenerate(args, stages: Stages, images: np.ndarray, scenes: list[Scen
     path = args.work / "regenerated.npz"
     if not stages.done("regenerate"):
         started = time.perf_counter()
-        chosen = regeneration_set(scenes, args.judge_regenerations, args.seed + 4)
+        chosen = regeneration_set(scenes[: args.pretraining_images], args.judge_regenerations, args.seed + 4)
         train = pretraining.regenerate(pipeline, images[chosen], [scenes[i] for i in chosen], seed=args.seed + 4,
                                        progress=not args.no_progress)
-        test_images, test_scenes = pretraining.render_dataset(4000, 0, args.seed + 1001, progress=False)
+        test_images, test_scenes = pretraining.render_dataset(2000, 2000, args.seed + 1001, progress=False)
         test_chosen = regeneration_set(test_scenes, 256, args.seed + 5)
         test = pretraining.regenerate(pipeline, test_images[test_chosen], [test_scenes[i] for i in test_chosen],
                                       seed=args.seed + 5, progress=not args.no_progress)
         np.savez(path, chosen=chosen, images=train, test_chosen=test_chosen, test_images=test)
         stages.finish("regenerate", started)
     saved = np.load(path)
-    test_scenes = [pretraining.dataset_scene(args.seed + 1001, i, False) for i in saved["test_chosen"]]
+    test_scenes = [pretraining.dataset_scene(args.seed + 1001, i, True) for i in saved["test_chosen"]]
     return saved["chosen"], saved["images"], saved["test_images"], test_scenes
 
 

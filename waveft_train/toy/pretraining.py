@@ -276,9 +276,10 @@ def degrade(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def regenerate(pipeline, images: np.ndarray, scenes: Sequence[Scene], *, seed: int, batch_size: int = 32,
                steps: int = 25, progress: bool = True) -> np.ndarray:
-    """The model redraws solid renders (SDEdit: noise each image part of the way, strength 0.4-0.8, then denoise it
-    with its full caption), so the judge learns what the model's samples look like (blur, grain, its colour casts)
-    with known labels.
+    """The model redraws solid renders (SDEdit: noise each image most of the way, strength 0.5-0.9, then denoise it
+    with its full caption), so the judge learns what the model's samples look like (blur, grain, muddy backgrounds,
+    its colour casts) with labels: the render's, which the caption asked for. Callers pass pretraining scenes only, so
+    the judge never sees the model's take on a held-out combination.
 
     Only solid scenes: the model has never seen a pattern, and redrawing a patterned render erases or recolours the
     pattern even from strength 0.08 (tried), so its label would be wrong.
@@ -294,7 +295,7 @@ def regenerate(pipeline, images: np.ndarray, scenes: Sequence[Scene], *, seed: i
         rows = range(start, min(start + batch_size, len(images)))
         if any(scenes[i].pattern != "solid" for i in rows):
             raise ValueError("regenerate() takes solid scenes only")
-        strength = float(rng.uniform(0.4, 0.8))
+        strength = float(rng.uniform(0.5, 0.9))
         prompts = [caption(scenes[i]) for i in rows]
         generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
         with torch.no_grad():
