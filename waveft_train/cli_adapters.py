@@ -277,7 +277,8 @@ def evaluate(
     text = json.dumps(metrics, indent=2) + "\n"
     if out is not None:
         atomic_write_text(out, text)
-    keys = ("subject_fidelity", "context_fidelity", "prior_preservation", "diversity")
+    keys = ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation",
+            "class_subject_similarity", "diversity")
     summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f})" for key in keys)
     typer.echo(f"{chosen.name}: {summary}" + (f"; wrote {out}" if out is not None else ""))
 

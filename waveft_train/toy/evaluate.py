@@ -9,6 +9,11 @@ can be scored the way DreamBooth papers score real photos, without their proxies
 - `prior_preservation`: share of samples for the class prompt "a photo of a <class>" that do NOT show the subject
   (the language drift prior preservation is meant to stop), with `prior_agreement`, the share of class-prompt seeds
   where the adapted model draws what the base model draws (same shape, colour and context);
+- `subject_similarity`: DreamBooth's DINO score with the judge as the feature extractor: the mean cosine similarity
+  (in [0, 1]) between each subject-prompt sample and renders of the subject in the asked context;
+  `class_subject_similarity` is the same for the class-prompt samples against the subject in every context (it rises
+  when the class drifts toward the subject). These read the samples without the judge's class decisions, which are
+  exact on renders but miss on grainy samples (README, "Toy world").
 - `diversity`: how much the subject's position and size vary across seeds, relative to how much they vary in the
   world (1 = as varied as the world, 0 = the same layout every time); `pixel_diversity` is the mean pixel distance
   between samples of one prompt.
@@ -98,6 +103,35 @@ def world_layout_spread(count: int = 400) -> float:
     return float(np.linalg.norm(layouts[:half] - layouts[half:2 * half], axis=1).mean())
 
 
+REFERENCES_PER_CONTEXT = 8
+
+
+def subject_references(subject: Subject, judge, contexts: Sequence[str]) -> dict[str, object]:
+    """Judge embeddings of the subject rendered in each context (seeded layouts), per context."""
+    import numpy as np
+
+    from waveft_train.toy.judge import embed_images
+    from waveft_train.toy.world import render, sample_scene
+
+    references = {}
+    for index, context in enumerate(contexts):
+        scenes = [sample_scene(np.random.default_rng([subject.seed, 7, index, i]), shape=subject.shape,
+                               colours=subject.colours, pattern=subject.pattern, context=context)
+                  for i in range(REFERENCES_PER_CONTEXT)]
+        references[context] = embed_images(judge, [render(scene) for scene in scenes])
+    return references
+
+
+def similarity(judge, images, references) -> list[float]:
+    """Per image: mean cosine similarity of its judge embedding to `references` (one tensor, or one per image)."""
+    from waveft_train.toy.judge import embed_images
+
+    features = embed_images(judge, images)
+    if not isinstance(references, list):
+        references = [references] * len(features)
+    return [float((feature @ reference.T).mean()) for feature, reference in zip(features, references)]
+
+
 def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Samples,
            settings: EvalSettings, reference: Optional[Samples] = None) -> dict:
     """The metrics of one model's samples; `reference` (the base model's class-prompt samples) adds agreement."""
@@ -112,6 +146,12 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
     in_context = [verdict.context == context for verdict, context in zip(verdicts, asked)]
     class_verdicts = judge_images(judge, class_samples.images)
     class_shows = [verdict.shows(**look) for verdict in class_verdicts]
+
+    import torch
+
+    references = subject_references(subject, judge, settings.contexts)
+    subject_similarity = similarity(judge, subject_samples.images, [references[context] for context in asked])
+    class_similarity = similarity(judge, class_samples.images, torch.cat(list(references.values())))
 
     unit = world_layout_spread()
     layout_spread, pixel_spread = [], []
@@ -128,6 +168,8 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
         "subject_fidelity": sum(shows) / len(shows),
         "context_fidelity": sum(in_context) / len(in_context),
         "prior_preservation": 1.0 - sum(class_shows) / len(class_shows),
+        "subject_similarity": float(np.mean(subject_similarity)),
+        "class_subject_similarity": float(np.mean(class_similarity)),
         "class_prompt_subject_rate": sum(class_shows) / len(class_shows),
         "diversity": min(1.0, float(np.mean(layout_spread))) if layout_spread else 0.0,
         "pixel_diversity": min(1.0, float(np.mean(pixel_spread))) if pixel_spread else 0.0,
@@ -140,8 +182,9 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
         result["prior_agreement"] = sum(same) / len(same)
     result["judgements"] = [
         {"prompt": prompt, "seed": seed, "shape": v.shape, "pattern": v.pattern, "colours": list(v.colours),
-         "context": v.context, "shows_subject": hit}
-        for prompt, seed, v, hit in zip(subject_samples.prompts, subject_samples.seeds, verdicts, shows)
+         "context": v.context, "shows_subject": hit, "subject_similarity": round(sim, 4)}
+        for prompt, seed, v, hit, sim in zip(subject_samples.prompts, subject_samples.seeds, verdicts, shows,
+                                             subject_similarity)
     ]
     return result
 

@@ -63,6 +63,11 @@ class Judge(nn.Module):
         self.layout = nn.Linear(256, 3)
         self.width = width
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-length features (B, 256) of the last hidden layer: what DINO's embedding is to DreamBooth's
+        subject-fidelity score (cosine similarity to the subject's photos). Non-negative, so cosines lie in [0, 1]."""
+        return nn.functional.normalize(self.trunk(self.features(images)), dim=1)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = self.trunk(self.features(images))
         out = {name: head(hidden) for name, head in self.heads.items()}
@@ -131,6 +136,16 @@ def judge_images(judge: Judge, images, batch_size: int = 64) -> list[Verdict]:
                 x=float(out["layout"][row, 0]), y=float(out["layout"][row, 1]), size=float(out["layout"][row, 2]),
             ))
     return verdicts
+
+
+@torch.no_grad()
+def embed_images(judge: Judge, images, batch_size: int = 64) -> torch.Tensor:
+    """`Judge.embed` of PIL images, uint8 arrays, or a (N, 3, 64, 64) tensor in [0, 1], in eval mode."""
+    judge.eval()
+    pixels = to_tensor(images)
+    device = next(judge.parameters()).device
+    return torch.cat([judge.embed(pixels[start : start + batch_size].to(device)).cpu()
+                      for start in range(0, pixels.shape[0], batch_size)])
 
 
 def save_judge(judge: Judge, folder: Path, metrics: dict) -> list[Path]:

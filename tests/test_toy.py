@@ -1,0 +1,205 @@
+"""The toy world: a deterministic renderer, the committed pretrained model and judge, and a run that learns.
+
+The learning test is the one that matters: after a short WaveFT run on a novel subject, the adapter's samples must
+look like that subject (the judge's DINO-style similarity) far more than the base model's, for the same prompts and
+seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from waveft_train.toy import toy_model_dir
+from waveft_train.toy.subjects import DEMO_SUBJECT, SUBJECTS, get_subject, write_instance_photos
+from waveft_train.toy.world import HELD_OUT_COMBINATIONS, PATTERNS, caption, render, sample_scene, vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+DEMO_SUBJECT_DIR = REPO / "configs" / "demo_subject"
+
+
+# ----------------------------------------------------------------------------------------------- the world
+def test_renderer_is_deterministic_from_the_seed():
+    first = [render(sample_scene(np.random.default_rng([3, i]))) for i in range(6)]
+    again = [render(sample_scene(np.random.default_rng([3, i]))) for i in range(6)]
+    other = [render(sample_scene(np.random.default_rng([4, i]))) for i in range(6)]
+    assert all(a.shape == (64, 64, 3) and a.dtype == np.uint8 for a in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not any(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_pretraining_scenes_hold_out_patterns_and_combinations():
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, pretraining=True) for _ in range(400)]
+    assert all(s.pattern == "solid" and len(s.colours) == 1 for s in scenes)
+    assert not any((s.shape, s.colours[0], s.context) in HELD_OUT_COMBINATIONS for s in scenes)
+    world = [sample_scene(rng) for _ in range(400)]
+    assert {s.pattern for s in world} == set(PATTERNS)  # the rest of the world has them (the judge learns them)
+    assert all(len(s.colours) == 2 and s.colours[0] != s.colours[1] for s in world if s.pattern != "solid")
+
+
+def test_captions_use_only_words_the_tokenizer_knows():
+    scene = sample_scene(np.random.default_rng(1), shape="ball", colours=("red",), pattern="solid", context="beach")
+    assert caption(scene) == "a photo of a red ball on the beach"
+    assert caption(scene, colour=False, context=False) == "a photo of a ball"
+    assert caption(scene, identifier=True) == "a photo of sks ball on the beach"
+    subject = SUBJECTS[DEMO_SUBJECT]
+    for text in (caption(scene), subject.prompt("night"), subject.class_prompt, subject.instance_prompt):
+        assert set(text.split()) <= set(vocabulary())
+
+
+def test_demo_subject_photos_are_the_rendered_subject(tmp_path):
+    written = write_instance_photos(SUBJECTS[DEMO_SUBJECT], tmp_path)
+    assert [p.name for p in written] == sorted(p.name for p in DEMO_SUBJECT_DIR.glob("*.png"))
+    for path in written:
+        assert path.read_bytes() == (DEMO_SUBJECT_DIR / path.name).read_bytes()
+    assert get_subject(DEMO_SUBJECT_DIR) == SUBJECTS[DEMO_SUBJECT]
+    assert len(SUBJECTS) >= 5 and all(s.pattern != "solid" for s in SUBJECTS.values())
+
+
+def test_importing_the_package_is_cheap():
+    import subprocess
+    import sys
+
+    code = "import sys, waveft_train.toy, waveft_train.toy.world, waveft_train.toy.subjects; " \
+           "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------- the committed model
+def test_manifest_hashes_match_the_committed_files():
+    folder = toy_model_dir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert sum((folder / name).stat().st_size for name in on_disk) <= 20 * 1024 * 1024
+    assert "scripts/pretrain_toy.py" in manifest["command"] and "seed" in manifest
+    weights = [name for name in on_disk if name.endswith(".safetensors")]
+    assert len(weights) == 5 and not [n for n in on_disk if n.endswith((".bin", ".pt", ".ckpt", ".pkl"))]
+
+
+def test_toy_loads_through_from_pretrained_like_a_hub_model():
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from waveft_train.models import load_components, resolve_pretrained
+
+    folder = toy_model_dir()
+    assert resolve_pretrained("toy") == str(folder)
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as weights:
+        assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.float16  # fp16 on disk
+    pipeline = StableDiffusionXLPipeline.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
+    assert pipeline.unet.config.addition_embed_type == "text_time"
+    assert pipeline.unet.config.cross_attention_dim == (pipeline.text_encoder.config.hidden_size
+                                                        + pipeline.text_encoder_2.config.hidden_size)
+    components = load_components("toy")  # the trainer's path: frozen, fp32 as asked
+    assert components.base_model_name == "toy" and components.model_path == str(folder)
+    assert components.unet.dtype == torch.float32 and not any(p.requires_grad for p in components.unet.parameters())
+
+
+def test_config_keeps_toy_as_a_name(tmp_path):
+    from waveft_train.config import load_config
+
+    config = load_config(DEMO, [f"output.dir={tmp_path / 'out'}", f"prior.class_dir={tmp_path / 'class'}"])
+    assert config.model.pretrained == "toy"
+
+
+def test_judge_reads_rendered_scenes():
+    from waveft_train.toy.judge import judge_images, load_judge
+
+    rng = np.random.default_rng(12345)
+    scenes = [sample_scene(rng) for _ in range(96)]
+    verdicts = judge_images(load_judge(), [render(s) for s in scenes])
+    for head in ("shape", "pattern", "context"):
+        assert np.mean([getattr(v, head) == getattr(s, head) for v, s in zip(verdicts, scenes)]) >= 0.9, head
+    assert np.mean([set(v.colours) == set(s.colours) for v, s in zip(verdicts, scenes)]) >= 0.9
+
+
+def test_subject_similarity_tells_the_subject_from_its_class():
+    """The DINO-style score: renders of the striped ball are closer to the subject's references than solid balls are."""
+    from waveft_train.toy.evaluate import similarity, subject_references
+    from waveft_train.toy.judge import load_judge
+
+    judge, subject = load_judge(), SUBJECTS[DEMO_SUBJECT]
+    references = subject_references(subject, judge, ("snow",))["snow"]
+    rng = np.random.default_rng(99)
+    same = [render(sample_scene(rng, shape="ball", colours=subject.colours, pattern="stripes", context="snow"))
+            for _ in range(8)]
+    solid = [render(sample_scene(rng, shape="ball", pattern="solid", context="snow")) for _ in range(8)]
+    assert 0.0 <= min(similarity(judge, solid, references)) and max(similarity(judge, same, references)) <= 1.0
+    assert np.mean(similarity(judge, same, references)) >= np.mean(similarity(judge, solid, references)) + 0.2
+
+
+# ----------------------------------------------------------------------------------------------- learning
+E2E_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory) -> Path:
+    """A short WaveFT run on the demo subject through the real trainer (no prior, no validation: about 20 s)."""
+    from waveft_train import run
+    from waveft_train.config import load_config
+
+    output_dir = tmp_path_factory.mktemp("toy-run") / "run"
+    overrides = {"output.dir": output_dir, "prior.enabled": False, "validation.every": 0, "validation.prompts": "[]",
+                 "train.max_steps": E2E_STEPS, "train.checkpoint_every": 0, "train.learning_rate": 5e-4}
+    config = load_config(DEMO, [f"{key}={value}" for key, value in overrides.items()])
+    return run.train_from_config(config, progress=False)
+
+
+def test_a_short_run_learns_the_subject(learned_run):
+    from waveft_train.toy.evaluate import EvalSettings, evaluate_adapter
+
+    assert json.loads((learned_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "toy"
+    settings = EvalSettings(contexts=("beach", "room"), seeds=4, class_seeds=2, steps=15)
+    metrics = evaluate_adapter(learned_run / "adapter", settings=settings)  # the subject comes from the run's config
+    assert metrics["subject"]["name"] == DEMO_SUBJECT
+    assert metrics["base"]["subject_fidelity"] <= 0.15  # the base model has never seen a striped ball
+    # The adapter's samples look like the subject: DINO-style similarity to its renders, far above the base model's.
+    assert metrics["subject_similarity"] >= metrics["base"]["subject_similarity"] + 0.08, metrics["judgements"]
+    for key in ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation", "diversity"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_evaluate_command_writes_the_metrics(learned_run, tmp_path, capsys):
+    from waveft_train import cli
+
+    out = tmp_path / "metrics.json"
+    args = ["evaluate", "--adapter", learned_run / "adapter", "--out", out, "--seeds", "2", "--class-seeds", "1",
+            "--steps", "4", "--subject", str(DEMO_SUBJECT_DIR)]
+    try:
+        cli.main([str(arg) for arg in args])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None)
+    metrics = json.loads(out.read_text())
+    assert {"subject_fidelity", "context_fidelity", "prior_preservation", "diversity", "base", "sampled"} <= set(metrics)
+    assert metrics["sampled"]["steps"] == 4 and len(metrics["sampled"]["subject_prompts"]) == 4
+    assert "subject_fidelity" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_adapters_of_other_models_and_unknown_subjects(learned_run, tmp_path, capsys):
+    import shutil
+
+    from waveft_train import cli
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(learned_run / "adapter", adapter)
+    for args, fragment in (
+        (["--subject", "no_such_subject"], "neither a built-in subject"),
+        (["--base", "tiny"], "measures adapters trained on the toy model"),
+        (["--out", tmp_path / "metrics.txt"], "must end with .json"),
+        ([], "Cannot tell which subject"),  # a copied adapter has no run config.yaml beside it
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["evaluate", "--adapter", str(adapter), *[str(arg) for arg in args]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err, err
