@@ -6,8 +6,8 @@
 2. `--format lora` at several ranks: the worst, median and overall relative Frobenius errors the export records, and
    the same file read by diffusers' `load_lora_weights`: its UNet output's error relative to the adapter's effect.
 
-Usage (the demo adapter: `waveft-train --config configs/demo.yaml` first):
-    python scripts/check_interop.py --adapter outputs/demo/adapter --ranks 1 2 4 8 16 32
+Usage (the README's figures: `waveft-train --config tests/data/tiny.yaml` first):
+    python scripts/check_interop.py --adapter outputs/tiny/adapter --ranks 1 2 4 8 16 32
 """
 
 from __future__ import annotations
