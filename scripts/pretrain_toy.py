@@ -27,8 +27,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from waveft_train.toy import architecture, pretraining, toy_model_dir  # noqa: E402
-from waveft_train.toy.world import CONTEXTS, HELD_OUT_COMBINATIONS, SHAPES, COLOURS, Scene, caption  # noqa: E402
+from waveft_train.toy import architecture, pretraining, toy_model_dir
+from waveft_train.toy.world import (
+    COLOURS,
+    CONTEXTS,
+    HELD_OUT_COMBINATIONS,
+    SHAPES,
+    Scene,
+    caption,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

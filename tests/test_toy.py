@@ -16,8 +16,20 @@ import pytest
 import torch
 
 from waveft_train.toy import toy_model_dir
-from waveft_train.toy.subjects import DEMO_SUBJECT, SUBJECTS, get_subject, write_instance_photos
-from waveft_train.toy.world import HELD_OUT_COMBINATIONS, PATTERNS, caption, render, sample_scene, vocabulary
+from waveft_train.toy.subjects import (
+    DEMO_SUBJECT,
+    SUBJECTS,
+    get_subject,
+    write_instance_photos,
+)
+from waveft_train.toy.world import (
+    HELD_OUT_COMBINATIONS,
+    PATTERNS,
+    caption,
+    render,
+    sample_scene,
+    vocabulary,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

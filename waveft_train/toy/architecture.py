@@ -32,7 +32,13 @@ LATENT_CHANNELS = 8
 
 def write_tokenizer_files(folder: Path) -> Path:
     """A CLIP `vocab.json` + `merges.txt` in which every word of the world is one token (byte-level fallback)."""
-    from waveft_train.tiny import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode, learn_merges
+    from waveft_train.tiny import (
+        BOS_TOKEN,
+        END_OF_WORD,
+        EOS_TOKEN,
+        bytes_to_unicode,
+        learn_merges,
+    )
 
     alphabet = list(bytes_to_unicode().values())
     merges = learn_merges(vocabulary())

@@ -25,10 +25,10 @@ share everything below.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Optional, Sequence
 
 from waveft_train.toy.subjects import Subject
 from waveft_train.toy.world import CONTEXTS
@@ -133,7 +133,7 @@ def similarity(judge, images, references) -> list[float]:
 
 
 def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Samples,
-           settings: EvalSettings, reference: Optional[Samples] = None) -> dict:
+           settings: EvalSettings, reference: Samples | None = None) -> dict:
     """The metrics of one model's samples; `reference` (the base model's class-prompt samples) adds agreement."""
     import numpy as np
 
@@ -207,7 +207,7 @@ def evaluate_samples(subject: Subject, judge, adapted: tuple[Samples, Samples], 
 
 
 def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSettings = EvalSettings(),
-                  base_samples: Optional[tuple[Samples, Samples]] = None) -> tuple[dict, tuple[Samples, Samples]]:
+                  base_samples: tuple[Samples, Samples] | None = None) -> tuple[dict, tuple[Samples, Samples]]:
     """Score a UNet (adapted in any way) against the base model; returns (metrics, the base samples for reuse).
 
     Without `base_samples`, the base model's samples come from `unet` with its peft adapters disabled.
@@ -241,7 +241,7 @@ def subject_of_adapter(adapter_dir: Path) -> Subject:
         raise LookupError(f"{config_file} does not lead to a toy subject ({type(error).__name__}: {error})") from None
 
 
-def evaluate_adapter(adapter_dir: Path | str, *, subject: Optional[Subject] = None, base: Optional[str] = None,
+def evaluate_adapter(adapter_dir: Path | str, *, subject: Subject | None = None, base: str | None = None,
                      settings: EvalSettings = EvalSettings(), judge=None, device: str = "cpu") -> dict:
     """Score a saved adapter trained on `toy` (see the module docstring for the keys)."""
     import torch

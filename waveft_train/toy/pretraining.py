@@ -23,8 +23,8 @@ import copy
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -188,7 +188,7 @@ class EMA:
 def train_denoiser(*, unet, text_encoder, text_encoder_2, tokenizer, noise_scheduler, latents: torch.Tensor,
                    scenes: Sequence[Scene], steps: int, batch_size: int, seed: int, lr: float = 1e-3,
                    ema_decay: float = 0.999, snr_gamma: float = 5.0, progress: bool = True,
-                   on_step: Optional[Callable[[int, dict], None]] = None, resume: Optional[Path] = None,
+                   on_step: Callable[[int, dict], None] | None = None, resume: Path | None = None,
                    save_every: int = 100) -> tuple[dict, list[float]]:
     """Train the three modules jointly on (latents, scenes); returns ({name: EMA copy}, losses).
 

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from waveft_train.toy.world import CONTEXTS, IDENTIFIER, Scene, render_image, sample_scene
+from waveft_train.toy.world import (
+    CONTEXTS,
+    IDENTIFIER,
+    Scene,
+    render_image,
+    sample_scene,
+)
 
 SUBJECT_FILE = "subject.json"
 LICENSE_TEXT = """\
@@ -73,7 +79,7 @@ class Subject:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "Subject":
+    def from_json(cls, text: str) -> Subject:
         data = json.loads(text)
         return cls(name=str(data["name"]), shape=str(data["shape"]), pattern=str(data["pattern"]),
                    colours=tuple(data["colours"]), instance_contexts=tuple(data["instance_contexts"]),

@@ -17,7 +17,6 @@ same pixels on every machine (numpy only, drawn at 4× and box-filtered, no font
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import numpy as np
 
@@ -74,10 +73,10 @@ class Scene:
 def sample_scene(
     rng: np.random.Generator,
     *,
-    shape: Optional[str] = None,
-    colours: Optional[tuple[str, ...]] = None,
-    pattern: Optional[str] = None,
-    context: Optional[str] = None,
+    shape: str | None = None,
+    colours: tuple[str, ...] | None = None,
+    pattern: str | None = None,
+    context: str | None = None,
     pretraining: bool = False,
 ) -> Scene:
     """A random scene; fixed attributes stay as given. `pretraining=True` redraws until `in_pretraining`.
