@@ -367,8 +367,8 @@ def test_iter_transformed_matches_first_epoch(instance_and_class):
     assert [e["crop_top_left"] for e in cached] == [dataset[i]["instance"]["crop_top_left"] for i in range(3)]
 
 
-# ----------------------------------------------------------------------------------------------- demo subject
-def test_demo_subject_folder_is_small_licensed_and_loads(tmp_path):
+# ----------------------------------------------------------------------------------------------- the tests' subject
+def test_test_subject_folder_is_small_licensed_and_loads(tmp_path):
     images = sorted(DEMO_DIR.glob("*.png"))
     assert len(images) == 5
     assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) <= 300 * 1024
@@ -379,12 +379,12 @@ def test_demo_subject_folder_is_small_licensed_and_loads(tmp_path):
     assert example["image"].shape == (3, 64, 64)
 
 
-def test_demo_subject_script_reproduces_the_images(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("make_demo_subject", REPO / "scripts" / "make_demo_subject.py")
+def test_test_subject_script_reproduces_the_images(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("make_test_subject", REPO / "scripts" / "make_test_subject.py")
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "make_demo_subject", module)  # dataclasses look their module up
+    monkeypatch.setitem(sys.modules, "make_test_subject", module)  # dataclasses look their module up
     spec.loader.exec_module(module)
-    for path in module.write_demo_subject(tmp_path):
+    for path in module.write_test_subject(tmp_path):
         fresh = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
         stored = np.asarray(Image.open(DEMO_DIR / path.name).convert("RGB"), dtype=np.int16)
         assert fresh.shape == stored.shape and np.abs(fresh - stored).max() <= 2
