@@ -258,6 +258,9 @@ def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accura
     pipeline = architecture.assemble_pipeline(tokenizer=denoiser["tokenizer"], scheduler=architecture.build_scheduler(),
                                               **half)
     pipeline.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):  # transformers 4.x's CLIPTokenizer reads these; 5.x writes only tokenizer.json
+        architecture.write_tokenizer_files(out / name)
+    prefix_text_model_keys(out / "text_encoder" / "model.safetensors")
     save_judge(judge, out / JUDGE_FOLDER, judge_accuracy)
     import diffusers
     import transformers
@@ -283,6 +286,17 @@ def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accura
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {manifest['wall_seconds']:.0f} s of stages)")
+
+
+def prefix_text_model_keys(path: Path) -> None:
+    """Write CLIPTextModel weights under the `text_model.` names every transformers release reads (hub SDXL's own
+    layout). transformers 5 saves them without the prefix, and transformers 4.x then silently initializes the
+    whole encoder at random."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    renamed = {name if name.startswith("text_model.") else f"text_model.{name}": tensor for name, tensor in state.items()}
+    save_file(renamed, str(path), metadata={"format": "pt"})
 
 
 def copy_half(module):

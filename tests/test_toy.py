@@ -116,6 +116,18 @@ def test_toy_loads_through_from_pretrained_like_a_hub_model():
     components = load_components("toy")  # the trainer's path: frozen, fp32 as asked
     assert components.base_model_name == "toy" and components.model_path == str(folder)
     assert components.unet.dtype == torch.float32 and not any(p.requires_grad for p in components.unet.parameters())
+    # Every stored weight arrives, on every supported transformers/diffusers release (transformers 4.x once
+    # initialized an unprefixed text encoder at random, with only a warning).
+    for name, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model"), ("text_encoder_2", "model")):
+        loaded = {key.removeprefix("text_model."): value for key, value in getattr(components, name).state_dict().items()}
+        with safe_open(str(folder / name / f"{file}.safetensors"), framework="pt") as weights:
+            for key in weights.keys():
+                stored = weights.get_tensor(key)
+                assert torch.equal(loaded[key.removeprefix("text_model.")].to(stored.dtype), stored), (name, key)
+    text = "a photo of sks ball on the beach"  # every word of the world is one token, in both tokenizers
+    ids = components.tokenizer(text).input_ids
+    assert len(ids) == len(text.split()) + 2 and components.tokenizer_2(text).input_ids == ids
 
 
 def test_config_keeps_toy_as_a_name(tmp_path):
