@@ -80,10 +80,11 @@ def learn_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
             segmented[word] = merged
 
 
-def write_tokenizer_files(folder: Path) -> Path:
-    """Write a CLIP-style `vocab.json` + `merges.txt`: byte alphabet, its `</w>` forms, merges, specials."""
+def write_tokenizer_files(folder: Path, words: tuple[str, ...] = PROMPT_WORDS) -> Path:
+    """Write a CLIP-style `vocab.json` + `merges.txt`: byte alphabet, its `</w>` forms, merges that make each of
+    `words` one token, specials."""
     alphabet = list(bytes_to_unicode().values())
-    merges = learn_merges(PROMPT_WORDS)
+    merges = learn_merges(words)
     tokens = alphabet + [symbol + END_OF_WORD for symbol in alphabet] + ["".join(pair) for pair in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab: dict[str, int] = {}

@@ -14,7 +14,6 @@ Sizes were chosen by measurement (see scripts/pretrain_toy.py and the README's t
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -32,26 +31,9 @@ LATENT_CHANNELS = 8
 
 def write_tokenizer_files(folder: Path) -> Path:
     """A CLIP `vocab.json` + `merges.txt` in which every word of the world is one token (byte-level fallback)."""
-    from waveft_train.tiny import (
-        BOS_TOKEN,
-        END_OF_WORD,
-        EOS_TOKEN,
-        bytes_to_unicode,
-        learn_merges,
-    )
+    from waveft_train import tiny
 
-    alphabet = list(bytes_to_unicode().values())
-    merges = learn_merges(vocabulary())
-    tokens = alphabet + [symbol + END_OF_WORD for symbol in alphabet] + ["".join(pair) for pair in merges]
-    tokens += [BOS_TOKEN, EOS_TOKEN]
-    vocab: dict[str, int] = {}
-    for token in tokens:
-        vocab.setdefault(token, len(vocab))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+    return tiny.write_tokenizer_files(folder, vocabulary())
 
 
 def build_tokenizer():
