@@ -18,6 +18,7 @@ import torch
 from waveft_train.errors import UserError
 from waveft_train.paths import written_as_path
 from waveft_train.tiny import tiny_model_dir
+from waveft_train.toy import TOY_MODEL_NAME, toy_model_dir
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_MODEL_NAME = "tiny"
-TOY_MODEL_NAME = "toy"  # the committed toy-world pipeline (waveft_train/toy), loaded like any local folder
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype names configs and flags use
 ALLOWED_MODELS = (
     "`tiny` (the embedded test model), `toy` (the pretrained toy-world model), a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0, "
@@ -111,8 +111,6 @@ def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
     if name == TINY_MODEL_NAME:
         return str(tiny_model_dir(cache_dir))
     if name == TOY_MODEL_NAME:
-        from waveft_train.toy import toy_model_dir
-
         return str(toy_model_dir())
     local = Path(name).expanduser()
     if local.exists():

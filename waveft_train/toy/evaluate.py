@@ -132,10 +132,12 @@ def similarity(judge, images, references) -> list[float]:
     return [float((feature @ reference.T).mean()) for feature, reference in zip(features, references)]
 
 
-def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Samples,
-           settings: EvalSettings, reference: Samples | None = None) -> dict:
-    """The metrics of one model's samples; `reference` (the base model's class-prompt samples) adds agreement."""
+def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Samples, settings: EvalSettings,
+           references: dict[str, object], base_class_samples: Samples | None = None) -> dict:
+    """The metrics of one model's samples. `references` are `subject_references` for settings.contexts;
+    `base_class_samples` (the base model's class-prompt samples) add prior_agreement."""
     import numpy as np
+    import torch
 
     from waveft_train.toy.judge import judge_images
 
@@ -147,9 +149,6 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
     class_verdicts = judge_images(judge, class_samples.images)
     class_shows = [verdict.shows(**look) for verdict in class_verdicts]
 
-    import torch
-
-    references = subject_references(subject, judge, settings.contexts)
     subject_similarity = similarity(judge, subject_samples.images, [references[context] for context in asked])
     class_similarity = similarity(judge, class_samples.images, torch.cat(list(references.values())))
 
@@ -175,8 +174,8 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
         "pixel_diversity": min(1.0, float(np.mean(pixel_spread))) if pixel_spread else 0.0,
         "class_shape_fidelity": sum(v.shape == subject.shape for v in class_verdicts) / len(class_verdicts),
     }
-    if reference is not None:
-        base_verdicts = judge_images(judge, reference.images)
+    if base_class_samples is not None:
+        base_verdicts = judge_images(judge, base_class_samples.images)
         same = [(a.shape, a.colour, a.context) == (b.shape, b.colour, b.context)
                 for a, b in zip(class_verdicts, base_verdicts)]
         result["prior_agreement"] = sum(same) / len(same)
@@ -192,8 +191,9 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
 def evaluate_samples(subject: Subject, judge, adapted: tuple[Samples, Samples], base: tuple[Samples, Samples],
                      settings: EvalSettings) -> dict:
     """The metrics JSON: the adapted model's scores at the top level, the base model's under `base`."""
-    result = scores(subject, judge, *adapted, settings, reference=base[1])
-    base_scores = scores(subject, judge, *base, settings)
+    references = subject_references(subject, judge, settings.contexts)  # rendered and embedded once for both
+    result = scores(subject, judge, *adapted, settings, references, base_class_samples=base[1])
+    base_scores = scores(subject, judge, *base, settings, references)
     base_scores.pop("judgements")
     result["base"] = base_scores
     subject_prompts, subject_seeds, class_prompts, class_seeds = sample_plan(subject, settings)
