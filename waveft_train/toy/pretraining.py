@@ -263,14 +263,29 @@ def _load_denoiser_state(path: Path, modules, emas, optimizer, generator, captio
 
 # ----------------------------------------------------------------------------------------------- judge
 def degrade(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """What generated images suffer: a slight blur, noise, a small colour cast (random strength per image)."""
-    batch = pixels.shape[0]
+    """What generated images suffer, at a random strength per image: blur, grain, a colour cast, a contrast change
+    and smooth blotches (the muddy, off-colour patches of the model's backgrounds). Strong enough that the judge
+    reads samples by the object's form and the scene's layout, mild enough that red, orange and yellow stay apart.
+    (A smooth random warp of up to 2 px, for the model's lumpy outlines, was tried and read held-out samples no
+    better: shape 67 % vs 65 %.)"""
+    batch, size = pixels.shape[0], pixels.shape[-1]
+
+    def per_image() -> torch.Tensor:
+        return torch.rand(batch, 1, 1, 1, generator=generator)
+
     kernel = torch.tensor([1.0, 2.0, 1.0]) / 4
     kernel = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
     blurred = F.conv2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
-    pixels = torch.where(torch.rand(batch, 1, 1, 1, generator=generator) < 0.3, blurred, pixels)
-    pixels = pixels + torch.randn(pixels.shape, generator=generator) * 0.08 * torch.rand(batch, 1, 1, 1, generator=generator)
-    pixels = pixels + (torch.rand(batch, 3, 1, 1, generator=generator) - 0.5) * 0.08
+    twice = F.conv2d(F.pad(blurred, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    which = per_image()
+    pixels = torch.where(which < 0.25, blurred, torch.where(which < 0.4, twice, pixels))
+    mean = pixels.mean(dim=(1, 2, 3), keepdim=True)
+    pixels = mean + (pixels - mean) * (0.8 + 0.4 * per_image())
+    blotches = torch.randn(batch, 3, 4, 4, generator=generator)
+    blotches = F.interpolate(blotches, size=(size, size), mode="bicubic", align_corners=False)
+    pixels = pixels + blotches * 0.12 * per_image()
+    pixels = pixels + torch.randn(pixels.shape, generator=generator) * 0.1 * per_image()
+    pixels = pixels + (torch.rand(batch, 3, 1, 1, generator=generator) - 0.5) * 0.1
     return pixels.clamp(-1, 1)
 
 
