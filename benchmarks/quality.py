@@ -36,8 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 METHODS = ("waveft", "lora", "full")
-DEFAULT_LRS = {"waveft": (3e-4, 1e-3), "lora": (1e-3, 3e-3), "full": (1e-4, 3e-4)}
-KEYS = ("subject_similarity", "class_subject_similarity", "context_fidelity", "prior_preservation", "diversity")
+DEFAULT_LRS = {"waveft": (1e-4, 3e-4, 1e-3), "lora": (1e-3, 3e-3, 1e-2), "full": (3e-5, 1e-4, 3e-4)}
+KEYS = ("subject_fidelity", "subject_similarity", "class_subject_similarity", "context_fidelity", "prior_preservation", "diversity")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
