@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 METHODS = ("waveft", "lora", "full")
 DEFAULT_LRS = {"waveft": (1e-4, 3e-4, 1e-3), "lora": (1e-3, 3e-3, 1e-2), "full": (3e-5, 1e-4, 3e-4)}
-KEYS = ("subject_fidelity", "subject_similarity", "class_subject_similarity", "context_fidelity", "prior_preservation", "diversity")
+KEYS = ("subject_fidelity", "subject_similarity", "class_subject_similarity", "context_fidelity", "prior_preservation",
+        "diversity")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -274,15 +275,13 @@ def main(argv=None) -> None:
         chosen[method] = max(scores, key=lambda lr: (scores[lr], -lr))
         print(f"{method}: sweep scores {scores}; chosen lr {chosen[method]:g}", flush=True)
 
-    cells = []
     for prior in {"on": (True,), "off": (False,), "both": (True, False)}[args.prior]:
         for method in args.methods:
             for budget in cell_budgets(method, args.budgets):
                 for name in args.subjects:
                     lr = chosen[method]
                     key = cell_key(name, method, budget or 1.0, lr, prior)
-                    cells.append(results.get_or_run(key, lambda: world.run(SUBJECTS[name], method, budget or 1.0, lr,
-                                                                           prior, key)))
+                    results.get_or_run(key, lambda: world.run(SUBJECTS[name], method, budget or 1.0, lr, prior, key))
     cells = [run for run in results.data["runs"].values() if run["lr"] == chosen.get(run["method"])
              and run["subject"] in args.subjects]  # every finished cell at the chosen rates, this call's and earlier
     cells.sort(key=lambda run: (not run["prior"], METHODS.index(run["method"]), run["budget"],
@@ -302,7 +301,6 @@ def render_table(data: dict, cells: list[dict], chosen: dict, recipe: dict, args
     """Markdown: means over subjects per (prior, method, budget), then per subject; the sweep; command and time."""
     runs = data["runs"].values()
     total_seconds = sum(run["seconds"] for run in runs)
-    keys = KEYS
     lines = [
         "## Quality on the toy world: WaveFT vs LoRA vs full fine-tuning (attention linears)",
         "",
@@ -314,8 +312,8 @@ def render_table(data: dict, cells: list[dict], chosen: dict, recipe: dict, args
         f"{recipe['prior_loss_weight']}, WaveFT scaling {recipe['scaling']}, constant learning rate chosen per method "
         f"by the sweep below. Subjects: {', '.join(args.subjects)}. Values: means over subjects (min-max).",
         "",
-        "| prior | method | budget | trainable params | lr | " + " | ".join(keys) + " |",
-        "|---|---|---|---|---|" + "---|" * len(keys),
+        "| prior | method | budget | trainable params | lr | " + " | ".join(KEYS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(KEYS),
     ]
     groups: dict[tuple, list[dict]] = {}
     for run in cells:
@@ -325,7 +323,7 @@ def render_table(data: dict, cells: list[dict], chosen: dict, recipe: dict, args
         if method == "lora" and budget < 1:
             budget_text += " (r=1, 2x)"
         values = []
-        for key in keys:
+        for key in KEYS:
             numbers = [run["metrics"].get(key) for run in group if run["metrics"].get(key) is not None]
             values.append(f"{sum(numbers) / len(numbers):.2f} ({min(numbers):.2f}-{max(numbers):.2f})" if numbers else "-")
         params = group[0]["trainable_params"]
@@ -333,7 +331,7 @@ def render_table(data: dict, cells: list[dict], chosen: dict, recipe: dict, args
                      + " | ".join(values) + " |")
     base = [run["metrics"]["base"] for run in cells]
     lines.append("| - | base model | - | 0 | - | " + " | ".join(
-        f"{sum(b.get(k, 0) for b in base) / len(base):.2f}" if k in base[0] else "-" for k in keys) + " |")
+        f"{sum(b.get(k, 0) for b in base) / len(base):.2f}" if k in base[0] else "-" for k in KEYS) + " |")
     lines += ["", "Per subject (subject_similarity / class_subject_similarity / context_fidelity):", "",
               "| prior | method | budget | " + " | ".join(args.subjects) + " |",
               "|---|---|---|" + "---|" * len(args.subjects)]

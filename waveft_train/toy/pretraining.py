@@ -275,8 +275,12 @@ def degrade(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
     kernel = torch.tensor([1.0, 2.0, 1.0]) / 4
     kernel = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
-    blurred = F.conv2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
-    twice = F.conv2d(F.pad(blurred, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+
+    def blur(images: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+
+    blurred = blur(pixels)
+    twice = blur(blurred)
     which = per_image()
     pixels = torch.where(which < 0.25, blurred, torch.where(which < 0.4, twice, pixels))
     mean = pixels.mean(dim=(1, 2, 3), keepdim=True)
