@@ -1,13 +1,16 @@
 """Pretrain the toy SDXL pipeline and its judge from scratch on the toy world; write them as package data.
 
-    python scripts/pretrain_toy.py --threads 2    # everything, about 2.5 hours on a 2-core CPU; seed 0
+    python scripts/pretrain_toy.py --threads 2    # everything, about 3 hours on a 2-core CPU; seed 0
 
 Writes waveft_train/assets/toy/ (a diffusers StableDiffusionXLPipeline folder in fp16 safetensors, judge/ beside
 it) and manifest.json (sha256 of every file, this command, seed, wall time per stage, library versions, the judge's
 held-out accuracy and the model's accuracy on held-out prompt combinations). Each stage's result is cached under
 --work, so an interrupted run continues at the stage it was in (the stage itself restarts, except the denoiser,
 which resumes from its last saved step); --fresh starts over. The denoiser trains in phases (--denoiser-steps
-2500 3500 6000): each longer phase, measured, made the samples follow their prompts better.
+2500 3500 6000): each longer phase, measured, made the samples follow their prompts better. Those phases see solid
+objects only; the pattern phase (--pattern-steps 9000) then adds the world's patterned objects with their words
+("a photo of a striped green and blue box"), all but the subjects' looks (world.RESERVED_LOOKS), each three times,
+a third of every batch: DreamBooth's subjects are new combinations of what the model knows, not new kinds of things.
 Reproducible from the seed on one machine (CPU float reductions may differ across machines).
 """
 
@@ -52,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--denoiser-steps", type=int, nargs="+", default=[2500, 3500, 6000],
                         help="phase ends: each phase resumes the last and runs its own cosine schedule (0..end) "
                              "from there, a warm restart (default: %(default)s)")
+    parser.add_argument("--pattern-steps", type=int, nargs="*", default=[9000],
+                        help="phase ends after --denoiser-steps whose data add the patterned scenes (default: "
+                             "%(default)s; none: a model that has never seen a pattern)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--judge-steps", type=int, default=1500)
@@ -62,8 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="discard cached stages under --work")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.denoiser_steps[0] < 1 or any(b <= a for a, b in zip(args.denoiser_steps, args.denoiser_steps[1:])):
-        parser.error(f"--denoiser-steps: phase ends must be positive and increasing, got {args.denoiser_steps}")
+    ends = args.denoiser_steps + args.pattern_steps
+    if ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])):
+        parser.error(f"--denoiser-steps and then --pattern-steps: phase ends must be positive and increasing, got "
+                     f"{args.denoiser_steps} and {args.pattern_steps}")
     return args
 
 
@@ -106,8 +114,8 @@ def stage_vae(args, stages: Stages, images: np.ndarray, scenes: list[Scene]):
         vae = architecture.build_vae()
         pretraining.train_vae(vae, images, scenes, steps=args.vae_steps, batch_size=16, seed=args.seed + 1,
                               progress=not args.no_progress)
-        latents = pretraining.encode(vae, images[: args.pretraining_images], progress=not args.no_progress)
-        vae.register_to_config(scaling_factor=round(float(1.0 / latents.std()), 5))
+        latents = pretraining.encode(vae, images, progress=not args.no_progress)  # all: the pattern phase uses the rest
+        vae.register_to_config(scaling_factor=round(float(1.0 / latents[: args.pretraining_images].std()), 5))
         vae.save_pretrained(folder)
         torch.save(latents, args.work / "latents.pt")
         stages.finish("vae", started)
@@ -127,10 +135,13 @@ def stage_denoiser(args, stages: Stages, latents: torch.Tensor, scenes: list[Sce
         text_encoder, text_encoder_2 = architecture.build_text_encoders(tokenizer)
         unet = architecture.build_unet()
         noise_scheduler = DDPMScheduler.from_config(architecture.build_scheduler().config)
-        for end in args.denoiser_steps:
+        solid = list(range(args.pretraining_images))
+        with_patterns = solid + pattern_phase_scenes(scenes, args.pretraining_images) * PATTERN_REPEATS
+        phases = [(end, solid) for end in args.denoiser_steps] + [(end, with_patterns) for end in args.pattern_steps]
+        for end, rows in phases:
             trained, losses = pretraining.train_denoiser(
                 unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                noise_scheduler=noise_scheduler, latents=latents, scenes=scenes[: args.pretraining_images],
+                noise_scheduler=noise_scheduler, latents=latents[rows], scenes=[scenes[i] for i in rows],
                 steps=end, batch_size=args.batch_size, seed=args.seed + 2, lr=args.lr,
                 progress=not args.no_progress, resume=args.work / "denoiser_state.pt")
         for name, module in trained.items():
@@ -143,6 +154,15 @@ def stage_denoiser(args, stages: Stages, latents: torch.Tensor, scenes: list[Sce
         "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval(),
     }
+
+
+PATTERN_REPEATS = 3  # the pattern phase's 2 645 patterned scenes come thrice: a third of each batch
+
+
+def pattern_phase_scenes(scenes: list[Scene], first: int) -> list[int]:
+    """Indices (from `first`: the scenes of the whole world) of the patterned scenes the pattern phase adds: all but
+    the subjects' looks and the held-out combinations (`Scene.in_pretraining`)."""
+    return [i for i in range(first, len(scenes)) if scenes[i].pattern != "solid" and scenes[i].in_pretraining]
 
 
 def regeneration_set(scenes: list[Scene], count: int, seed: int) -> np.ndarray:
@@ -277,7 +297,7 @@ def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accura
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
         "what": "the toy-world SDXL pipeline (diffusers folder, fp16 safetensors) and its judge; see waveft_train/toy",
-        "command": "python scripts/pretrain_toy.py" + "".join(" " + shlex.quote(a) for a in argv),
+        "command": "python scripts/pretrain_toy.py" + "".join(" " + shlex.quote(a) for a in reproducing(argv)),
         "seed": args.seed,
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
                      if key not in ("out", "work", "fresh", "no_progress")},
@@ -295,6 +315,19 @@ def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accura
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {manifest['wall_seconds']:.0f} s of stages)")
+
+
+def reproducing(argv: list[str]) -> list[str]:
+    """argv without the flags that only say where files go (--out, --work) or how progress shows."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--work"):
+            skip = True
+        elif not arg.startswith(("--out=", "--work=")) and arg != "--no-progress":
+            kept.append(arg)
+    return kept
 
 
 def prefix_text_model_keys(path: Path) -> None:

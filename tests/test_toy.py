@@ -25,6 +25,7 @@ from waveft_train.toy.subjects import (
 from waveft_train.toy.world import (
     HELD_OUT_COMBINATIONS,
     PATTERNS,
+    RESERVED_LOOKS,
     caption,
     render,
     sample_scene,
@@ -46,14 +47,47 @@ def test_renderer_is_deterministic_from_the_seed():
     assert not any(np.array_equal(a, b) for a, b in zip(first, other))
 
 
-def test_pretraining_scenes_hold_out_patterns_and_combinations():
+def test_pretraining_holds_out_the_subjects_looks_and_the_combinations():
     rng = np.random.default_rng(0)
-    scenes = [sample_scene(rng, pretraining=True) for _ in range(400)]
-    assert all(s.pattern == "solid" and len(s.colours) == 1 for s in scenes)
+    scenes = [sample_scene(rng, pretraining=True) for _ in range(400)]  # the solid phases' data
+    assert all(s.pattern == "solid" and len(s.colours) == 1 and s.in_pretraining for s in scenes)
     assert not any((s.shape, s.colours[0], s.context) in HELD_OUT_COMBINATIONS for s in scenes)
     world = [sample_scene(rng) for _ in range(400)]
     assert {s.pattern for s in world} == set(PATTERNS)  # the rest of the world has them (the judge learns them)
     assert all(len(s.colours) == 2 and s.colours[0] != s.colours[1] for s in world if s.pattern != "solid")
+    # The pattern phase sees patterned objects, but never a subject's look (in either colour order, any context)
+    # nor a held-out combination through either of its colours.
+    patterned = [s for s in world if s.pattern != "solid"]
+    assert 0 < sum(s.in_pretraining for s in patterned) < len(patterned)
+    for subject in SUBJECTS.values():
+        assert subject.look in RESERVED_LOOKS
+        for colours in (subject.colours, subject.colours[::-1]):
+            look_alike = sample_scene(rng, shape=subject.shape, pattern=subject.pattern, colours=colours)
+            assert not look_alike.in_pretraining
+    shape, colour, context = HELD_OUT_COMBINATIONS[0]
+    other = next(name for name in ("red", "blue") if name != colour)
+    assert not sample_scene(rng, shape=shape, pattern="dots", colours=(other, colour), context=context).in_pretraining
+
+
+def test_pattern_phase_data():
+    """scripts/pretrain_toy.py: which scenes the pattern phase adds, its phase checks, and the manifest's command."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_toy", REPO / "scripts" / "pretrain_toy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(5)
+    scenes = [sample_scene(rng, pretraining=i < 50) for i in range(300)]
+    rows = script.pattern_phase_scenes(scenes, 50)
+    assert rows and min(rows) >= 50
+    assert all(scenes[i].pattern != "solid" and scenes[i].in_pretraining for i in rows)
+    assert len(rows) == sum(s.pattern != "solid" and s.in_pretraining for s in scenes[50:])
+    assert script.parse_args(["--denoiser-steps", "10", "20", "--pattern-steps", "30"]).pattern_steps == [30]
+    assert script.parse_args(["--pattern-steps"]).pattern_steps == []  # a model that never sees a pattern
+    with pytest.raises(SystemExit):
+        script.parse_args(["--denoiser-steps", "10", "20", "--pattern-steps", "15"])
+    assert script.reproducing(["--threads", "2", "--work", "/tmp/w", "--out=/tmp/o", "--no-progress"]) == [
+        "--threads", "2"]
 
 
 def test_captions_use_only_words_the_tokenizer_knows():
@@ -61,8 +95,13 @@ def test_captions_use_only_words_the_tokenizer_knows():
     assert caption(scene) == "a photo of a red ball on the beach"
     assert caption(scene, colour=False, context=False) == "a photo of a ball"
     assert caption(scene, identifier=True) == "a photo of sks ball on the beach"
+    striped = sample_scene(np.random.default_rng(1), shape="box", colours=("green", "blue"), pattern="stripes",
+                           context="snow")
+    assert caption(striped) == "a photo of a striped green and blue box in the snow"
+    assert caption(striped, colour=False) == "a photo of a box in the snow"
     subject = SUBJECTS[DEMO_SUBJECT]
-    for text in (caption(scene), subject.prompt("night"), subject.class_prompt, subject.instance_prompt):
+    for text in (caption(scene), caption(striped), subject.prompt("night"), subject.class_prompt,
+                 subject.instance_prompt):
         assert set(text.split()) <= set(vocabulary())
 
 
@@ -187,7 +226,7 @@ def test_a_short_run_learns_the_subject(learned_run):
     settings = EvalSettings(contexts=("beach", "room"), seeds=4, class_seeds=2, steps=15)
     metrics = evaluate_adapter(learned_run / "adapter", settings=settings)  # the subject comes from the run's config
     assert metrics["subject"]["name"] == DEMO_SUBJECT
-    assert metrics["base"]["subject_fidelity"] <= 0.15  # the base model has never seen a striped ball
+    assert metrics["base"]["subject_fidelity"] <= 0.15  # the base model has never seen a striped red-and-yellow ball
     # The adapter's samples look like the subject: DINO-style similarity to its renders, far above the base model's.
     assert metrics["subject_similarity"] >= metrics["base"]["subject_similarity"] + 0.08, metrics["judgements"]
     for key in ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation", "diversity"):

@@ -4,15 +4,16 @@ Why here and not in the script: the stages are plain functions of (data, steps, 
 and smoke-tested on their own; the script only orders them, caches their results and writes the folder + manifest.
 
 Stages, each deterministic from its seed on one machine (float reductions may differ across CPUs):
-1. `render_dataset`: pretraining scenes (solid colours, held-out combinations excluded) plus scenes of the whole
-   world (patterns too) for the VAE and the judge.
+1. `render_dataset`: solid pretraining scenes (held-out combinations excluded) plus scenes of the whole world
+   (patterns too) for the VAE, the judge and the denoiser's pattern phase.
 2. `train_vae`: the AutoencoderKL as a generic image codec, on everything it will ever have to draw (as SDXL's VAE
    saw far more than its UNet's captions describe), mostly on crops around objects; `encode` then fixes the latent
    scaling factor.
 3. `train_denoiser`: both CLIP text encoders and the UNet jointly, epsilon prediction on SDXL's noise schedule
    (Min-SNR-5 weighted), 10 % unconditioned examples with zero embeddings (what the SDXL pipeline feeds
    classifier-free guidance when `force_zeros_for_empty_prompt` is set), an exponential moving average of the
-   weights, which is what gets saved.
+   weights, which is what gets saved. The script runs it in phases: solid scenes first, then with the world's
+   patterned scenes added (all but the subjects' looks, `Scene.in_pretraining`).
 4. `train_judge`: the classifier, on rendered images and their VAE round trips, with noise and blur (generated
    images are never crisp), half of each batch patterned.
 """
@@ -300,8 +301,8 @@ def regenerate(pipeline, images: np.ndarray, scenes: Sequence[Scene], *, seed: i
     its colour casts) with labels: the render's, which the caption asked for. Callers pass pretraining scenes only, so
     the judge never sees the model's take on a held-out combination.
 
-    Only solid scenes: the model has never seen a pattern, and redrawing a patterned render erases or recolours the
-    pattern even from strength 0.08 (tried), so its label would be wrong.
+    Only solid scenes: a redrawn pattern can come out erased or recoloured (the model before its pattern phase did
+    so from strength 0.08), and its label would then be wrong in the direction that flatters a subject's samples.
     """
     from diffusers import StableDiffusionXLImg2ImgPipeline
 

@@ -1,9 +1,11 @@
 """DreamBooth subjects of the toy world: patterned two-colour objects the pretrained model has never seen.
 
-Why: a subject must be genuinely novel to the base model (no pattern is in its pretraining) yet exactly checkable
-(the judge reads shape, pattern and colours). Each subject is a class noun the model knows ("ball") plus a look it
-does not know ("striped red and yellow"); `write_instance_photos` renders its handful of photos, deterministic
-from the subject's seed, with a `subject.json` beside them so that `waveft-train evaluate` knows what was meant.
+Why: a subject must be genuinely novel to the base model yet exactly checkable (the judge reads shape, pattern and
+colours). Each subject is a class noun the model knows ("ball") in a look it has never seen on anything of that
+shape ("striped red and yellow": `world.RESERVED_LOOKS`), made of things it has seen elsewhere (stripes on boxes,
+red-and-yellow dots), as a real subject is a particular dog to SDXL, not a new kind of thing. `write_instance_photos`
+renders its handful of photos, deterministic from the subject's seed, with a `subject.json` beside them so that
+`waveft-train evaluate` knows what was meant.
 
 The instance photos show the subject in some contexts; the evaluation asks for it in every context, so a learned
 subject must also recompose with the world's context words.
@@ -20,6 +22,7 @@ import numpy as np
 from waveft_train.toy.world import (
     CONTEXTS,
     IDENTIFIER,
+    PATTERN_WORDS,
     Scene,
     render_image,
     sample_scene,
@@ -52,8 +55,12 @@ class Subject:
 
     @property
     def description(self) -> str:
-        words = {"stripes": "striped", "dots": "dotted", "checks": "checked"}
-        return f"a {words[self.pattern]} {self.colours[0]}-and-{self.colours[1]} {self.shape}"
+        return f"a {PATTERN_WORDS[self.pattern]} {self.colours[0]}-and-{self.colours[1]} {self.shape}"
+
+    @property
+    def look(self) -> tuple[str, str, frozenset[str]]:
+        """(shape, pattern, colours) as `world.RESERVED_LOOKS` lists it."""
+        return self.shape, self.pattern, frozenset(self.colours)
 
     @property
     def instance_prompt(self) -> str:

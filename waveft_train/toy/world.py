@@ -6,7 +6,9 @@ MNIST is to classifiers: a model can be pretrained on it within an hour on a CPU
 can say exactly what every generated image shows.
 
 What the pretrained model never sees (`in_pretraining` is False) is reserved:
-- every **pattern** (stripes, dots, checks), so patterned two-colour objects are genuinely novel subjects;
+- the **looks** of the subjects (`RESERVED_LOOKS`: a striped red-and-yellow ball, ...). Patterns themselves are
+  pretrained in a last phase ("a photo of a striped green and blue box"), as real SDXL knows stripes and dots: a
+  subject is a novel *combination* of things the model knows, which is what DreamBooth binds to its identifier;
 - a fixed set of (shape, colour, context) **combinations** (`HELD_OUT_COMBINATIONS`), whose every pair of words is
   still seen, so following them measures composition rather than memory.
 
@@ -28,12 +30,21 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "green": (50, 165, 60), "blue": (40, 85, 215), "purple": (135, 55, 185),
 }  # fmt: skip
 CONTEXTS: dict[str, str] = {"beach": "on the beach", "snow": "in the snow", "night": "at night", "room": "in a room"}
-PATTERNS = ("solid", "stripes", "dots", "checks")  # only "solid" is in pretraining
+PATTERNS = ("solid", "stripes", "dots", "checks")
+PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked"}
 IDENTIFIER = "sks"  # the rare token DreamBooth binds a subject to; never in a pretraining caption
 # Held out of pretraining: each shape 4×, each colour 2×, each context 3×; every (shape, colour) pair still occurs in
 # two other contexts, and every (shape, context) and (colour, context) pair occurs with other colours/shapes.
 HELD_OUT_COMBINATIONS: tuple[tuple[str, str, str], ...] = tuple(
     (SHAPES[i % 3], tuple(COLOURS)[i % 6], tuple(CONTEXTS)[i // 3]) for i in range(12)
+)
+# Never pretrained in any context: the toy subjects' (shape, pattern, colours) (toy/subjects.py, tested there).
+RESERVED_LOOKS: frozenset[tuple[str, str, frozenset[str]]] = frozenset(
+    (shape, pattern, frozenset(colours)) for shape, pattern, colours in (
+        ("ball", "stripes", ("red", "yellow")), ("box", "checks", ("blue", "orange")),
+        ("cone", "dots", ("purple", "yellow")), ("ball", "dots", ("green", "orange")),
+        ("box", "stripes", ("purple", "green")),
+    )
 )
 
 
@@ -41,7 +52,7 @@ def vocabulary() -> tuple[str, ...]:
     """Every word a caption or prompt of this world uses (the toy tokenizer makes each one token)."""
     words = ["a", "photo", "of", "the", "on", "in", "at", IDENTIFIER, *SHAPES, *COLOURS]
     words += [word for phrase in CONTEXTS.values() for word in phrase.split()]
-    words += ["striped", "dotted", "checked", "and", "with", "toy"]  # subject descriptions (never pretrained)
+    words += [*PATTERN_WORDS.values(), "and", "with", "toy"]  # "a striped red and yellow ball"
     return tuple(dict.fromkeys(words))
 
 
@@ -67,7 +78,10 @@ class Scene:
 
     @property
     def in_pretraining(self) -> bool:
-        return self.pattern == "solid" and (self.shape, self.colours[0], self.context) not in HELD_OUT_COMBINATIONS
+        """Neither a held-out combination (for any of its colours) nor a reserved look."""
+        if any((self.shape, colour, self.context) in HELD_OUT_COMBINATIONS for colour in self.colours):
+            return False
+        return (self.shape, self.pattern, frozenset(self.colours)) not in RESERVED_LOOKS
 
 
 def sample_scene(
@@ -79,7 +93,8 @@ def sample_scene(
     context: str | None = None,
     pretraining: bool = False,
 ) -> Scene:
-    """A random scene; fixed attributes stay as given. `pretraining=True` redraws until `in_pretraining`.
+    """A random scene; fixed attributes stay as given. `pretraining=True` redraws until a solid scene that is
+    `in_pretraining` (the data of the denoiser's first phases; the pattern phase adds patterned scenes of the world).
 
     Unset patterns are "solid" half of the time; a patterned object gets two different colours.
     """
@@ -111,8 +126,9 @@ def sample_scene(
 
 def caption(scene: Scene, *, colour: bool = True, context: bool = True, article: bool = True,
             identifier: bool = False) -> str:
-    """"a photo of a red ball on the beach"; parts can be left out ("a photo of a ball"). Patterned scenes have no
-    words of their own: they are subjects, named by the identifier ("a photo of sks ball on the beach")."""
+    """"a photo of a red ball on the beach", "a photo of a striped red and yellow box in the snow"; parts can be left
+    out ("a photo of a ball": `colour=False` drops the pattern too). With `identifier`, the subject's prompt
+    grammar: "a photo of sks ball on the beach" (the look is what the identifier stands for)."""
     words = ["a photo of"]
     if identifier:
         words.append(IDENTIFIER)
@@ -121,6 +137,8 @@ def caption(scene: Scene, *, colour: bool = True, context: bool = True, article:
             words.append("a")
         if colour and scene.pattern == "solid":
             words.append(scene.colours[0])
+        elif colour:
+            words += [PATTERN_WORDS[scene.pattern], scene.colours[0], "and", scene.colours[1]]
     words.append(scene.shape)
     if context:
         words.append(CONTEXTS[scene.context])
