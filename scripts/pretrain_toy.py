@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import platform
 import shlex
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     ends = args.denoiser_steps + args.pattern_steps
-    if ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])):
+    if ends[0] < 1 or any(b <= a for a, b in itertools.pairwise(ends)):
         parser.error(f"--denoiser-steps and then --pattern-steps: phase ends must be positive and increasing, got "
                      f"{args.denoiser_steps} and {args.pattern_steps}")
     return args

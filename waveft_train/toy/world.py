@@ -2,7 +2,7 @@
 
 Why: real SDXL weights cannot reach the machines this project is developed on, so nothing showed that a run
 personalizes anything. A small world of shapes × colours × contexts (plus position and size) is to DreamBooth what
-MNIST is to classifiers: a model can be pretrained on it within an hour on a CPU, and a classifier (the judge)
+MNIST is to classifiers: a model can be pretrained on it in a few hours on a CPU, and a classifier (the judge)
 can say exactly what every generated image shows.
 
 What the pretrained model never sees (`in_pretraining` is False) is reserved:
@@ -38,7 +38,8 @@ IDENTIFIER = "sks"  # the rare token DreamBooth binds a subject to; never in a p
 HELD_OUT_COMBINATIONS: tuple[tuple[str, str, str], ...] = tuple(
     (SHAPES[i % 3], tuple(COLOURS)[i % 6], tuple(CONTEXTS)[i // 3]) for i in range(12)
 )
-# Never pretrained in any context: the toy subjects' (shape, pattern, colours) (toy/subjects.py, tested there).
+# Never pretrained in any context: the toy subjects' (shape, pattern, colours) (toy/subjects.py; tests/test_toy.py
+# checks that they match).
 RESERVED_LOOKS: frozenset[tuple[str, str, frozenset[str]]] = frozenset(
     (shape, pattern, frozenset(colours)) for shape, pattern, colours in (
         ("ball", "stripes", ("red", "yellow")), ("box", "checks", ("blue", "orange")),
