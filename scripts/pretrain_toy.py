@@ -301,7 +301,7 @@ def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accura
         "command": "python scripts/pretrain_toy.py" + "".join(" " + shlex.quote(a) for a in reproducing(argv)),
         "seed": args.seed,
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-                     if key not in ("out", "work", "fresh", "no_progress")},
+                     if "--" + key.replace("_", "-") not in UNRECORDED},
         "stage_seconds": stages.times,
         "wall_seconds": round(sum(stages.times.values()), 1),
         "machine": {"cpus": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -318,15 +318,20 @@ def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accura
     print(f"wrote {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {manifest['wall_seconds']:.0f} s of stages)")
 
 
+# Options that do not change what gets written, only where and how (value: whether the option takes a value). The
+# manifest records neither them in "settings" nor them in "command".
+UNRECORDED = {"--out": True, "--work": True, "--fresh": False, "--no-progress": False}
+
+
 def reproducing(argv: list[str]) -> list[str]:
-    """argv without the flags that only say where files go (--out, --work) or how progress shows."""
+    """argv without the UNRECORDED options (and their values)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--out", "--work"):
-            skip = True
-        elif not arg.startswith(("--out=", "--work=")) and arg != "--no-progress":
+        elif arg in UNRECORDED:
+            skip = UNRECORDED[arg]
+        elif arg.split("=", 1)[0] not in UNRECORDED:
             kept.append(arg)
     return kept
 

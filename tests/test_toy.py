@@ -88,6 +88,8 @@ def test_pattern_phase_data():
         script.parse_args(["--denoiser-steps", "10", "20", "--pattern-steps", "15"])
     assert script.reproducing(["--threads", "2", "--work", "/tmp/w", "--out=/tmp/o", "--no-progress"]) == [
         "--threads", "2"]
+    assert script.reproducing(["--fresh", "--seed", "1"]) == ["--seed", "1"]  # as "settings" leaves out `fresh`
+    assert {"--" + name.replace("_", "-") for name in vars(script.parse_args([]))} >= set(script.UNRECORDED)
 
 
 def test_captions_use_only_words_the_tokenizer_knows():
