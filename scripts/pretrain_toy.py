@@ -1,6 +1,6 @@
 """Pretrain the toy SDXL pipeline and its judge from scratch on the toy world; write them as package data.
 
-    python scripts/pretrain_toy.py --threads 2    # everything, about 3 hours on a 2-core CPU; seed 0
+    python scripts/pretrain_toy.py --threads 2    # everything, about 4 hours on a 2-core CPU; seed 0
 
 Writes waveft_train/assets/toy/ (a diffusers StableDiffusionXLPipeline folder in fp16 safetensors, judge/ beside
 it) and manifest.json (sha256 of every file, this command, seed, wall time per stage, library versions, the judge's
@@ -8,7 +8,7 @@ held-out accuracy and the model's accuracy on held-out prompt combinations). Eac
 --work, so an interrupted run continues at the stage it was in (the stage itself restarts, except the denoiser,
 which resumes from its last saved step); --fresh starts over. The denoiser trains in phases (--denoiser-steps
 2500 3500 6000): each longer phase, measured, made the samples follow their prompts better. Those phases see solid
-objects only; the pattern phase (--pattern-steps 9000) then adds the world's patterned objects with their words
+objects only; the pattern phases (--pattern-steps 9000 13000) then add the world's patterned objects with their words
 ("a photo of a striped green and blue box"), all but the subjects' looks (world.RESERVED_LOOKS), each three times,
 a third of every batch: DreamBooth's subjects are new combinations of what the model knows, not new kinds of things.
 Reproducible from the seed on one machine (CPU float reductions may differ across machines).
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--denoiser-steps", type=int, nargs="+", default=[2500, 3500, 6000],
                         help="phase ends: each phase resumes the last and runs its own cosine schedule (0..end) "
                              "from there, a warm restart (default: %(default)s)")
-    parser.add_argument("--pattern-steps", type=int, nargs="*", default=[9000],
+    parser.add_argument("--pattern-steps", type=int, nargs="*", default=[9000, 13000],
                         help="phase ends after --denoiser-steps whose data add the patterned scenes (default: "
                              "%(default)s; none: a model that has never seen a pattern)")
     parser.add_argument("--batch-size", type=int, default=32)
