@@ -20,6 +20,7 @@ from waveft_train.prior import (
     MANIFEST_NAME,
     GenerationSettings,
     ensure_class_images,
+    model_identity,
     shard_batches,
 )
 
@@ -289,3 +290,23 @@ def test_share_missing_after_the_barrier_is_a_user_error(tmp_path: Path, tiny_co
         ensure(tmp_path / "class", CountingFactory(tiny_components), num_images=2, batch_size=1,
                accelerator=FakeAccelerator(0, 2))
     assert not (tmp_path / "class" / MANIFEST_NAME).exists()
+
+
+def test_toy_class_images_are_keyed_on_the_weights_not_only_the_folder(tmp_path: Path, monkeypatch) -> None:
+    """The bundled toy model's folder stays put when a release retrains it: class images it drew before must not be
+    reused, so its identity carries a hash of the manifest's file hashes."""
+    import waveft_train.toy as toy
+    from waveft_train.config import ModelSection
+
+    folder = str(toy.toy_model_dir())
+    toy_identity = model_identity(ModelSection(pretrained="toy", dtype="fp32"), folder)
+    assert toy_identity == f"{folder}#{toy.toy_weights_version()}|fp32"
+    assert model_identity(ModelSection(pretrained=folder, dtype="fp32"), folder) == f"{folder}|fp32"  # a user folder
+
+    retrained = tmp_path / "toy"
+    retrained.mkdir()
+    manifest = json.loads((toy.toy_model_dir() / "manifest.json").read_text())
+    manifest["files"]["unet/diffusion_pytorch_model.safetensors"] = "0" * 64
+    (retrained / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(toy, "toy_model_dir", lambda: retrained)
+    assert model_identity(ModelSection(pretrained="toy", dtype="fp32"), folder) != toy_identity

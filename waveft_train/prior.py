@@ -318,16 +318,26 @@ def _record_generated(class_dir: Path, settings: GenerationSettings, indices: Se
     write_manifest(class_dir, kept + new)
 
 
+def model_identity(model: ModelSection, model_path: str) -> str:
+    """What class images depend on besides the sampling settings: the base model's path, revision, VAE and dtype,
+    and for the bundled toy model the version of its weights (its folder's path does not change when they do)."""
+    from waveft_train.toy import TOY_MODEL_NAME, toy_weights_version
+
+    identity = model_path + (f"@{model.revision}" if model.revision else "")
+    if str(model.pretrained).strip() == TOY_MODEL_NAME:
+        identity += f"#{toy_weights_version()}"
+    return identity + (f"|vae={model.vae}" if model.vae else "") + f"|{model.dtype}"
+
+
 def class_images_for_run(prior: PriorSection, model: ModelSection, components, *, resolution: int, seed: int,
                          accelerator: ProcessGroup, progress: bool) -> list[Path]:
     """`ensure_class_images` with a run's settings: generated with the run's base model (its path, revision, VAE and
     dtype are what the images depend on, beside the sampling settings) on the run's device."""
     from waveft_train.models import build_pipeline
 
-    identity = components.model_path + (f"@{model.revision}" if model.revision else "")
-    identity += (f"|vae={model.vae}" if model.vae else "") + f"|{model.dtype}"
     return ensure_class_images(
-        Path(prior.class_dir), num_images=prior.num_class_images, prompt=prior.class_prompt, model_id=identity,
+        Path(prior.class_dir), num_images=prior.num_class_images, prompt=prior.class_prompt,
+        model_id=model_identity(model, components.model_path),
         resolution=resolution, steps=prior.generation_steps, guidance=prior.generation_guidance, seed=seed,
         batch_size=prior.generation_batch_size,
         make_pipeline=lambda: build_pipeline(components, progress_bar=False).to(accelerator.device),

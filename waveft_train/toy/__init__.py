@@ -14,6 +14,8 @@ only when they are used.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 TOY_MODEL_NAME = "toy"
@@ -22,3 +24,10 @@ TOY_MODEL_NAME = "toy"
 def toy_model_dir() -> Path:
     """The committed toy pipeline folder (a diffusers folder: model_index.json, unet/, vae/, ...; judge/ beside)."""
     return Path(__file__).resolve().parent.parent / "assets" / "toy"
+
+
+def toy_weights_version() -> str:
+    """12 hex digits naming the committed weights: a hash of the manifest's file hashes. The folder's path stays the
+    same when a release retrains the model, so caches of what the model drew (class images) key on this instead."""
+    files = json.loads((toy_model_dir() / "manifest.json").read_text(encoding="utf-8"))["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode("utf-8")).hexdigest()[:12]
