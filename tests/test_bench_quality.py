@@ -33,7 +33,7 @@ def test_each_method_trains_what_its_budget_says(toy_unet):
         trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
         assert trainable and all(".attn" in name for name in trainable)  # only the attention linears learn
         if method == "waveft":  # peft's per-layer pattern was honoured: n_frequency = budget x (d_in + d_out)
-            for name, layer in adapted_layers(unet).items():
+            for name in adapted_layers(unet):
                 spectrum = dict(unet.named_parameters())[f"{name}.waveft_spectrum.default"]
                 base = unet.get_submodule(name).get_base_layer()
                 assert spectrum.numel() == max(1, round(budget * (base.in_features + base.out_features)))

@@ -295,7 +295,7 @@ def test_share_missing_after_the_barrier_is_a_user_error(tmp_path: Path, tiny_co
 def test_toy_class_images_are_keyed_on_the_weights_not_only_the_folder(tmp_path: Path, monkeypatch) -> None:
     """The bundled toy model's folder stays put when a release retrains it: class images it drew before must not be
     reused, so its identity carries a hash of the manifest's file hashes."""
-    import waveft_train.toy as toy
+    from waveft_train import toy
     from waveft_train.config import ModelSection
 
     folder = str(toy.toy_model_dir())
