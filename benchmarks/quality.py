@@ -10,11 +10,11 @@ samples (waveft_train/toy/evaluate.py; subject_similarity is the DINO analogue).
 
 The recipe is the demo's (configs/demo.yaml), the same for every method: steps, batch, prior preservation, and a
 small learning-rate sweep per method (on `--sweep-subjects`, at the 1× budget with prior preservation; the best by
-the gain in subject_similarity over the base model minus the class prompt's drift toward the subject is then used for
-every budget and subject). Budgets are per layer, relative to the rank-1 LoRA equivalent d_in + d_out of each adapted
-d_out × d_in layer: WaveFT gets n_frequency = budget·(d_in+d_out) per layer; LoRA gets rank = budget, which cannot go
-below 1, so its 0.5× cell is rank 1 (twice the budget, marked); full fine-tuning trains every weight and bias of the
-same linears (one run, shown once).
+`sweep_score`: the gain in subject_similarity over the base model minus the class prompt's drift toward the subject
+and the contexts lost, is then used for every budget and subject). Budgets are per layer, relative to the rank-1
+LoRA equivalent d_in + d_out of each adapted d_out × d_in layer: WaveFT gets n_frequency = budget·(d_in+d_out) per
+layer; LoRA gets rank = budget, which cannot go below 1, so its 0.5× cell is rank 1 (twice the budget, marked); full
+fine-tuning trains every weight and bias of the same linears (one run, shown once).
 
 Every method trains through the trainer's own `DreamBoothRun` (class images, data, caches, loss, prior loss, loop),
 configured by configs/demo.yaml; a subclass swaps only the adapter. Results are kept in `--out`/results.json (a rerun
@@ -346,7 +346,8 @@ def render_table(data: dict, cells: list[dict], chosen: dict, recipe: dict, args
             if name in by_subject else "-" for name in args.subjects) + " |")
     sweep = [run for run in runs if run["budget"] == 1.0 and run["prior"] and run["subject"] in args.sweep_subjects]
     lines += ["", f"Learning-rate sweep (1x budget, prior on, {', '.join(args.sweep_subjects)}; score = gain in "
-              "subject_similarity over the base model minus the class prompt's drift toward the subject):", ""]
+              "subject_similarity over the base model minus the class prompt's drift toward the subject and the share "
+              "of asked contexts lost):", ""]
     for method in chosen:
         scored = {}
         for run in sweep:
