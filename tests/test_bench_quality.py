@@ -30,13 +30,13 @@ def test_each_method_trains_what_its_budget_says(toy_unet):
                            ("full", 0.0)):
         unet = copy.deepcopy(toy_unet)
         facts[method, budget] = attach(method, unet, budget, scaling=25.0)
-        trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
+        parameters = dict(unet.named_parameters())
+        trainable = {name for name, p in parameters.items() if p.requires_grad}
         assert trainable and all(".attn" in name for name in trainable)  # only the attention linears learn
         if method == "waveft":  # peft's per-layer pattern was honoured: n_frequency = budget x (d_in + d_out)
-            for name in adapted_layers(unet):
-                spectrum = dict(unet.named_parameters())[f"{name}.waveft_spectrum.default"]
-                base = unet.get_submodule(name).get_base_layer()
-                assert spectrum.numel() == max(1, round(budget * (base.in_features + base.out_features)))
+            for name, layer in layers.items():  # the names of the unadapted copy: peft's wrappers are no nn.Linear
+                spectrum = parameters[f"{name}.waveft_spectrum.default"]
+                assert spectrum.numel() == max(1, round(budget * (layer.in_features + layer.out_features)))
 
     assert facts["waveft", 1.0]["trainable_params"] == rank1 == facts["lora", 1.0]["trainable_params"]
     assert facts["waveft", 4.0]["trainable_params"] == 4 * rank1 == facts["lora", 4.0]["trainable_params"]
