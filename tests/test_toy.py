@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -204,6 +205,31 @@ def test_subject_similarity_tells_the_subject_from_its_class():
     assert np.mean(similarity(judge, same, references)) >= np.mean(similarity(judge, solid, references)) + 0.2
 
 
+class _Codec(torch.nn.Module):
+    """A stand-in VAE with diffusers' encode/decode shapes whose round trip is `transform`."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.transform = transform
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def encode(self, pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=self.transform(latents))
+
+
+def test_subject_fidelity_ceiling_reads_the_subject_through_the_vae():
+    from waveft_train.toy.evaluate import codec_ceiling
+    from waveft_train.toy.judge import load_judge
+
+    judge, subject, contexts = load_judge(), SUBJECTS[DEMO_SUBJECT], ("beach", "night")
+    # A lossless codec keeps the subject's renders, which the judge reads exactly; one that drops colour keeps none.
+    assert codec_ceiling(_Codec(lambda x: x), subject, judge, contexts) == 1.0
+    assert codec_ceiling(_Codec(lambda x: x.mean(dim=1, keepdim=True).expand_as(x)), subject, judge, contexts) == 0.0
+
+
 # ----------------------------------------------------------------------------------------------- learning
 E2E_STEPS = 200
 
@@ -231,7 +257,8 @@ def test_a_short_run_learns_the_subject(learned_run):
     assert metrics["base"]["subject_fidelity"] <= 0.15  # the base model has never seen a striped red-and-yellow ball
     # The adapter's samples look like the subject: DINO-style similarity to its renders, far above the base model's.
     assert metrics["subject_similarity"] >= metrics["base"]["subject_similarity"] + 0.08, metrics["judgements"]
-    for key in ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation", "diversity"):
+    for key in ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation", "diversity",
+                "subject_fidelity_ceiling"):
         assert 0.0 <= metrics[key] <= 1.0
 
 
@@ -246,9 +273,10 @@ def test_evaluate_command_writes_the_metrics(learned_run, tmp_path, capsys):
     except SystemExit as exit_info:
         assert exit_info.code in (0, None)
     metrics = json.loads(out.read_text())
-    assert {"subject_fidelity", "context_fidelity", "prior_preservation", "diversity", "base", "sampled"} <= set(metrics)
+    assert {"subject_fidelity", "context_fidelity", "prior_preservation", "diversity", "base", "sampled",
+            "subject_fidelity_ceiling"} <= set(metrics)
     assert metrics["sampled"]["steps"] == 4 and len(metrics["sampled"]["subject_prompts"]) == 4
-    assert "subject_fidelity" in capsys.readouterr().out
+    assert f"VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}" in capsys.readouterr().out
 
 
 def test_evaluate_refuses_adapters_of_other_models_and_unknown_subjects(learned_run, tmp_path, capsys):

@@ -248,7 +248,8 @@ def evaluate(
 
     Samples "a photo of sks <class> <context>" for every context and the class prompt "a photo of a <class>" with
     the adapter and with the base model (same seeds), and reports subject_fidelity, context_fidelity,
-    prior_preservation and diversity (each in [0, 1]), the base model's values, and what was sampled, as JSON.
+    prior_preservation and diversity (each in [0, 1]), the base model's values, the VAE's subject_fidelity_ceiling
+    and what was sampled, as JSON.
     """
     import json
 
@@ -279,7 +280,9 @@ def evaluate(
         atomic_write_text(out, text)
     keys = ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation",
             "class_subject_similarity", "diversity")
-    summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f})" for key in keys)
+    summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f}"
+                        + (f", VAE ceiling {metrics['subject_fidelity_ceiling']:.2f})" if key == "subject_fidelity" else ")")
+                        for key in keys)
     typer.echo(f"{chosen.name}: {summary}" + (f"; wrote {out}" if out is not None else ""))
 
 

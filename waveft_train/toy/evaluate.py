@@ -17,6 +17,9 @@ can be scored the way DreamBooth papers score real photos, without their proxies
 - `diversity`: how much the subject's position and size vary across seeds, relative to how much they vary in the
   world (1 = as varied as the world, 0 = the same layout every time); `pixel_diversity` is the mean pixel distance
   between samples of one prompt.
+- `subject_fidelity_ceiling`: share of the subject's own renders (every asked context) that the judge still reads as
+  the subject after a round trip through the model's VAE. Every sample leaves through that decoder, so this is what
+  a denoiser reproducing true photos of the subject would score: read `subject_fidelity` against it.
 
 Every value is in [0, 1]. The same numbers are computed for the base model on the same prompts and seeds (`base`).
 `evaluate_adapter` (the CLI, tests) and `evaluate_unet` (the bench, which also scores LoRA and full fine-tuning)
@@ -122,6 +125,28 @@ def subject_references(subject: Subject, judge, contexts: Sequence[str]) -> dict
     return references
 
 
+CEILING_RENDERS_PER_CONTEXT = 16
+
+
+def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> float:
+    """`subject_fidelity_ceiling`: the judge's subject reading of the subject's renders after decode(encode(·))."""
+    import numpy as np
+    import torch
+
+    from waveft_train.toy.judge import judge_images, to_tensor
+    from waveft_train.toy.world import render, sample_scene
+
+    scenes = [sample_scene(np.random.default_rng([subject.seed, 11, index, i]), shape=subject.shape,
+                           colours=subject.colours, pattern=subject.pattern, context=context)
+              for index, context in enumerate(contexts) for i in range(CEILING_RENDERS_PER_CONTEXT)]
+    pixels = to_tensor([render(scene) for scene in scenes]).to(vae.device, vae.dtype)  # in [-1, 1]
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    images = ((decoded.float().cpu() + 1) / 2).clamp(0, 1)
+    look = dict(shape=subject.shape, pattern=subject.pattern, colours=subject.colours)
+    return float(np.mean([verdict.shows(**look) for verdict in judge_images(judge, images)]))
+
+
 def similarity(judge, images, references) -> list[float]:
     """Per image: mean cosine similarity of its judge embedding to `references` (one tensor, or one per image)."""
     from waveft_train.toy.judge import embed_images
@@ -221,7 +246,9 @@ def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSe
     if base_samples is None:
         with adapters_disabled(unet):
             base_samples = sample_both(pipeline, subject, settings)
-    return evaluate_samples(subject, judge, adapted, base_samples, settings), base_samples
+    metrics = evaluate_samples(subject, judge, adapted, base_samples, settings)
+    metrics["subject_fidelity_ceiling"] = codec_ceiling(components.vae, subject, judge, settings.contexts)
+    return metrics, base_samples
 
 
 def subject_of_adapter(adapter_dir: Path) -> Subject:
