@@ -143,7 +143,7 @@ def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> floa
     with torch.no_grad():
         decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
     images = ((decoded.float().cpu() + 1) / 2).clamp(0, 1)
-    look = dict(shape=subject.shape, pattern=subject.pattern, colours=subject.colours)
+    look = {"shape": subject.shape, "pattern": subject.pattern, "colours": subject.colours}
     return float(np.mean([verdict.shows(**look) for verdict in judge_images(judge, images)]))
 
 
