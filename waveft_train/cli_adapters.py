@@ -280,8 +280,8 @@ def evaluate(
         atomic_write_text(out, text)
     keys = ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation",
             "class_subject_similarity", "diversity")
-    summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f}"
-                        + (f", VAE ceiling {metrics['subject_fidelity_ceiling']:.2f})" if key == "subject_fidelity" else ")")
+    ceiling = {"subject_fidelity": f", VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}"}
+    summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f}{ceiling.get(key, '')})"
                         for key in keys)
     typer.echo(f"{chosen.name}: {summary}" + (f"; wrote {out}" if out is not None else ""))
 

@@ -107,25 +107,26 @@ def world_layout_spread(count: int = 400) -> float:
 
 
 REFERENCES_PER_CONTEXT = 8
+CEILING_RENDERS_PER_CONTEXT = 16
+
+
+def subject_renders(subject: Subject, context: str, count: int, stream: tuple[int, ...]) -> list:
+    """`count` uint8 renders of the subject in `context`, layout i seeded by [subject.seed, *stream, i]."""
+    import numpy as np
+
+    from waveft_train.toy.world import render, sample_scene
+
+    return [render(sample_scene(np.random.default_rng([subject.seed, *stream, i]), shape=subject.shape,
+                                colours=subject.colours, pattern=subject.pattern, context=context))
+            for i in range(count)]
 
 
 def subject_references(subject: Subject, judge, contexts: Sequence[str]) -> dict[str, object]:
     """Judge embeddings of the subject rendered in each context (seeded layouts), per context."""
-    import numpy as np
-
     from waveft_train.toy.judge import embed_images
-    from waveft_train.toy.world import render, sample_scene
 
-    references = {}
-    for index, context in enumerate(contexts):
-        scenes = [sample_scene(np.random.default_rng([subject.seed, 7, index, i]), shape=subject.shape,
-                               colours=subject.colours, pattern=subject.pattern, context=context)
-                  for i in range(REFERENCES_PER_CONTEXT)]
-        references[context] = embed_images(judge, [render(scene) for scene in scenes])
-    return references
-
-
-CEILING_RENDERS_PER_CONTEXT = 16
+    return {context: embed_images(judge, subject_renders(subject, context, REFERENCES_PER_CONTEXT, (7, index)))
+            for index, context in enumerate(contexts)}
 
 
 def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> float:
@@ -134,12 +135,10 @@ def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> floa
     import torch
 
     from waveft_train.toy.judge import judge_images, to_tensor
-    from waveft_train.toy.world import render, sample_scene
 
-    scenes = [sample_scene(np.random.default_rng([subject.seed, 11, index, i]), shape=subject.shape,
-                           colours=subject.colours, pattern=subject.pattern, context=context)
-              for index, context in enumerate(contexts) for i in range(CEILING_RENDERS_PER_CONTEXT)]
-    pixels = to_tensor([render(scene) for scene in scenes]).to(vae.device, vae.dtype)  # in [-1, 1]
+    renders = [image for index, context in enumerate(contexts)
+               for image in subject_renders(subject, context, CEILING_RENDERS_PER_CONTEXT, (11, index))]
+    pixels = to_tensor(renders).to(vae.device, vae.dtype)  # in [-1, 1]
     with torch.no_grad():
         decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
     images = ((decoded.float().cpu() + 1) / 2).clamp(0, 1)
