@@ -132,18 +132,20 @@ def subject_references(subject: Subject, judge, contexts: Sequence[str]) -> dict
 def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> float:
     """`subject_fidelity_ceiling`: the judge's subject reading of the subject's renders after decode(encode(·))."""
     import numpy as np
-    import torch
 
-    from waveft_train.toy.judge import judge_images, to_tensor
+    from waveft_train.toy.judge import judge_images
+    from waveft_train.toy.pretraining import round_trip
 
     renders = [image for index, context in enumerate(contexts)
                for image in subject_renders(subject, context, CEILING_RENDERS_PER_CONTEXT, (11, index))]
-    pixels = to_tensor(renders).to(vae.device, vae.dtype)  # in [-1, 1]
-    with torch.no_grad():
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
-    images = ((decoded.float().cpu() + 1) / 2).clamp(0, 1)
+    round_trips = round_trip(vae, np.stack(renders), progress=False)
+    return float(np.mean(shows_subject(subject, judge_images(judge, round_trips))))
+
+
+def shows_subject(subject: Subject, verdicts) -> list[bool]:
+    """Per verdict: whether the judge saw exactly the subject (its class, pattern and colours)."""
     look = {"shape": subject.shape, "pattern": subject.pattern, "colours": subject.colours}
-    return float(np.mean([verdict.shows(**look) for verdict in judge_images(judge, images)]))
+    return [verdict.shows(**look) for verdict in verdicts]
 
 
 def similarity(judge, images, references) -> list[float]:
@@ -165,13 +167,12 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
 
     from waveft_train.toy.judge import judge_images
 
-    look = dict(shape=subject.shape, pattern=subject.pattern, colours=subject.colours)
     verdicts = judge_images(judge, subject_samples.images)
     asked = [context for context in settings.contexts for _ in range(settings.seeds)]
-    shows = [verdict.shows(**look) for verdict in verdicts]
+    shows = shows_subject(subject, verdicts)
     in_context = [verdict.context == context for verdict, context in zip(verdicts, asked)]
     class_verdicts = judge_images(judge, class_samples.images)
-    class_shows = [verdict.shows(**look) for verdict in class_verdicts]
+    class_shows = shows_subject(subject, class_verdicts)
 
     subject_similarity = similarity(judge, subject_samples.images, [references[context] for context in asked])
     class_similarity = similarity(judge, class_samples.images, torch.cat(list(references.values())))

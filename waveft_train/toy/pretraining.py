@@ -141,10 +141,11 @@ def encode(vae, images: np.ndarray, batch_size: int = 128, progress: bool = True
 
 @torch.no_grad()
 def round_trip(vae, images: np.ndarray, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """decode(encode(images)) as uint8: what the VAE makes of each scene."""
+    """decode(encode(images)) as uint8: what the VAE (on any device, in any dtype) makes of each scene."""
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="vae round trips", disable=not progress):
-        decoded = vae.decode(vae.encode(to_pixels(images[start:start + batch_size])).latent_dist.mean).sample
+        pixels = to_pixels(images[start:start + batch_size]).to(vae.device, vae.dtype)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.float().cpu()
         out.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
 
