@@ -37,17 +37,11 @@ import torch
 
 from benchmarks.common import add_json_argument, command_line, machine, return_freed_memory_to_system, write_results
 from benchmarks.memory_runs import DTYPES, GiB, METHODS, Session, Step, other_components, unet_config
+from waveft_train.memory import device_need  # the allowance `waveft-train params` uses: slack + CUDA context
 
 # ---- the table ----------------------------------------------------------------------------------------------------
 
 GPU_TIERS = (8, 12, 16, 24)  # GB as sold, i.e. GiB of device memory
-CUDA_OVERHEAD = 0.5 * GiB  # CUDA context and library handles: not counted by max_memory_allocated
-ALLOCATOR_SLACK = 0.10  # the caching allocator reserves more than it hands out (rounding, fragmentation)
-
-
-def device_need(allocated: int) -> int:
-    """Device memory a peak of `allocated` bytes needs: the allocator's slack and the CUDA context on top."""
-    return int(allocated * (1 + ALLOCATOR_SLACK) + CUDA_OVERHEAD)
 
 
 def smallest_gpu(allocated: int) -> str:
@@ -72,8 +66,11 @@ def measure_table(args, mode: str) -> dict:
             measured = session.train_step(checkpointing, warm_up=mode == "cuda")
             rows.append({"method": method, "checkpointing": checkpointing, "lora_rank": session.lora_rank,
                          **parts, **measured, "total": measured["resident"] + measured["step_peak"]})  # fmt: skip
+            reserve = (f"; the allocator's reserved peak {gib(measured['reserved_peak'])} GiB, CUDA context "
+                       f"{gib(measured['context'])} GiB" if mode == "cuda" else "")  # fmt: skip
             print(f"  {method:9s} checkpointing {'on ' if checkpointing else 'off'}: resident {gib(measured['resident'])}"
-                  f" GiB + step {gib(measured['step_peak'])} GiB  ({time.perf_counter() - started:.0f} s)", flush=True)
+                  f" GiB + step {gib(measured['step_peak'])} GiB{reserve}  ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
         if method == "ours":  # sampling: one image with guidance (validation), two (class images, generation_batch_size)
             sampling = {"unet_inference_2": session.inference_peak(2), "unet_inference_4": session.inference_peak(4)}
         session.close()
@@ -89,7 +86,7 @@ def phases(result: dict) -> list[dict]:
     ours = {row["checkpointing"]: row for row in result["rows"] if row["method"] == "ours"}
     out = []
     for vae_dtype in ("fp32", result["settings"]["dtype"]):
-        vae, decode_1, decode_2 = (c[f"vae_{vae_dtype}{part}"] for part in ("", "_decode_1", "_decode_2"))
+        vae, decode_1 = (c[f"vae_{vae_dtype}{part}"] for part in ("", "_decode_1"))
         encode_1, encode_2 = c[f"vae_{vae_dtype}_encode_1"], c[f"vae_{vae_dtype}_encode_2"]
         entries = []
         for checkpointing, row in sorted(ours.items(), reverse=True):
@@ -102,7 +99,8 @@ def phases(result: dict) -> list[dict]:
         entries.append(("validation sampling: UNet, adapter and optimizer state + encoders + VAE; one image with "
                         "guidance, then its decode", state + c["text_encoders"] + vae + max(s["unet_inference_2"], decode_1)))
         entries.append(("class-image generation (first run): UNet + encoders + VAE; 2 images with guidance, then their "
-                        "decode", row["unet_weights"] + c["text_encoders"] + vae + max(s["unet_inference_4"], decode_2)))
+                        "decode one at a time (VAE slicing)",
+                        row["unet_weights"] + c["text_encoders"] + vae + max(s["unet_inference_4"], decode_1)))
         entries.append(("latent caching: the VAE alone, one image at a time", vae + encode_1))
         for index, (phase, value) in enumerate(entries):
             if len(out) <= index:

@@ -150,8 +150,9 @@ class Session:
         return torch.cuda.memory_allocated() if self.mode == "cuda" else self.tracker.current
 
     def reset_peak(self) -> None:
-        if self.mode == "cuda":
+        if self.mode == "cuda":  # cached blocks of earlier phases freed, so the reserved peak is this phase's own
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         else:
             self.tracker.reset_peak()
@@ -194,7 +195,8 @@ class Session:
             result["rss_step_peak"] = rss.peak()
         if self.mode == "cuda":  # what the card needs beyond the allocated bytes: the allocator's reserve, the context
             free, total = torch.cuda.mem_get_info()
-            result.update(reserved_peak=torch.cuda.max_memory_reserved(), device_used_after=total - free)
+            result.update(reserved_peak=torch.cuda.max_memory_reserved(), device_used_after=total - free,
+                          context=total - free - torch.cuda.memory_reserved())  # fmt: skip
         for parameter in self.trainable:
             parameter.grad = None
         return result
@@ -271,6 +273,7 @@ def vae_peaks(dtype: str, latent: int, mode: str) -> dict[str, int]:
 
         def added_peak(function) -> int:
             if mode == "cuda":
+                torch.cuda.empty_cache()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 function()

@@ -174,6 +174,23 @@ def test_same_seed_gives_the_same_images_whatever_the_batch_size(tmp_path: Path,
     assert np.abs(pixels(one_by_one[0]) - pixels(one_by_one[1])).mean() > 5
 
 
+def test_a_batch_is_decoded_one_image_at_a_time_and_the_vae_is_left_as_it_was(tmp_path: Path, tiny_components,
+                                                                              monkeypatch) -> None:
+    """At 1024 px the decode sets the peak: two at once needed 16 GB on a GPU where one at a time fits 12 GB."""
+    vae = tiny_components.vae
+    decoded: list[int] = []
+    real_decode = vae._decode
+
+    def counting_decode(z, *args, **kwargs):
+        decoded.append(z.shape[0])
+        return real_decode(z, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "_decode", counting_decode)
+    ensure(tmp_path / "class", CountingFactory(tiny_components), num_images=3, batch_size=2)
+    assert decoded == [1, 1, 1]  # batches of 2 and 1, every image decoded on its own
+    assert vae.use_slicing is False  # the run's VAE encodes and samples as before
+
+
 def test_deleted_generated_file_is_regenerated(tmp_path: Path, tiny_components) -> None:
     class_dir = tmp_path / "class"
     images = ensure(class_dir, CountingFactory(tiny_components), num_images=3, batch_size=1)

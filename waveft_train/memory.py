@@ -16,9 +16,11 @@ unit's own activations). Inference keeps `INFERENCE` bytes per element of the la
 least-squares fits to fake-tensor counts of live bytes (what torch.cuda.max_memory_allocated counts) of
 waveft-train's tuner on the attention linears, under CUDA's autocast rules: SDXL-base at 512-1024 px with batches
 1-4, SDXL with one transformer block per level, and the embedded tiny UNet (residuals ≤ 0.6 %; res and other are
-only identified together). Refit: `python -m benchmarks.memory --sweep` prints COEFFICIENTS. The VAE constants are
-SDXL's VAE at 1024 px (`python -m benchmarks.memory`). Not covered: fp32 weights under half-precision autocast
-(each layer would also keep a half copy of its weight), the CUDA context and the caching allocator's slack
+only identified together). Refit: `python -m benchmarks.memory --sweep` prints COEFFICIENTS. Measured for real on a
+GPU (`python -m benchmarks.memory --device cuda`, an H200, CUDA 13.0; BENCHMARKS.md §6), where fake tensors miss
+what CUDA's libraries allocate: the VAE constants (SDXL's VAE at 1024 px, cuDNN's convolution workspaces included),
+UNet inference and the cuBLAS/cuDNN workspaces every phase holds. Not covered: fp32 weights under half-precision
+autocast (each layer would also keep a half copy of its weight), the CUDA context and the caching allocator's slack
 (`device_need` adds an allowance).
 """
 
@@ -40,8 +42,11 @@ COEFFICIENTS = {  # bytes per element, by (activation precision, gradient checkp
     ("fp32", False): {"res": 2.712, "block": 92.054, "other": 27.722, "text": 4.093},
     ("fp32", True): {"res": 3.249, "block": 3.935, "other": 1.598, "unit": 1.434},
 }
-INFERENCE = {"half": 10.0, "fp32": 15.75}  # bytes per element of the largest resnet, per latent (no grad)
-VAE_PER_PIXEL = {"encode": 643.0, "decode": 768.1}  # bytes per image pixel and VAE weight byte-width (fp32: × 4)
+INFERENCE = {"half": 11.13, "fp32": 15.75}  # bytes per element of the largest resnet, per latent (no grad)
+VAE_PER_PIXEL = {"encode": 772.6, "decode": 1220.6}  # bytes per image pixel and VAE weight byte-width (fp32: × 4)
+LIBRARY_WORKSPACES = 88 * 2**20  # cuBLAS/cuDNN workspaces, allocated through torch's allocator once a step has run
+CUDA_CONTEXT = int(0.75 * GiB)  # device memory outside torch's allocator (H200, CUDA 13.0: total − free − reserved)
+ALLOCATOR_SLACK = 0.10  # the caching allocator reserves more than it hands out
 
 
 def _per_level(value: Any, levels: int) -> list:
@@ -147,7 +152,8 @@ def estimate_training_memory(
     """Device bytes of a run's parts and phases, per process. Defaults: SDXL-base's encoders and VAE (fp32, as
     force_upcast keeps it; "bf16" for an fp16-fix VAE) and the paper's recipe. The sizes come from the adapted UNet
     on the meta device (`sizes_of`). Returns unet_weights, adapter, gradients, optimizer_state, activations,
-    training_step, text_encoders, vae, validation_sampling and class_image_generation (0 when off), and peak."""
+    library_workspaces (CUDA's, in every phase), training_step, text_encoders, vae, validation_sampling and
+    class_image_generation (0 when off), and peak."""
     side = resolution // vae_scale_factor
     precision = "fp32" if weight_dtype == "fp32" and mixed_precision == "no" else "half"
     pixels, vae_width = resolution * resolution, BYTES[vae_dtype]
@@ -158,27 +164,28 @@ def estimate_training_memory(
     parts = {"unet_weights": weights, "adapter": trainable_params * 4 + adapter_buffer_bytes,
              "gradients": trainable_params * 4, "optimizer_state": trainable_params * (2 if optimizer == "adamw8bit" else 8),
              "activations": activations}  # fmt: skip
-    training = sum(parts.values())
+    training = sum(parts.values()) + LIBRARY_WORKSPACES
     if not cache_latents:  # the VAE stays and encodes each batch (instance and class images) before the UNet runs
         encode = VAE_PER_PIXEL["encode"] * vae_width * pixels * batch_size * (2 if prior else 1)
         training += vae + max(0, int(encode) - activations)
     largest_resnet = activation_features(unet_config, side, side)["unit_res"]
 
-    def sampling(images: int, resident: int) -> int:  # the denoising loop (guidance: 2 latents an image), then decode
-        unet = INFERENCE[precision] * largest_resnet * 2 * images
-        return int(resident + text_encoders + vae + max(unet, VAE_PER_PIXEL["decode"] * vae_width * pixels * images))
+    def sampling(images: int, resident: int) -> int:  # the denoising loop (guidance: 2 latents an image), then the
+        unet = INFERENCE[precision] * largest_resnet * 2 * images  # decode, one image at a time (VAE slicing)
+        decode = VAE_PER_PIXEL["decode"] * vae_width * pixels
+        return int(resident + LIBRARY_WORKSPACES + text_encoders + vae + max(unet, decode))
 
     state = weights + parts["adapter"] + parts["optimizer_state"]
     validating = sampling(1, state) if validation else 0
     generating = sampling(generation_batch_size, weights) if prior and generate_class_images else 0
-    return {**parts, "training_step": training, "text_encoders": text_encoders, "vae": vae,
-            "validation_sampling": validating, "class_image_generation": generating,
-            "peak": max(training, validating, generating)}  # fmt: skip
+    return {**parts, "library_workspaces": LIBRARY_WORKSPACES, "training_step": training,
+            "text_encoders": text_encoders, "vae": vae, "validation_sampling": validating,
+            "class_image_generation": generating, "peak": max(training, validating, generating)}  # fmt: skip
 
 
 def device_need(peak: int) -> int:
-    """Device memory for an allocated peak: ~10 % allocator slack plus ~0.5 GiB of CUDA context (not measured yet)."""
-    return int(peak * 1.1 + GiB // 2)
+    """Device memory for an allocated peak: the allocator's slack and the CUDA context on top."""
+    return int(peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT)
 
 
 def smallest_gpu(peak: int) -> int | None:

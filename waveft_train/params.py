@@ -62,7 +62,8 @@ def describe_memory(model: ModelSection, data: DataSection, prior: PriorSection,
     parts = (f"  UNet weights {gib(estimate['unet_weights'])}, adapter + optimizer {gib(state)}, "
              f"activations {gib(estimate['activations'])}")
     peak = (f"  peak {gib(estimate['peak'])}: {fits(estimate['peak'])} "
-            "(allowing 10 % allocator slack + 0.5 GiB of CUDA context)")
+            f"(allowing {memory.ALLOCATOR_SLACK:.0%} allocator slack + {memory.CUDA_CONTEXT / memory.GiB:.2f} GiB of "
+            "CUDA context)")
     lines = [f"GPU memory per process (estimate; {setting}):", parts,
              *(f"  {name:<36} {gib(value)}  {fits(value)}" for name, value in phases if value), peak]
     return "\n".join(lines)

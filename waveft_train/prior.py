@@ -222,25 +222,35 @@ def generate_class_images(
     pipeline: StableDiffusionXLPipeline, class_dir: Path, settings: GenerationSettings, batches: Sequence[list[int]],
     *, progress: bool,
 ) -> None:
-    """Generate and save the images with these generation indices, one pipeline call per batch."""
+    """Generate and save the images with these generation indices, one pipeline call per batch.
+
+    The VAE decodes a batch one image at a time (its slicing): at 1024 px decoding, not the UNet, sets the peak,
+    and a batch of two decoded at once needed 16 GB where one at a time fits 12 GB (BENCHMARKS.md §3).
+    """
     from tqdm.auto import tqdm
 
-    total = sum(len(batch) for batch in batches)
-    with tqdm(total=total, desc="Generating class images", unit="image", disable=not progress) as bar:
-        for batch in batches:
-            output = pipeline(
-                prompt=[settings.prompt] * len(batch),
-                height=settings.resolution,
-                width=settings.resolution,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                generator=[torch.Generator("cpu").manual_seed(settings.seed + index) for index in batch],
-                output_type="pil",
-            )
-            for index, image in zip(batch, output.images, strict=True):
-                with writing(class_dir / settings.file_name(index), "a generated class image"):
-                    save_image_atomically(image, class_dir / settings.file_name(index))
-            bar.update(len(batch))
+    vae, slicing = pipeline.vae, getattr(pipeline.vae, "use_slicing", False)
+    vae.enable_slicing()
+    try:
+        total = sum(len(batch) for batch in batches)
+        with tqdm(total=total, desc="Generating class images", unit="image", disable=not progress) as bar:
+            for batch in batches:
+                output = pipeline(
+                    prompt=[settings.prompt] * len(batch),
+                    height=settings.resolution,
+                    width=settings.resolution,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance,
+                    generator=[torch.Generator("cpu").manual_seed(settings.seed + index) for index in batch],
+                    output_type="pil",
+                )
+                for index, image in zip(batch, output.images, strict=True):
+                    with writing(class_dir / settings.file_name(index), "a generated class image"):
+                        save_image_atomically(image, class_dir / settings.file_name(index))
+                bar.update(len(batch))
+    finally:
+        if not slicing:  # the VAE is the run's own module: leave it as it was
+            vae.disable_slicing()
 
 
 def ensure_class_images(
