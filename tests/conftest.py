@@ -45,6 +45,15 @@ def tiny_components(tiny_model_dir: Path):
     return load_components(str(tiny_model_dir))
 
 
+@pytest.fixture
+def trains_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests whose comparisons are properties of the CPU (bit-exact resumes, equal adapters across batch layouts,
+    the CPU's precision rules): the trainer runs on the CPU also where a GPU is present, as accelerate's
+    ACCELERATE_USE_CPU makes it (processes the test starts inherit it). On a GPU, TF32 convolutions and atomic adds
+    make two runs differ by ~1e-5 (measured on an H200: BENCHMARKS.md §6)."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state() -> Iterator[None]:
     """accelerate keeps one process-wide state; tests that train with different precisions need it reset."""

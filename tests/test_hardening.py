@@ -242,6 +242,7 @@ def test_a_second_run_on_the_folder_is_refused_and_a_killed_holder_frees_it(tmp_
 
 
 # ------------------------------------------------------------------------------------------- preemption
+@pytest.mark.usefixtures("trains_on_the_cpu")
 def test_sigterm_mid_run_then_the_same_command_gives_the_uninterrupted_adapter(tmp_path):
     reference = run.train_from_config(load_config(DEMO, overrides(tmp_path / "reference")), progress=False)
     output_dir = tmp_path / "preempted"

@@ -49,6 +49,7 @@ def adapters_equal(a: Path, b: Path) -> None:
         torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("trains_on_the_cpu")
 def test_kill_9_then_rerun_ends_with_the_same_adapter(tmp_path, class_dir, tiny_model_dir):
     reference = run.train_from_config(load_config(DEMO, overrides(tmp_path / "reference", class_dir)), progress=False)
 

@@ -20,6 +20,10 @@ from safetensors.torch import load_file
 from waveft_train import checkpoint, run
 from waveft_train.config import load_config
 
+# The adapters of different layouts are compared with one trained in this process: all on the CPU, also on a GPU
+# machine (the launched processes get ACCELERATE_USE_CPU from `environment` too).
+pytestmark = pytest.mark.usefixtures("trains_on_the_cpu")
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"
 def environment() -> dict[str, str]:

@@ -198,6 +198,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.usefixtures("trains_on_the_cpu")
 def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, class_dir, monkeypatch, capsys):
     reference = train(tmp_path / "uninterrupted", class_dir)
 
@@ -319,6 +320,7 @@ def test_params_applies_n_frequency_pattern_and_refuses_keys_that_match_nothing(
         describe_parameters(config.model, config.waveft)
 
 
+@pytest.mark.usefixtures("trains_on_the_cpu")
 def test_fp16_mixed_precision_with_fp32_weights_on_the_cpu_warns_and_trains_in_fp32(tmp_path, class_dir, caplog):
     logger = logging.getLogger("waveft_train")
     logger.addHandler(caplog.handler)
@@ -331,6 +333,7 @@ def test_fp16_mixed_precision_with_fp32_weights_on_the_cpu_warns_and_trains_in_f
     assert json.loads((output_dir / "summary.json").read_text())["steps"] == 1
 
 
+@pytest.mark.usefixtures("trains_on_the_cpu")
 @pytest.mark.parametrize("dtype, mixed_precision", [("fp16", "fp16"), ("fp16", "bf16"), ("bf16", "fp16")])
 def test_fp16_on_the_cpu_is_refused_before_any_model_loads(tmp_path, class_dir, dtype, mixed_precision):
     """On the CPU these combinations used to crash at the first step with a dtype mismatch (exit 1)."""
