@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for the fast WaveFT training path (issue 3), the memory table (issue 14) and the trainer on a GPU: one
-# command, one CUDA GPU, about 3-8 minutes.
+# command, one CUDA GPU, about 5 minutes (8 at most).
 #
 #   1. benchmarks.layer --check: ours vs peft's reference on the GPU (fp32 to 1e-4, and ours under bf16 autocast), the
 #      sampled-product kernels timed there (gather / csr = torch.sparse.sampled_addmm / dense), then the three SDXL
@@ -10,16 +10,17 @@
 #   3. benchmarks.step: one full training step of the SDXL-base UNet architecture (random weights), 128x128 latents,
 #      batch 2, bf16 weights under bf16 autocast: ours vs reference vs LoRA, interleaved, with peak memory.
 #   4. benchmarks.memory --device cuda: the memory table of BENCHMARKS.md §3 measured for real
-#      (torch.cuda.max_memory_allocated, plus the allocator's reserve and the device's use) for ours and LoRA.
+#      (torch.cuda.max_memory_allocated, plus the allocator's reserve and the CUDA context) for ours and LoRA.
+#   5. benchmarks.profile --device cuda: per layer step, wall time against the GPU's busy time and kernels launched.
 #
 # A part that fails or runs out of time does not stop the others (a GPU is lent rarely); the script then exits 1 and
-# names it. Everything printed goes to gpu_check.log; with the JSON files and two grids that is 7 files, within what
-# the lent machine hands back (8).
+# names it. Everything printed goes to gpu_check.log; with the JSON files and two grids that is 8 files, what the lent
+# machine hands back at most. BENCHMARKS.md §6 has the first run's figures (an H200, 252 s without part 5).
 #
 # Usage: scripts/gpu_check.sh [output folder, default: $OUT or gpu_check_out]   (PYTHON=... to choose the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5  # progress bars: a line every 5 s in the log
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5  # libraries' progress bars: a line every 5 s
 export PYTHON=${PYTHON:-python}
 export OUT_DIR=${1:-${OUT:-gpu_check_out}}
 export WORK=$(mktemp -d)  # the demo's run folder and class images (large; not copied back)
@@ -64,6 +65,8 @@ part step 120 "$PYTHON" -m benchmarks.step --model sdxl --device cuda --latent 1
     --json "$OUT_DIR/step_sdxl_cuda.json"
 
 part memory 150 "$PYTHON" -m benchmarks.memory --device cuda --methods ours lora --json "$OUT_DIR/memory_cuda.json"
+
+part profile 90 "$PYTHON" -m benchmarks.profile --device cuda --json "$OUT_DIR/profile_cuda.json"
 
 rm -rf "$WORK"
 if [ ${#failed[@]} -gt 0 ]; then
