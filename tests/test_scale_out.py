@@ -26,6 +26,8 @@ pytestmark = pytest.mark.usefixtures("trains_on_the_cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"
+
+
 def environment() -> dict[str, str]:
     """Read when a test runs: the session's WAVEFT_TRAIN_CACHE (set by conftest) must reach the processes."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
