@@ -220,6 +220,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--transformer-layers", type=int, nargs=3, metavar="N", help="reduce SDXL's (1, 2, 10)")
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS", help="see benchmarks/layer.py")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--sampled-kernel", default="auto", choices=["auto", "gather", "csr", "dense"],
+                        help="force ours' spectrum-gradient kernel (benchmarks.profile compares them per layer)")
     add_json_argument(parser, "step")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
@@ -232,7 +234,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    from benchmarks.profile import sampled_kernel
+
     args = parse_args(argv)
+    with sampled_kernel(args.sampled_kernel):  # "auto": the layer's own choice
+        return measure(args, argv)
+
+
+def measure(args, argv) -> dict:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     started = time.perf_counter()
@@ -246,7 +255,8 @@ def main(argv=None) -> dict:
         "setup": f"{args.latent}x{args.latent} latents, batch {args.batch}, "
         + ("bf16 weights under bf16 autocast" if args.autocast else "fp32")
         + f", {len(methods.targets)} adapted linears, WaveFT n_frequency={args.n_frequency} ({args.family}), "
-        f"LoRA rank {methods.lora_rank}",
+        f"LoRA rank {methods.lora_rank}"
+        + (f", ours' spectrum gradient by the {args.sampled_kernel} kernel" if args.sampled_kernel != "auto" else ""),
         "build_seconds": round(time.perf_counter() - started, 1),
     }
     print(f"# {results['machine']}\n# {description}; {results['setup']}", flush=True)
