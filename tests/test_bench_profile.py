@@ -1,0 +1,36 @@
+"""benchmarks.profile: the forced sampled-product kernel is the one that runs, and is undone after."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.profile import sampled_kernel
+from waveft_train.waveft import SparseIDWT, coefficient_locations, functional
+
+
+def test_sampled_kernel_forces_the_kernel_inside_and_restores_the_default(monkeypatch):
+    original = functional.sampled_products
+    used = []
+
+    def recording(rows_t, cols_t, transform, scaling=1.0, kernel=functional.AUTO):
+        used.append(kernel)
+        return original(rows_t, cols_t, transform, scaling, kernel)
+
+    monkeypatch.setattr(functional, "sampled_products", recording)
+    locations = coefficient_locations(16, 12, 20, 0)
+    transform = SparseIDWT(16, 12, locations, "db1", True)
+    torch.manual_seed(0)
+    x, g = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 16, dtype=torch.float64)
+    spectrum = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    adapters = [(spectrum, transform, 2.0)]
+    weight = torch.randn(16, 12, dtype=torch.float64)
+    results = {}
+    for kernel in ("dense", "gather", "csr"):
+        with sampled_kernel(kernel):
+            spectrum.grad = None
+            functional.waveft_linear(x, weight, None, adapters).backward(g)
+            results[kernel] = spectrum.grad.clone()
+        assert functional.sampled_products is recording  # put back on leaving
+    assert used == ["dense", "gather", "csr"]
+    torch.testing.assert_close(results["dense"], results["gather"])
+    torch.testing.assert_close(results["csr"], results["gather"])
