@@ -137,6 +137,17 @@ def test_default_prompt_without_caption_column(tmp_path):
     assert images.image(2).size == (10, 8)  # sorted by file name: img2 is 8 high, 10 wide
 
 
+def test_a_local_folder_loads_without_datasets_progress_bars_and_leaves_them_on(tmp_path, capsys):
+    import datasets
+
+    folder = tmp_path / "imgs"
+    write_images(folder, [(8, 8), (9, 8)])
+    datasets.enable_progress_bars()
+    assert len(load(folder, tmp_path)) == 2
+    assert "split" not in capsys.readouterr().err  # no "Generating train split: 2 examples"
+    assert datasets.is_progress_bar_enabled()  # hub downloads still show theirs
+
+
 def test_metadata_captions_are_picked_up(tmp_path):
     folder = tmp_path / "imgs"
     write_images(folder, [(8, 8), (8, 8), (8, 8)])

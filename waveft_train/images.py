@@ -329,11 +329,16 @@ def load_images(
     if is_local(source_text):
         folder = Path(source_text).expanduser()
         validate_image_folder(folder, config_key=config_key, role=role)
+        shown = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # "Generating train split: 5 examples" says nothing a DreamBooth user needs
         try:
             rows = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, cache_dir=cache_dir)
         except (ValueError, datasets.exceptions.DatasetsError) as error:
             raise UserError(f"datasets could not read the {role} image folder {folder} (set by {config_key}) "
                             f"as split {split!r}: {error}") from None
+        finally:
+            if shown:
+                datasets.enable_progress_bars()
         source_text = str(folder)
     else:
         rows = _load_hub(source_text, split, cache_dir)
