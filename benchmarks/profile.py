@@ -1,8 +1,8 @@
 """Where one layer step's time goes: wall time, device busy time and operator calls per method (torch.profiler).
 
-On a GPU a layer step at SDXL's shapes is a fraction of a millisecond of arithmetic, so the wall time against the
-kernels' own time says whether a method is bound by its kernels or by launching them; the operator and kernel
-counts say how many launches each method costs. The same three shapes and methods as benchmarks.layer, plus ours
+On a GPU a layer step at SDXL's shapes is a fraction of a millisecond of arithmetic, so the wall time (measured
+without the profiler) against the kernels' own time says whether a method is bound by its kernels or by launching
+them; the operator and kernel counts say how many launches each method costs. The same three shapes and methods as benchmarks.layer, plus ours
 with the spectrum gradient's sampled product forced to each kernel ("ours-csr": torch.sparse.sampled_addmm, the
 CPU default; "ours-gather": the default elsewhere; "ours-dense": one full product, then a gather).
 
@@ -53,15 +53,18 @@ def measure(setup: layer.Setup, method: str, steps: int, device: str) -> dict:
     with sampled_kernel(kernel):
         for _ in range(3):  # warm-up: lazy initializations, caches
             setup.step(module_name)
-        synchronize(device)
         walls = []
+        for _ in range(steps):  # timed outside the profiler, which adds a cost per call (more for more calls)
+            synchronize(device)
+            start = time.perf_counter()
+            setup.step(module_name)
+            synchronize(device)
+            walls.append(time.perf_counter() - start)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(steps):
-                start = time.perf_counter()
                 setup.step(module_name)
-                synchronize(device)
-                walls.append(time.perf_counter() - start)
+            synchronize(device)
     events = prof.key_averages()
     operators = sum(e.count for e in events if e.key.startswith("aten::"))  # nested calls too (linear → mm)
     if device == "cuda":

@@ -50,8 +50,8 @@ def trains_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """For tests whose comparisons are properties of the CPU (bit-exact resumes, equal adapters across batch layouts,
     the CPU's precision rules): the trainer runs on the CPU also where a GPU is present, as accelerate's
     ACCELERATE_USE_CPU makes it (processes the test starts inherit it). On an H200 a resumed run differed from an
-    uninterrupted one by up to 1.2e-5 and batch 2 from 2 × 1 accumulated by 1e-3 (relative): GPU kernels that are not
-    deterministic, or round by batch shape (TF32 convolutions), miss the CPU's tolerances (BENCHMARKS.md §6)."""
+    uninterrupted one by up to 1.2e-5 and batch 2 from 2 × 1 accumulated by 1e-3 (relative): the GPU's kernels miss
+    the CPU's tolerances (BENCHMARKS.md §6). Module-scoped fixtures that train need their own (test_scale_out.py)."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
 
 

@@ -112,9 +112,9 @@ def test_the_papers_recipe_fits_in_12_gb_by_the_estimate():
 
 def test_the_estimate_reproduces_the_gpu_measurement():
     """`python -m benchmarks.memory --device cuda` on an H200 (BENCHMARKS.md §6): ours at 1024 px, batch 1 + class
-    image, checkpointing on, bf16: training step 6.704 GiB allocated; with the fp16-fix VAE validation sampling 9.01
-    and class-image generation 8.84 GiB, both before the 0.086 GiB of library workspaces the step had allocated."""
-    measured = {"training_step": 6.704, "validation_sampling": 9.011 + 0.086, "class_image_generation": 8.839 + 0.086}
+    image, checkpointing on, bf16: training step 6.704 GiB allocated; with the fp16-fix VAE validation sampling 9.007
+    and class-image generation 8.838 GiB (sums of measured parts), both before the 0.086 GiB of library workspaces."""
+    measured = {"training_step": 6.704, "validation_sampling": 9.007 + 0.086, "class_image_generation": 8.838 + 0.086}
     recipe = estimate(resolution=1024, batch_size=1, prior=True, gradient_checkpointing=True, vae_dtype="bf16",
                       generate_class_images=True)  # fmt: skip
     for phase, gib in measured.items():

@@ -176,7 +176,7 @@ def test_same_seed_gives_the_same_images_whatever_the_batch_size(tmp_path: Path,
 
 def test_a_batch_is_decoded_one_image_at_a_time_and_the_vae_is_left_as_it_was(tmp_path: Path, tiny_components,
                                                                               monkeypatch) -> None:
-    """At 1024 px the decode sets the peak: two at once needed 16 GB on a GPU where one at a time fits 12 GB."""
+    """At 1024 px the decode sets the peak: with an fp16-fix VAE two at once needed a 16 GB card, one at a time 12 GB."""
     vae = tiny_components.vae
     decoded: list[int] = []
     real_decode = vae._decode

@@ -20,10 +20,6 @@ from safetensors.torch import load_file
 from waveft_train import checkpoint, run
 from waveft_train.config import load_config
 
-# The adapters of different layouts are compared with one trained in this process: all on the CPU, also on a GPU
-# machine (the launched processes get ACCELERATE_USE_CPU from `environment` too).
-pytestmark = pytest.mark.usefixtures("trains_on_the_cpu")
-
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"
 
@@ -83,8 +79,18 @@ def class_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("class-images")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_the_cpu():
+    """The adapters of different layouts are compared with `reference`, trained in this process: that one too runs on
+    the CPU on a GPU machine (the launched processes get ACCELERATE_USE_CPU from `environment`). Module-scoped, as
+    `reference` is: tests/conftest.py's `trains_on_the_cpu` would come after it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_USE_CPU", "true")
+        yield
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, class_dir) -> Path:
+def reference(tmp_path_factory, class_dir, on_the_cpu) -> Path:
     """1 process, batch 2: the global batch of 2 every other layout below splits differently."""
     output_dir = tmp_path_factory.mktemp("reference") / "run"
     config = load_config(DEMO, overrides(output_dir, class_dir, **{"train.batch_size": 2}))

@@ -19,7 +19,7 @@ waveft-train's tuner on the attention linears, under CUDA's autocast rules: SDXL
 only identified together). Refit: `python -m benchmarks.memory --sweep` prints COEFFICIENTS. Measured for real on a
 GPU (`python -m benchmarks.memory --device cuda`, an H200, CUDA 13.0; BENCHMARKS.md §6), where fake tensors miss
 what CUDA's libraries allocate: the VAE constants (SDXL's VAE at 1024 px: 1.2× / 1.6× the fake count to encode /
-decode; not its attention, where every kernel gave the same peak), UNet inference, and the cuBLAS/cuDNN workspaces
+decode; not its attention, whose kernels gave peaks within 4 %), UNet inference, and the cuBLAS/cuDNN workspaces
 every phase holds. Not covered: fp32 weights under half-precision autocast (each layer would also keep a half copy of
 its weight), the CUDA context and the caching allocator's slack (`device_need` adds an allowance).
 """

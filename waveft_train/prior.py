@@ -224,8 +224,8 @@ def generate_class_images(
 ) -> None:
     """Generate and save the images with these generation indices, one pipeline call per batch.
 
-    The VAE decodes a batch one image at a time (its slicing): at 1024 px decoding, not the UNet, sets the peak,
-    and a batch of two decoded at once needed 16 GB where one at a time fits 12 GB (BENCHMARKS.md §3).
+    The VAE decodes a batch one image at a time (its slicing): at 1024 px decoding, not the UNet, sets the peak; with
+    an fp16-fix VAE a batch of two decoded at once needed a 16 GB card, one at a time 12 GB (BENCHMARKS.md §3).
     """
     from tqdm.auto import tqdm
 
