@@ -13,6 +13,7 @@ size follows the live tensors. CUDA memory: torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import platform
 import random
@@ -21,6 +22,7 @@ import shlex
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -43,6 +45,19 @@ def waveft_config(n_frequency: int, family: str, use_idwt: bool = True, **kwargs
     from peft import WaveFTConfig
 
     return WaveFTConfig(n_frequency=n_frequency, wavelet_family=family, use_idwt=use_idwt, init_weights=False, **kwargs)
+
+
+@contextmanager
+def sampled_kernel(kernel: str):
+    """Force the spectrum gradient's sampled-product kernel of ours (auto, gather, csr, dense) while inside."""
+    from waveft_train.waveft import functional
+
+    original = functional.sampled_products
+    functional.sampled_products = functools.partial(original, kernel=kernel)
+    try:
+        yield
+    finally:
+        functional.sampled_products = original
 
 
 # ---- timing --------------------------------------------------------------------------------------------------------

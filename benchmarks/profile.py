@@ -2,9 +2,10 @@
 
 On a GPU a layer step at SDXL's shapes is a fraction of a millisecond of arithmetic, so the wall time (measured
 without the profiler) against the kernels' own time says whether a method is bound by its kernels or by launching
-them; the operator and kernel counts say how many launches each method costs. The same three shapes and methods as benchmarks.layer, plus ours
-with the spectrum gradient's sampled product forced to each kernel ("ours-csr": torch.sparse.sampled_addmm, the
-CPU default; "ours-gather": the default elsewhere; "ours-dense": one full product, then a gather).
+them; the operator and kernel counts say how many launches each method costs. The same three shapes and methods as
+benchmarks.layer, plus ours with the spectrum gradient's sampled product forced to each kernel ("ours-csr":
+torch.sparse.sampled_addmm, the CPU default; "ours-gather": the default elsewhere; "ours-dense": one full product,
+then a gather).
 
 Usage (from the repository root; results also go to outputs/bench/profile-<date>-<time>.json, or --json PATH):
     python -m benchmarks.profile --device cuda      # bf16 weights and inputs under bf16 autocast
@@ -14,11 +15,9 @@ Usage (from the repository root; results also go to outputs/bench/profile-<date>
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,23 +27,13 @@ from benchmarks.common import (
     add_json_argument,
     command_line,
     machine,
+    sampled_kernel,
     synchronize,
     write_results,
 )
 from waveft_train.waveft import functional
 
 METHODS = ("frozen", "lora", "ours", "ours-gather", "ours-csr", "ours-dense")
-
-
-@contextmanager
-def sampled_kernel(kernel: str):
-    """Force the spectrum gradient's sampled-product kernel (auto, gather, csr, dense) while inside."""
-    original = functional.sampled_products
-    functional.sampled_products = functools.partial(original, kernel=kernel)
-    try:
-        yield
-    finally:
-        functional.sampled_products = original
 
 
 def measure(setup: layer.Setup, method: str, steps: int, device: str) -> dict:

@@ -42,6 +42,7 @@ from benchmarks.common import (
     machine,
     return_freed_memory_to_system,
     round_order,
+    sampled_kernel,
     synchronize,
     wait_until_quiet,
     waveft_config,
@@ -234,8 +235,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from benchmarks.profile import sampled_kernel
-
     args = parse_args(argv)
     with sampled_kernel(args.sampled_kernel):  # "auto": the layer's own choice
         return measure(args, argv)

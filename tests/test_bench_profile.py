@@ -1,10 +1,10 @@
-"""benchmarks.profile: the forced sampled-product kernel is the one that runs, and is undone after."""
+"""benchmarks.common.sampled_kernel (benchmarks.profile, .step): the forced kernel is the one that runs, and is undone."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.profile import sampled_kernel
+from benchmarks.common import sampled_kernel
 from waveft_train.waveft import SparseIDWT, coefficient_locations, functional
 
 
