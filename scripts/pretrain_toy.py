@@ -1,6 +1,6 @@
-"""Pretrain the toy SDXL pipeline and its judge from scratch on the toy world; write them as package data.
+"""Pretrain the toy SDXL pipeline and its judge on the toy world; write them as package data.
 
-    python scripts/pretrain_toy.py --threads 2    # everything, about 4 hours on a 2-core CPU; seed 0
+    python scripts/pretrain_toy.py --threads 2    # from scratch, about 4 hours on a 2-core CPU; seed 0
 
 Writes waveft_train/assets/toy/ (a diffusers StableDiffusionXLPipeline folder in fp16 safetensors, judge/ beside
 it) and manifest.json (sha256 of every file, this command, seed, wall time per stage, library versions, the judge's
@@ -11,6 +11,16 @@ which resumes from its last saved step); --fresh starts over. The denoiser train
 objects only; the pattern phases (--pattern-steps 9000 13000) then add the world's patterned objects with their words
 ("a photo of a striped green and blue box"), all but the subjects' looks (world.RESERVED_LOOKS), each three times,
 a third of every batch: DreamBooth's subjects are new combinations of what the model knows, not new kinds of things.
+
+--init-from continues a released model instead of starting from random weights: its VAE is kept (same latents,
+same scale) and the phases start from its UNet and text encoders. The committed model is such a continuation: the
+13 000-step model of commit 2b40a64 (objects 15-27 px wide), continued for 2 000 pattern steps at lr 3e-4 on the
+world's larger objects (world.OBJECT_SIZES), then a judge trained for them (see manifest.json's "command"):
+
+    git archive 2b40a64 waveft_train/assets/toy | tar -x -C /tmp/previous
+    python scripts/pretrain_toy.py --threads 2 --init-from /tmp/previous/waveft_train/assets/toy \
+        --denoiser-steps --pattern-steps 2000 --lr 3e-4
+
 Reproducible from the seed on one machine (CPU float reductions may differ across machines).
 """
 
@@ -53,7 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=24000, help="rendered scenes in all")
     parser.add_argument("--pretraining-images", type=int, default=16000, help="of which pretraining scenes")
     parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--denoiser-steps", type=int, nargs="+", default=[2500, 3500, 6000],
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="a toy pipeline folder to continue from: its VAE is kept (no VAE training, same latent "
+                             "scale) and the denoiser's phases start from its UNet and text encoders")
+    parser.add_argument("--denoiser-steps", type=int, nargs="*", default=[2500, 3500, 6000],
                         help="phase ends: each phase resumes the last and runs its own cosine schedule (0..end) "
                              "from there, a warm restart (default: %(default)s)")
     parser.add_argument("--pattern-steps", type=int, nargs="*", default=[9000, 13000],
@@ -70,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     ends = args.denoiser_steps + args.pattern_steps
-    if ends[0] < 1 or any(b <= a for a, b in itertools.pairwise(ends)):
+    if not ends or ends[0] < 1 or any(b <= a for a, b in itertools.pairwise(ends)):
         parser.error(f"--denoiser-steps and then --pattern-steps: phase ends must be positive and increasing, got "
                      f"{args.denoiser_steps} and {args.pattern_steps}")
     return args
@@ -111,12 +124,16 @@ def stage_vae(args, stages: Stages, images: np.ndarray, scenes: list[Scene]):
     folder = args.work / "vae"
     if not stages.done("vae"):
         started = time.perf_counter()
-        torch.manual_seed(args.seed + 1)
-        vae = architecture.build_vae()
-        pretraining.train_vae(vae, images, scenes, steps=args.vae_steps, batch_size=16, seed=args.seed + 1,
-                              progress=not args.no_progress)
-        latents = pretraining.encode(vae, images, progress=not args.no_progress)  # all: the pattern phase uses the rest
-        vae.register_to_config(scaling_factor=round(float(1.0 / latents[: args.pretraining_images].std()), 5))
+        if args.init_from is not None:  # the continued UNet expects this VAE's latents at this VAE's scale
+            vae = AutoencoderKL.from_pretrained(args.init_from / "vae", torch_dtype=torch.float32).eval()
+            latents = pretraining.encode(vae, images, progress=not args.no_progress)
+        else:
+            torch.manual_seed(args.seed + 1)
+            vae = architecture.build_vae()
+            pretraining.train_vae(vae, images, scenes, steps=args.vae_steps, batch_size=16, seed=args.seed + 1,
+                                  progress=not args.no_progress)
+            latents = pretraining.encode(vae, images, progress=not args.no_progress)  # all: pattern phases use the rest
+            vae.register_to_config(scaling_factor=round(float(1.0 / latents[: args.pretraining_images].std()), 5))
         vae.save_pretrained(folder)
         torch.save(latents, args.work / "latents.pt")
         stages.finish("vae", started)
@@ -133,8 +150,14 @@ def stage_denoiser(args, stages: Stages, latents: torch.Tensor, scenes: list[Sce
     if not stages.done("denoiser"):
         started = time.perf_counter()
         torch.manual_seed(args.seed + 2)
-        text_encoder, text_encoder_2 = architecture.build_text_encoders(tokenizer)
-        unet = architecture.build_unet()
+        if args.init_from is not None:
+            unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet", torch_dtype=torch.float32)
+            text_encoder = CLIPTextModel.from_pretrained(args.init_from / "text_encoder", torch_dtype=torch.float32)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(args.init_from / "text_encoder_2",
+                                                                         torch_dtype=torch.float32)
+        else:
+            text_encoder, text_encoder_2 = architecture.build_text_encoders(tokenizer)
+            unet = architecture.build_unet()
         noise_scheduler = DDPMScheduler.from_config(architecture.build_scheduler().config)
         solid = list(range(args.pretraining_images))
         with_patterns = solid + pattern_phase_scenes(scenes, args.pretraining_images) * PATTERN_REPEATS

@@ -85,6 +85,10 @@ def test_pattern_phase_data():
     assert len(rows) == sum(s.pattern != "solid" and s.in_pretraining for s in scenes[50:])
     assert script.parse_args(["--denoiser-steps", "10", "20", "--pattern-steps", "30"]).pattern_steps == [30]
     assert script.parse_args(["--pattern-steps"]).pattern_steps == []  # a model that never sees a pattern
+    continued = script.parse_args(["--init-from", "prev", "--denoiser-steps", "--pattern-steps", "2000"])
+    assert (continued.init_from, continued.denoiser_steps, continued.pattern_steps) == (Path("prev"), [], [2000])
+    with pytest.raises(SystemExit):  # no phase at all
+        script.parse_args(["--denoiser-steps", "--pattern-steps"])
     with pytest.raises(SystemExit):
         script.parse_args(["--denoiser-steps", "10", "20", "--pattern-steps", "15"])
     assert script.reproducing(["--threads", "2", "--work", "/tmp/w", "--out=/tmp/o", "--no-progress"]) == [
