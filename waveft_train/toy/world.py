@@ -31,6 +31,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }  # fmt: skip
 CONTEXTS: dict[str, str] = {"beach": "on the beach", "snow": "in the snow", "night": "at night", "room": "in a room"}
 PATTERNS = ("solid", "stripes", "dots", "checks")
+# Half-widths of objects (fractions of the image side): 26-38 px wide at 64 px. Large on purpose: a pattern's bands
+# must span latent pixels (the VAE's factor is 4). At 15-27 px the model drew two-colour stripes in the wrong colours
+# (asked in words, 0-12 % right; README, "The toy world").
+OBJECT_SIZES = (0.20, 0.30)
 PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked"}
 IDENTIFIER = "sks"  # the rare token DreamBooth binds a subject to; never in a pretraining caption
 # Held out of pretraining: each shape 4×, each colour 2×, each context 3×; every (shape, colour) pair still occurs in
@@ -107,7 +111,7 @@ def sample_scene(
             picks = rng.choice(len(COLOURS), size=2, replace=False)
             names = tuple(tuple(COLOURS)[i] for i in picks)
             chosen_colours = names[:1] if chosen_pattern == "solid" else names
-        size = float(rng.uniform(0.12, 0.21))
+        size = float(rng.uniform(*OBJECT_SIZES))
         horizon = float(rng.uniform(0.40, 0.58))
         scene = Scene(
             shape=shape or str(rng.choice(SHAPES)),
