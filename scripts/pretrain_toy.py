@@ -126,13 +126,13 @@ def stage_vae(args, stages: Stages, images: np.ndarray, scenes: list[Scene]):
         started = time.perf_counter()
         if args.init_from is not None:  # the continued UNet expects this VAE's latents at this VAE's scale
             vae = AutoencoderKL.from_pretrained(args.init_from / "vae", torch_dtype=torch.float32).eval()
-            latents = pretraining.encode(vae, images, progress=not args.no_progress)
         else:
             torch.manual_seed(args.seed + 1)
             vae = architecture.build_vae()
             pretraining.train_vae(vae, images, scenes, steps=args.vae_steps, batch_size=16, seed=args.seed + 1,
                                   progress=not args.no_progress)
-            latents = pretraining.encode(vae, images, progress=not args.no_progress)  # all: pattern phases use the rest
+        latents = pretraining.encode(vae, images, progress=not args.no_progress)  # all: the pattern phases use the rest
+        if args.init_from is None:
             vae.register_to_config(scaling_factor=round(float(1.0 / latents[: args.pretraining_images].std()), 5))
         vae.save_pretrained(folder)
         torch.save(latents, args.work / "latents.pt")
