@@ -161,6 +161,7 @@ class World:
         self.components = load_components("toy", weight_dtype=torch.float32)
         self.judge = load_judge()
         self.base_samples: dict[str, tuple] = {}
+        self.described: dict[str, float] = {}  # the base model's described_subject_fidelity per subject
 
     def subject_folder(self, subject) -> Path:
         from waveft_train.toy.subjects import write_instance_photos
@@ -191,7 +192,11 @@ class World:
 
     def run(self, subject, method: str, budget: float, lr: float, prior: bool, key: str) -> dict:
         from waveft_train.models import build_pipeline
-        from waveft_train.toy.evaluate import evaluate_unet, sample_both
+        from waveft_train.toy.evaluate import (
+            described_fidelity,
+            evaluate_unet,
+            sample_both,
+        )
 
         started = time.perf_counter()
         run = method_run_class()(self.config(subject, key, lr, prior), method, budget)
@@ -200,9 +205,11 @@ class World:
         if subject.name not in self.base_samples:  # the base model's samples, once per subject
             pipeline = build_pipeline(self.components)
             self.base_samples[subject.name] = sample_both(pipeline, subject, self.settings())
+            self.described[subject.name] = described_fidelity(pipeline, subject, self.judge, self.settings())
         unet = run.accelerator.unwrap_model(run.unet)
         metrics, _ = evaluate_unet(run.components, unet, subject, judge=self.judge, settings=self.settings(),
-                                   base_samples=self.base_samples[subject.name])
+                                   base_samples=self.base_samples[subject.name],
+                                   described=self.described[subject.name])
         metrics.pop("judgements")
         return {"subject": subject.name, "method": method, "budget": budget, "lr": lr, "prior": prior, **run.facts,
                 "final_loss": run.final_loss, "train_seconds": round(trained_seconds, 1),
@@ -335,6 +342,12 @@ def render_table(data: dict, cells: list[dict], chosen: dict, recipe: dict, args
     base = [run["metrics"]["base"] for run in cells]
     lines.append("| - | base model | - | 0 | - | " + " | ".join(
         f"{sum(b.get(k, 0) for b in base) / len(base):.2f}" if k in base[0] else "-" for k in KEYS) + " |")
+    described = {run["subject"]: run["metrics"]["described_subject_fidelity"] for run in cells
+                 if "described_subject_fidelity" in run["metrics"]}
+    if described:
+        lines += ["", "The base model asked for each look in words (`described_subject_fidelity`, the subject prompt's "
+                  "seeds and contexts): " + ", ".join(f"{name} {described[name]:.2f}" for name in args.subjects
+                                                      if name in described) + "."]
     lines += ["", "Per subject (subject_similarity / class_subject_similarity / context_fidelity):", "",
               "| prior | method | budget | " + " | ".join(args.subjects) + " |",
               "|---|---|---|" + "---|" * len(args.subjects)]

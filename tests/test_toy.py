@@ -24,6 +24,7 @@ from waveft_train.toy.subjects import (
     write_instance_photos,
 )
 from waveft_train.toy.world import (
+    CONTEXTS,
     HELD_OUT_COMBINATIONS,
     PATTERNS,
     RESERVED_LOOKS,
@@ -224,6 +225,19 @@ class _Codec(torch.nn.Module):
         return SimpleNamespace(sample=self.transform(latents))
 
 
+def test_described_prompt_asks_for_the_look_in_pretraining_words():
+    from waveft_train.models import load_components
+
+    assert SUBJECTS[DEMO_SUBJECT].described_prompt("beach") == "a photo of a striped red and yellow ball on the beach"
+    tokenizer = load_components("toy").tokenizer
+    for subject in SUBJECTS.values():
+        for context in CONTEXTS:
+            prompt = subject.described_prompt(context)
+            assert subject.instance_prompt.split()[-1] in prompt.split()  # the class noun
+            # Whole words the toy tokenizer knows (no pieces), so the model reads what pretraining taught it.
+            assert tokenizer.tokenize(prompt) == [f"{word}</w>" for word in prompt.split()], prompt
+
+
 def test_subject_fidelity_ceiling_reads_the_subject_through_the_vae():
     from waveft_train.toy.evaluate import codec_ceiling
     from waveft_train.toy.judge import load_judge
@@ -262,8 +276,10 @@ def test_a_short_run_learns_the_subject(learned_run):
     # The adapter's samples look like the subject: DINO-style similarity to its renders, far above the base model's.
     assert metrics["subject_similarity"] >= metrics["base"]["subject_similarity"] + 0.08, metrics["judgements"]
     for key in ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation", "diversity",
-                "subject_fidelity_ceiling"):
+                "subject_fidelity_ceiling", "described_subject_fidelity"):
         assert 0.0 <= metrics[key] <= 1.0
+    # Asked for the look in words, the base model draws it at times; asked for "sks ball", never.
+    assert metrics["described_subject_fidelity"] > metrics["base"]["subject_fidelity"]
 
 
 def test_evaluate_command_writes_the_metrics(learned_run, tmp_path, capsys):
@@ -278,9 +294,11 @@ def test_evaluate_command_writes_the_metrics(learned_run, tmp_path, capsys):
         assert exit_info.code in (0, None)
     metrics = json.loads(out.read_text())
     assert {"subject_fidelity", "context_fidelity", "prior_preservation", "diversity", "base", "sampled",
-            "subject_fidelity_ceiling"} <= set(metrics)
+            "subject_fidelity_ceiling", "described_subject_fidelity"} <= set(metrics)
     assert metrics["sampled"]["steps"] == 4 and len(metrics["sampled"]["subject_prompts"]) == 4
-    assert f"VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}" in printed
+    assert f"described in words {metrics['described_subject_fidelity']:.2f}" in printed
 
 
 def test_evaluate_refuses_adapters_of_other_models_and_unknown_subjects(learned_run, tmp_path, capsys):

@@ -248,8 +248,8 @@ def evaluate(
 
     Samples "a photo of sks <class> <context>" for every context and the class prompt "a photo of a <class>" with
     the adapter and with the base model (same seeds), and reports subject_fidelity, context_fidelity,
-    prior_preservation and diversity (each in [0, 1]), the base model's values, the VAE's subject_fidelity_ceiling
-    and what was sampled, as JSON.
+    prior_preservation and diversity (each in [0, 1]), the base model's values, the VAE's subject_fidelity_ceiling,
+    described_subject_fidelity (the base model asked for the look in words) and what was sampled, as JSON.
     """
     import json
 
@@ -280,7 +280,8 @@ def evaluate(
         atomic_write_text(out, text)
     keys = ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation",
             "class_subject_similarity", "diversity")
-    ceiling = {"subject_fidelity": f", VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}"}
+    ceiling = {"subject_fidelity": f", VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}, described in words "
+                                   f"{metrics['described_subject_fidelity']:.2f}"}
     summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f}{ceiling.get(key, '')})"
                         for key in keys)
     typer.echo(f"{chosen.name}: {summary}" + (f"; wrote {out}" if out is not None else ""))

@@ -20,6 +20,10 @@ can be scored the way DreamBooth papers score real photos, without their proxies
 - `subject_fidelity_ceiling`: share of the subject's own renders (every asked context) that the judge still reads as
   the subject after a round trip through the model's VAE. Every sample leaves through that decoder, so this is what
   a denoiser reproducing true photos of the subject would score: read `subject_fidelity` against it.
+- `described_subject_fidelity`: share of the base model's samples for the subject's look asked in words ("a photo of
+  a striped red and yellow ball on the beach", every context, the same seeds) that show the subject: how exactly the
+  model draws the look when told it. An adapter that only taught the model that `sks ball` means that look would
+  read about this; above it, the adapter also draws the look better than the base model does.
 
 Every value is in [0, 1]. The same numbers are computed for the base model on the same prompts and seeds (`base`).
 `evaluate_adapter` (the CLI, tests) and `evaluate_unet` (the bench, which also scores LoRA and full fine-tuning)
@@ -142,6 +146,17 @@ def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> floa
     return float(np.mean(shows_subject(subject, judge_images(judge, round_trips))))
 
 
+def described_fidelity(pipeline, subject: Subject, judge, settings: EvalSettings) -> float:
+    """`described_subject_fidelity` of `pipeline` (the base model): its samples for the look asked in words."""
+    from waveft_train.toy.judge import judge_images
+
+    seeds = [settings.first_seed + i for i in range(settings.seeds)]
+    prompts = [subject.described_prompt(context) for context in settings.contexts for _ in seeds]
+    samples = sample(pipeline, prompts, seeds * len(settings.contexts), steps=settings.steps,
+                     guidance=settings.guidance, batch_size=settings.batch_size)
+    return float(sum(shows_subject(subject, judge_images(judge, samples.images))) / len(prompts))
+
+
 def shows_subject(subject: Subject, verdicts) -> list[bool]:
     """Per verdict: whether the judge saw exactly the subject (its class, pattern and colours)."""
     look = {"shape": subject.shape, "pattern": subject.pattern, "colours": subject.colours}
@@ -232,10 +247,12 @@ def evaluate_samples(subject: Subject, judge, adapted: tuple[Samples, Samples], 
 
 
 def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSettings = EvalSettings(),
-                  base_samples: tuple[Samples, Samples] | None = None) -> tuple[dict, tuple[Samples, Samples]]:
+                  base_samples: tuple[Samples, Samples] | None = None,
+                  described: float | None = None) -> tuple[dict, tuple[Samples, Samples]]:
     """Score a UNet (adapted in any way) against the base model; returns (metrics, the base samples for reuse).
 
-    Without `base_samples`, the base model's samples come from `unet` with its peft adapters disabled.
+    Without `base_samples`, the base model's samples (and `described`, its described_subject_fidelity) come from
+    `unet` with its peft adapters disabled; with them, `described` is reported only when given.
     """
     from waveft_train.adapters import adapters_disabled
     from waveft_train.models import build_pipeline
@@ -246,8 +263,12 @@ def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSe
     if base_samples is None:
         with adapters_disabled(unet):
             base_samples = sample_both(pipeline, subject, settings)
+            if described is None:
+                described = described_fidelity(pipeline, subject, judge, settings)
     metrics = evaluate_samples(subject, judge, adapted, base_samples, settings)
     metrics["subject_fidelity_ceiling"] = codec_ceiling(components.vae, subject, judge, settings.contexts)
+    if described is not None:
+        metrics["described_subject_fidelity"] = described
     return metrics, base_samples
 
 

@@ -24,6 +24,7 @@ from waveft_train.toy.world import (
     IDENTIFIER,
     PATTERN_WORDS,
     Scene,
+    caption,
     render_image,
     sample_scene,
 )
@@ -73,6 +74,12 @@ class Subject:
     def prompt(self, context: str) -> str:
         """"a photo of sks ball on the beach"."""
         return f"{self.instance_prompt} {CONTEXTS[context]}"
+
+    def described_prompt(self, context: str) -> str:
+        """The look in the world's own words, as pretraining captions patterned objects: "a photo of a striped red
+        and yellow ball on the beach"."""
+        return caption(sample_scene(np.random.default_rng(self.seed), shape=self.shape, colours=self.colours,
+                                    pattern=self.pattern, context=context))
 
     def scenes(self, count: int | None = None) -> list[Scene]:
         """The instance photos' scenes: random layouts of the world, the subject's look, its photo contexts."""
