@@ -150,10 +150,10 @@ def described_fidelity(pipeline, subject: Subject, judge, settings: EvalSettings
     """`described_subject_fidelity` of `pipeline` (the base model): its samples for the look asked in words."""
     from waveft_train.toy.judge import judge_images
 
-    seeds = [settings.first_seed + i for i in range(settings.seeds)]
-    prompts = [subject.described_prompt(context) for context in settings.contexts for _ in seeds]
-    samples = sample(pipeline, prompts, seeds * len(settings.contexts), steps=settings.steps,
-                     guidance=settings.guidance, batch_size=settings.batch_size)
+    _, seeds, _, _ = sample_plan(subject, settings)  # the subject prompt's seeds, context by context
+    prompts = [subject.described_prompt(context) for context in settings.contexts for _ in range(settings.seeds)]
+    samples = sample(pipeline, prompts, seeds, steps=settings.steps, guidance=settings.guidance,
+                     batch_size=settings.batch_size)
     return float(sum(shows_subject(subject, judge_images(judge, samples.images))) / len(prompts))
 
 
