@@ -287,7 +287,7 @@ def test_evaluate_command_writes_the_metrics(learned_run, tmp_path, capsys):
 
     out = tmp_path / "metrics.json"
     args = ["evaluate", "--adapter", learned_run / "adapter", "--out", out, "--seeds", "2", "--class-seeds", "1",
-            "--steps", "4", "--subject", str(DEMO_SUBJECT_DIR)]
+            "--steps", "4", "--first-seed", "3000", "--subject", str(DEMO_SUBJECT_DIR)]
     try:
         cli.main([str(arg) for arg in args])
     except SystemExit as exit_info:
@@ -296,6 +296,7 @@ def test_evaluate_command_writes_the_metrics(learned_run, tmp_path, capsys):
     assert {"subject_fidelity", "context_fidelity", "prior_preservation", "diversity", "base", "sampled",
             "subject_fidelity_ceiling", "described_subject_fidelity"} <= set(metrics)
     assert metrics["sampled"]["steps"] == 4 and len(metrics["sampled"]["subject_prompts"]) == 4
+    assert metrics["sampled"]["seeds"] == [3000, 3001] and metrics["sampled"]["class_seeds"] == [3000]
     printed = capsys.readouterr().out
     assert f"VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}" in printed
     assert f"described in words {metrics['described_subject_fidelity']:.2f}" in printed

@@ -239,6 +239,8 @@ def evaluate(
         show_default=False),
     seeds: int = typer.Option(4, "--seeds", min=2, help="Samples per context for the subject prompt."),
     class_seeds: int = typer.Option(8, "--class-seeds", min=1, help="Samples of the class prompt."),
+    first_seed: int = typer.Option(1000, "--first-seed", min=0, help="Seeds are first_seed, first_seed + 1, ...: "
+                                   "another value draws another set of samples (one set's reading varies a lot)."),
     steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps per sample."),
     guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
     base: Optional[str] = typer.Option(None, "--base", help="The toy base model: `toy` (default) or a copy of its "
@@ -273,7 +275,8 @@ def evaluate(
     chosen = _evaluation_subject(adapter, subject)
     if out is not None:
         make_folder(out.absolute().parent, "The folder of --out")
-    settings = EvalSettings(seeds=seeds, class_seeds=class_seeds, steps=steps, guidance=guidance)
+    settings = EvalSettings(seeds=seeds, class_seeds=class_seeds, first_seed=first_seed, steps=steps,
+                            guidance=guidance)
     metrics = evaluate_adapter(adapter, subject=chosen, base=base, settings=settings)
     text = json.dumps(metrics, indent=2) + "\n"
     if out is not None:

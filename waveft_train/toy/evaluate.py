@@ -242,7 +242,8 @@ def evaluate_samples(subject: Subject, judge, adapted: tuple[Samples, Samples], 
     result["sampled"] = {"subject_prompts": sorted(set(subject_prompts), key=subject_prompts.index),
                          "class_prompt": class_prompts[0], "seeds": sorted(set(subject_seeds)),
                          "class_seeds": class_seeds, "images": len(subject_prompts) + len(class_prompts),
-                         **{key: value for key, value in asdict(settings).items() if key != "batch_size"}}
+                         **{key: value for key, value in asdict(settings).items()
+                            if key not in ("batch_size", "seeds", "class_seeds")}}  # the seed lists, not counts
     return result
 
 
