@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='per-method learning rates to sweep, JSON, e.g. \'{"waveft": [0.01]}\'')
     parser.add_argument("--steps", type=int, default=None, help="default: configs/demo.yaml's train.max_steps")
     parser.add_argument("--class-images", type=int, default=None, help="default: the demo's num_class_images")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: configs/demo.yaml's train.batch_size")
     parser.add_argument("--eval-seeds", type=int, default=4, help="subject-prompt samples per context")
     parser.add_argument("--eval-class-seeds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
@@ -68,7 +69,7 @@ def demo_recipe(args) -> dict:
     from waveft_train.config import load_config
 
     config = load_config(REPO / "configs" / "demo.yaml")
-    return {"steps": args.steps or config.train.max_steps, "batch_size": config.train.batch_size,
+    return {"steps": args.steps or config.train.max_steps, "batch_size": args.batch_size or config.train.batch_size,
             "gradient_accumulation": config.train.gradient_accumulation, "scaling": config.waveft.scaling,
             "class_images": args.class_images or config.prior.num_class_images,
             "prior_loss_weight": config.prior.loss_weight, "seed": config.train.seed,
