@@ -254,13 +254,14 @@ E2E_STEPS = 200
 
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory) -> Path:
-    """A short WaveFT run on the demo subject through the real trainer (no prior, no validation: about 20 s)."""
+    """A short WaveFT run on the demo subject through the real trainer (batch 1, no prior, no validation: about 20 s)."""
     from waveft_train import run
     from waveft_train.config import load_config
 
     output_dir = tmp_path_factory.mktemp("toy-run") / "run"
     overrides = {"output.dir": output_dir, "prior.enabled": False, "validation.every": 0, "validation.prompts": "[]",
-                 "train.max_steps": E2E_STEPS, "train.checkpoint_every": 0, "train.learning_rate": 5e-4}
+                 "train.max_steps": E2E_STEPS, "train.batch_size": 1, "train.checkpoint_every": 0,
+                 "train.learning_rate": 5e-4}
     config = load_config(DEMO, [f"{key}={value}" for key, value in overrides.items()])
     return run.train_from_config(config, progress=False)
 
