@@ -249,18 +249,18 @@ def test_subject_fidelity_ceiling_reads_the_subject_through_the_vae():
 
 
 # ----------------------------------------------------------------------------------------------- learning
-E2E_STEPS = 200
+E2E_STEPS = 100
 
 
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory) -> Path:
-    """A short WaveFT run on the demo subject through the real trainer (batch 1, no prior, no validation: about 20 s)."""
+    """A short WaveFT run on the demo subject through the real trainer (batch 4, no prior, no validation: about 20 s)."""
     from waveft_train import run
     from waveft_train.config import load_config
 
     output_dir = tmp_path_factory.mktemp("toy-run") / "run"
     overrides = {"output.dir": output_dir, "prior.enabled": False, "validation.every": 0, "validation.prompts": "[]",
-                 "train.max_steps": E2E_STEPS, "train.batch_size": 1, "train.checkpoint_every": 0,
+                 "train.max_steps": E2E_STEPS, "train.batch_size": 4, "train.checkpoint_every": 0,
                  "train.learning_rate": 5e-4}
     config = load_config(DEMO, [f"{key}={value}" for key, value in overrides.items()])
     return run.train_from_config(config, progress=False)
@@ -275,7 +275,9 @@ def test_a_short_run_learns_the_subject(learned_run):
     assert metrics["subject"]["name"] == DEMO_SUBJECT
     assert metrics["base"]["subject_fidelity"] <= 0.15  # the base model has never seen a striped red-and-yellow ball
     # The adapter's samples look like the subject: DINO-style similarity to its renders, far above the base model's.
-    assert metrics["subject_similarity"] >= metrics["base"]["subject_similarity"] + 0.08, metrics["judgements"]
+    assert metrics["subject_similarity"] >= metrics["base"]["subject_similarity"] + 0.15, metrics["judgements"]
+    # And the judge reads some of them as exactly the subject (3 of 8 here; a batch-1 run of 200 steps read 0 of 8).
+    assert metrics["subject_fidelity"] >= metrics["base"]["subject_fidelity"] + 0.125, metrics["judgements"]
     for key in ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation", "diversity",
                 "subject_fidelity_ceiling", "described_subject_fidelity"):
         assert 0.0 <= metrics[key] <= 1.0
