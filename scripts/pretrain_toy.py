@@ -50,7 +50,6 @@ from waveft_train.toy.world import (
     HELD_OUT_COMBINATIONS,
     SHAPES,
     Scene,
-    caption,
 )
 
 
@@ -247,27 +246,6 @@ def stage_judge(args, stages: Stages, images: np.ndarray, scenes: list[Scene], v
     return judge.eval(), json.loads((args.work / "judge_accuracy.json").read_text())
 
 
-def prompt_accuracy(pipeline, judge, combinations, seeds: int, first_seed: int) -> dict:
-    """Sample "a photo of a <colour> <shape> <context>" per combination × seeds; the judge's per-head accuracy."""
-    from waveft_train.toy.evaluate import sample
-    from waveft_train.toy.judge import judge_images
-
-    prompts, asked = [], []
-    for shape, colour, context in combinations:
-        scene = Scene(shape, (colour,), "solid", context, 0.5, 0.8, 0.15, 0.5, 0.0, 0)
-        prompts += [caption(scene)] * seeds
-        asked += [(shape, colour, context)] * seeds
-    seed_list = [first_seed + i % seeds for i in range(len(prompts))]
-    samples = sample(pipeline, prompts, seed_list, steps=25, guidance=5.0, batch_size=16)
-    verdicts = judge_images(judge, samples.images)
-    rows = list(zip(verdicts, asked))
-    return {"samples": len(rows), "shape": round(float(np.mean([v.shape == a[0] for v, a in rows])), 4),
-            "colour": round(float(np.mean([v.colour == a[1] for v, a in rows])), 4),
-            "context": round(float(np.mean([v.context == a[2] for v, a in rows])), 4),
-            "all_three": round(float(np.mean([(v.shape, v.colour, v.context) == a for v, a in rows])), 4),
-            "solid": round(float(np.mean([v.pattern == "solid" for v, _ in rows])), 4)}, samples
-
-
 def seen_combinations(count: int) -> list[tuple[str, str, str]]:
     every = [(s, c, k) for s in SHAPES for c in COLOURS for k in CONTEXTS]
     seen = [combo for combo in every if combo not in HELD_OUT_COMBINATIONS]
@@ -276,6 +254,7 @@ def seen_combinations(count: int) -> list[tuple[str, str, str]]:
 
 def stage_eval(args, stages: Stages, pipeline, judge):
     from waveft_train.sampling import make_grid
+    from waveft_train.toy.evaluate import prompt_accuracy
 
     path = args.work / "prompt_accuracy.json"
     if not stages.done("eval"):

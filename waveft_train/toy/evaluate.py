@@ -82,6 +82,33 @@ def sample(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, steps: int
     return Samples(torch.cat(chunks), list(prompts), [int(seed) for seed in seeds])
 
 
+def prompt_accuracy(pipeline, judge, combinations: Sequence[tuple[str, str, str]], seeds: int,
+                    first_seed: int) -> tuple[dict, Samples]:
+    """Does the model follow "a photo of a <colour> <shape> <context>"? Samples each (shape, colour, context)
+    combination with seeds first_seed .. first_seed + seeds - 1 and returns the share the judge reads as the asked
+    shape, colour, context, all three, and as solid (no pattern asked), with the samples."""
+    import numpy as np
+
+    from waveft_train.toy.judge import judge_images
+    from waveft_train.toy.world import Scene, caption
+
+    prompts, asked = [], []
+    for shape, colour, context in combinations:
+        prompts += [caption(Scene(shape, (colour,), "solid", context, 0.5, 0.8, 0.15, 0.5, 0.0, 0))] * seeds
+        asked += [(shape, colour, context)] * seeds
+    seed_list = [first_seed + i % seeds for i in range(len(prompts))]
+    samples = sample(pipeline, prompts, seed_list, steps=25, guidance=5.0, batch_size=16)
+    rows = list(zip(judge_images(judge, samples.images), asked))
+
+    def share(hit) -> float:
+        return round(float(np.mean([hit(verdict, want) for verdict, want in rows])), 4)
+
+    return {"samples": len(rows), "shape": share(lambda v, a: v.shape == a[0]),
+            "colour": share(lambda v, a: v.colour == a[1]), "context": share(lambda v, a: v.context == a[2]),
+            "all_three": share(lambda v, a: (v.shape, v.colour, v.context) == a),
+            "solid": share(lambda v, a: v.pattern == "solid")}, samples
+
+
 def sample_plan(subject: Subject, settings: EvalSettings) -> tuple[list[str], list[int], list[str], list[int]]:
     """(subject prompts, their seeds, class prompts, their seeds)."""
     seeds = [settings.first_seed + i for i in range(settings.seeds)]
