@@ -24,7 +24,7 @@ world's larger objects (world.OBJECT_SIZES), then a judge trained for them (see 
         --denoiser-steps --pattern-steps 2000 --lr 3e-4
 
 The first command makes a model that composes as well as the committed one (held-out prompt combinations: shape,
-colour, context 93 / 98 / 96 %, against 100 / 99 / 94 %), but the demo on it loses more contexts; README, "The toy
+colour, context 93 / 98 / 96 %, against 100 / 99 / 94 %); the demo on it loses more contexts at lr 3e-4; README, "The toy
 world", and BENCHMARKS.md §7d have both side by side.
 
 Reproducible from the seed on one machine (CPU float reductions may differ across machines).
