@@ -83,21 +83,24 @@ def sample(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, steps: int
 
 
 def prompt_accuracy(pipeline, judge, combinations: Sequence[tuple[str, str, str]], seeds: int,
-                    first_seed: int) -> tuple[dict, Samples]:
+                    first_seed: int, settings: EvalSettings = EvalSettings()) -> tuple[dict, Samples]:
     """Does the model follow "a photo of a <colour> <shape> <context>"? Samples each (shape, colour, context)
-    combination with seeds first_seed .. first_seed + seeds - 1 and returns the share the judge reads as the asked
-    shape, colour, context, all three, and as solid (no pattern asked), with the samples."""
+    combination with seeds first_seed .. first_seed + seeds - 1 (steps, guidance and batch from `settings`) and
+    returns the share the judge reads as the asked shape, colour, context, all three, and as solid (no pattern
+    asked), with the samples."""
     import numpy as np
 
     from waveft_train.toy.judge import judge_images
-    from waveft_train.toy.world import Scene, caption
+    from waveft_train.toy.world import caption, sample_scene
 
     prompts, asked = [], []
-    for shape, colour, context in combinations:
-        prompts += [caption(Scene(shape, (colour,), "solid", context, 0.5, 0.8, 0.15, 0.5, 0.0, 0))] * seeds
+    for shape, colour, context in combinations:  # the caption of any such scene (its layout is not in the words)
+        scene = sample_scene(np.random.default_rng(0), shape=shape, colours=(colour,), pattern="solid", context=context)
+        prompts += [caption(scene)] * seeds
         asked += [(shape, colour, context)] * seeds
     seed_list = [first_seed + i % seeds for i in range(len(prompts))]
-    samples = sample(pipeline, prompts, seed_list, steps=25, guidance=5.0, batch_size=16)
+    samples = sample(pipeline, prompts, seed_list, steps=settings.steps, guidance=settings.guidance,
+                     batch_size=settings.batch_size)
     rows = list(zip(judge_images(judge, samples.images), asked))
 
     def share(hit) -> float:
