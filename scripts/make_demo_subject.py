@@ -21,7 +21,7 @@ from waveft_train.toy.subjects import DEMO_SUBJECT, SUBJECTS, write_instance_pho
 
 
 def write_demo_subject(out_dir: Path, subject: str = DEMO_SUBJECT) -> list[Path]:
-    """Write the subject's PNGs, subject.json and LICENSE.txt to out_dir; return the image paths."""
+    """Write the subject's PNGs, subject.json, metadata.jsonl and LICENSE.txt to out_dir; return the image paths."""
     return write_instance_photos(SUBJECTS[subject], Path(out_dir))
 
 
@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     paths = write_demo_subject(args.out, args.subject)
     total = sum(p.stat().st_size for p in paths)
-    print(f"wrote {len(paths)} images ({total / 1024:.1f} KiB), subject.json and LICENSE.txt to {args.out}")
+    print(f"wrote {len(paths)} images ({total / 1024:.1f} KiB), subject.json, metadata.jsonl and LICENSE.txt "
+          f"to {args.out}")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,10 @@ Shorter runs compose worse: 5 000 steps (--denoiser-steps 1500 --pattern-steps 5
 of held-out prompt combinations in 74 %, below the 80 % the tests require (README, "The toy world").
 
 --init-from continues a released model instead of starting from random weights: its VAE is kept (same latents,
-same scale) and the phases start from its UNet and text encoders. The committed model is such a continuation: the
-13 000-step model of commit 2b40a64 (objects 15-27 px wide), continued for 2 000 pattern steps at lr 3e-4 on the
-world's larger objects (world.OBJECT_SIZES), then a judge trained for them (see manifest.json's "command"):
-
-    git archive 2b40a64 waveft_train/assets/toy | tar -x -C /tmp/previous
-    python scripts/pretrain_toy.py --threads 2 --init-from /tmp/previous/waveft_train/assets/toy \
-        --denoiser-steps --pattern-steps 2000 --lr 3e-4
-
-The first command makes a model that composes as well as the committed one (held-out prompt combinations: shape,
-colour, context 93 / 98 / 96 %, against 100 / 99 / 94 %); the demo on it loses more contexts at lr 3e-4; README, "The toy
-world", and BENCHMARKS.md §7d have both side by side.
+same scale) and the phases start from its UNet and text encoders. The committed model is the first command's
+(manifest.json's "command"); the model before it was such a continuation (commit 3b71354's: the 13 000-step model of
+commit 2b40a64, objects 15-27 px wide, continued with `--init-from ... --denoiser-steps --pattern-steps 2000 --lr 3e-4`
+on the world's larger objects). README, "The toy world", and BENCHMARKS.md §7d compare the two.
 
 Reproducible from the seed on one machine (CPU float reductions may differ across machines).
 """

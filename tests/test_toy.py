@@ -118,8 +118,25 @@ def test_demo_subject_photos_are_the_rendered_subject(tmp_path):
     assert [p.name for p in written] == sorted(p.name for p in DEMO_SUBJECT_DIR.glob("*.png"))
     for path in written:
         assert path.read_bytes() == (DEMO_SUBJECT_DIR / path.name).read_bytes()
+    assert (tmp_path / "metadata.jsonl").read_bytes() == (DEMO_SUBJECT_DIR / "metadata.jsonl").read_bytes()
     assert get_subject(DEMO_SUBJECT_DIR) == SUBJECTS[DEMO_SUBJECT]
     assert len(SUBJECTS) >= 5 and all(s.pattern != "solid" for s in SUBJECTS.values())
+
+
+def test_demo_captions_name_the_context_each_photo_shows():
+    """The demo trains on per-photo captions (data.caption_column): each must name the context the judge sees in its
+    photo, in the words the evaluation asks with, and the trainer's own loader must pick them up."""
+    from waveft_train.config import load_config
+    from waveft_train.images import load_images
+    from waveft_train.toy.judge import judge_images, load_judge
+
+    config = load_config(DEMO)
+    images = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
+                         default_prompt=config.data.instance_prompt)
+    verdicts = judge_images(load_judge(), [np.asarray(images.image(i).convert("RGB")) for i in range(len(images))])
+    subject = SUBJECTS[DEMO_SUBJECT]
+    assert list(images.prompts) == [subject.prompt(v.context) for v in verdicts]
+    assert len({v.context for v in verdicts}) >= 3  # the captions differ: a bare instance prompt would not pass
 
 
 def test_importing_the_package_is_cheap():
@@ -289,10 +306,11 @@ def test_a_short_run_learns_the_subject(learned_run):
     metrics = evaluate_adapter(learned_run / "adapter", settings=settings)  # the subject comes from the run's config
     assert metrics["subject"]["name"] == DEMO_SUBJECT
     assert metrics["base"]["subject_fidelity"] <= 0.15  # the base model has never seen a striped red-and-yellow ball
-    # The adapter's samples look like the subject: DINO-style similarity to its renders, far above the base model's.
-    assert metrics["subject_similarity"] >= metrics["base"]["subject_similarity"] + 0.15, metrics["judgements"]
-    # And the judge reads some of them as exactly the subject (3 of 8 here; a batch-1 run of 200 steps read 0 of 8).
-    assert metrics["subject_fidelity"] >= metrics["base"]["subject_fidelity"] + 0.125, metrics["judgements"]
+    # The adapter's samples look like the subject: DINO-style similarity to its renders, far above the base model's
+    # (0.94 against 0.47 here, on the newest and the lowest supported library versions alike).
+    assert metrics["subject_similarity"] >= metrics["base"]["subject_similarity"] + 0.3, metrics["judgements"]
+    # And the judge reads most of them as exactly the subject (7 of 8 here, against none for the base model).
+    assert metrics["subject_fidelity"] >= metrics["base"]["subject_fidelity"] + 0.5, metrics["judgements"]
     for key in ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation", "diversity",
                 "subject_fidelity_ceiling", "described_subject_fidelity"):
         assert 0.0 <= metrics[key] <= 1.0

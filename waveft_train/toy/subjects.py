@@ -30,6 +30,7 @@ from waveft_train.toy.world import (
 )
 
 SUBJECT_FILE = "subject.json"
+CAPTIONS_FILE = "metadata.jsonl"  # the folder layout `data.caption_column` reads (datasets' imagefolder)
 LICENSE_TEXT = """\
 Subject images for waveft-train's toy world: {description}, {count} shots.
 
@@ -125,13 +126,17 @@ def get_subject(name_or_folder: str | Path) -> Subject:
 
 
 def write_instance_photos(subject: Subject, folder: Path, *, count: int | None = None) -> list[Path]:
-    """Render the subject's photos as PNGs into `folder`, with subject.json and a CC0 LICENSE.txt."""
+    """Render the subject's photos as PNGs into `folder`, with subject.json, a CC0 LICENSE.txt and metadata.jsonl:
+    per-photo captions naming where each was taken ("a photo of sks ball in the snow"), for `data.caption_column:
+    text`, so that the photos' backgrounds are explained by words and not learned as part of `sks`."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, captions = [], []
     for index, scene in enumerate(subject.scenes(count)):
         path = folder / f"{subject.shape}_{index + 1:02d}.png"
         render_image(scene).save(path, format="PNG", optimize=True)
         paths.append(path)
+        captions.append(json.dumps({"file_name": path.name, "text": subject.prompt(scene.context)}))
+    (folder / CAPTIONS_FILE).write_text("\n".join(captions) + "\n", encoding="utf-8")
     (folder / SUBJECT_FILE).write_text(subject.to_json(), encoding="utf-8")
     license_text = LICENSE_TEXT.format(description=subject.description, count=len(paths), name=subject.name)
     (folder / "LICENSE.txt").write_text(license_text, encoding="utf-8")
