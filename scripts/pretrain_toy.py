@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--judge-round-trips", type=int, default=4000, help="VAE round trips the judge also sees")
     parser.add_argument("--judge-regenerations", type=int, default=1536,
                         help="solid renders the model redraws for the judge")
+    parser.add_argument("--judge-recoloured", type=int, default=6000,
+                        help="renders whose background is recoloured for the judge (its shape reading must not "
+                             "depend on the sky's colour)")
     parser.add_argument("--eval-seeds", type=int, default=8, help="samples per held-out prompt combination")
     parser.add_argument("--fresh", action="store_true", help="discard cached stages under --work")
     parser.add_argument("--no-progress", action="store_true")
@@ -214,8 +217,9 @@ def stage_regenerate(args, stages: Stages, images: np.ndarray, scenes: list[Scen
 
 def stage_judge(args, stages: Stages, images: np.ndarray, scenes: list[Scene], vae, regenerated):
     """The judge learns from renders, from VAE round trips of renders (every generated image is decoded by that VAE,
-    which softens patterns) and from solid renders the model redrew (four times over: they look like what it will
-    read), so it reads the model's samples as well as crisp scenes."""
+    which softens patterns), from solid renders the model redrew (four times over: they look like what it will
+    read), so it reads the model's samples as well as crisp scenes, and from renders with recoloured backgrounds
+    (their context label ignored), so that a sky the world never has does not change the shape it reads."""
     from waveft_train.toy.judge import Judge
 
     path = args.work / "judge.pt"
@@ -228,9 +232,15 @@ def stage_judge(args, stages: Stages, images: np.ndarray, scenes: list[Scene], v
         torch.manual_seed(args.seed + 3)
         judge = Judge()
         regen_scenes = [scenes[i] for i in regen_chosen]
-        pretraining.train_judge(judge, np.concatenate([images, round_trips, *[regen_images] * 4]),
-                                scenes + [scenes[i] for i in chosen] + regen_scenes * 4, steps=args.judge_steps,
-                                batch_size=64, seed=args.seed + 3, progress=not args.no_progress)
+        recoloured_chosen = np.sort(rng.choice(len(images), size=min(args.judge_recoloured, len(images)),
+                                               replace=False))
+        recoloured_scenes = [scenes[i] for i in recoloured_chosen]
+        recoloured = pretraining.recolour_backgrounds(images[recoloured_chosen], recoloured_scenes, seed=args.seed + 8)
+        train_images = np.concatenate([images, round_trips, *[regen_images] * 4, recoloured])
+        train_scenes = scenes + [scenes[i] for i in chosen] + regen_scenes * 4 + recoloured_scenes
+        context_known = [True] * (len(train_scenes) - len(recoloured_scenes)) + [False] * len(recoloured_scenes)
+        pretraining.train_judge(judge, train_images, train_scenes, steps=args.judge_steps, batch_size=64,
+                                seed=args.seed + 3, context_known=context_known, progress=not args.no_progress)
         torch.save(judge.state_dict(), path)
         test_images, test_scenes = pretraining.render_dataset(2000, 0, args.seed + 1000, workers=args.threads or 1,
                                                               progress=False)
@@ -238,6 +248,10 @@ def stage_judge(args, stages: Stages, images: np.ndarray, scenes: list[Scene], v
         accuracy["vae_round_trip"] = pretraining.judge_accuracy(
             judge, pretraining.round_trip(vae, test_images[:500], progress=False), test_scenes[:500])
         accuracy["regenerated"] = pretraining.judge_accuracy(judge, regen_test, regen_test_scenes)
+        # Context is meaningless here; shape, colours and pattern must not move with the background.
+        accuracy["recoloured_background"] = pretraining.judge_accuracy(
+            judge, pretraining.recolour_backgrounds(test_images[:500], test_scenes[:500], seed=args.seed + 9),
+            test_scenes[:500])
         (args.work / "judge_accuracy.json").write_text(json.dumps(accuracy, indent=2))
         stages.finish("judge", started)
     judge = Judge()

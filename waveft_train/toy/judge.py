@@ -76,10 +76,16 @@ class Judge(nn.Module):
         return out
 
 
-def scene_targets(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
-    """Training targets for a batch of scenes (what `Judge.forward` predicts)."""
+IGNORED = -100  # cross_entropy's ignore_index: this head learns nothing from this image
+
+
+def scene_targets(scenes: Sequence[Scene], context_known: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
+    """Training targets for a batch of scenes (what `Judge.forward` predicts). Where `context_known` is False (a
+    render whose background was recoloured) the context target is IGNORED; the object's labels still hold."""
     targets = {name: torch.tensor([classes.index(getattr(s, name)) for s in scenes]) for name, classes in CLASSES.items()}
     targets["colours"] = torch.tensor([colour_set_index(s.colours) for s in scenes])
+    if context_known is not None:
+        targets["context"][~torch.tensor(list(context_known), dtype=torch.bool)] = IGNORED
     targets["layout"] = torch.tensor([[s.x, s.centre_y, s.size] for s in scenes], dtype=torch.float32)
     return targets
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from waveft_train.toy.world import IMAGE_SIZE, Scene, caption, render, sample_scene
+from waveft_train.toy.world import IMAGE_SIZE, Scene, caption, object_coverage, render, sample_scene
 
 TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)  # original size, crop corner, target size
 
@@ -328,10 +328,32 @@ def regenerate(pipeline, images: np.ndarray, scenes: Sequence[Scene], *, seed: i
     return out
 
 
+def recolour_backgrounds(images: np.ndarray, scenes: Sequence[Scene], *, seed: int) -> np.ndarray:
+    """Renders with their background (everything but the object: `world.object_coverage`) recoloured: half by a
+    random gain and offset per channel (the moon, stars and horizon stay), half by a random two-colour ramp. The
+    model paints skies the world never has (a purple night, where the world's nights are navy); a judge that saw
+    only the world's backgrounds read a crisp striped ball in front of a purple sky as a box every time. The object's
+    pixels are untouched, so its shape, colours, pattern and layout labels hold; its context label does not."""
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(images)
+    rows = (np.arange(images.shape[1], dtype=np.float32)[:, None, None] + 0.5) / images.shape[1]
+    for index, (image, scene) in enumerate(zip(images, scenes)):
+        pixels = image.astype(np.float32) / 255
+        if rng.random() < 0.5:
+            background = pixels * rng.uniform(0.4, 2.2, 3) + rng.uniform(-0.25, 0.35, 3)
+        else:
+            top, bottom = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+            background = np.broadcast_to(top + (bottom - top) * rows, pixels.shape)
+        cover = object_coverage(scene, images.shape[1])[..., None]
+        out[index] = np.round(np.clip(cover * pixels + (1 - cover) * background, 0, 1) * 255).astype(np.uint8)
+    return out
+
+
 def train_judge(judge, images: np.ndarray, scenes: Sequence[Scene], *, steps: int, batch_size: int, seed: int,
-                lr: float = 2e-3, progress: bool = True) -> list[float]:
+                lr: float = 2e-3, context_known: Sequence[bool] | None = None, progress: bool = True) -> list[float]:
     """Half of every batch is patterned scenes, half solid ones: patterns are rarer in the rendered set (most of it
-    is pretraining scenes) but they are what subject fidelity hinges on."""
+    is pretraining scenes) but they are what subject fidelity hinges on. Images whose `context_known` is False
+    (recoloured backgrounds) teach everything but the context."""
     from waveft_train.toy.judge import judge_loss, scene_targets
 
     generator = torch.Generator().manual_seed(seed)
@@ -346,7 +368,9 @@ def train_judge(judge, images: np.ndarray, scenes: Sequence[Scene], *, steps: in
         index = torch.cat([patterned[torch.randint(0, len(patterned), (half,), generator=generator)],
                            solid[torch.randint(0, len(solid), (batch_size - half,), generator=generator)]])
         pixels = degrade(to_pixels(images[index.numpy()]), generator)
-        loss = judge_loss(judge(pixels), scene_targets([scenes[i] for i in index.tolist()]))
+        rows = index.tolist()
+        known = None if context_known is None else [context_known[i] for i in rows]
+        loss = judge_loss(judge(pixels), scene_targets([scenes[i] for i in rows], known))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -284,6 +284,24 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.clip(np.round(small), 0, 255).astype(np.uint8)
 
 
+def object_coverage(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: how much of each pixel of `render(scene)` the object covers (its contact
+    shadow counts as background). The object is painted over black and over white with the renderer's own random
+    state; where the two agree, the object is opaque."""
+    rng = np.random.default_rng(scene.seed)
+    n = size * SUPERSAMPLE
+    _background(scene, n, rng)  # advances the random state exactly as `render` does
+    state = rng.bit_generator.state
+    layers = []
+    for fill in (0.0, 255.0):
+        canvas = np.full((n, n, 3), fill)
+        rng.bit_generator.state = state
+        _draw_object(canvas, scene, rng)
+        layers.append(canvas)
+    opaque = (np.abs(layers[0] - layers[1]).max(axis=-1) < 1e-6).astype(np.float32)
+    return opaque.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+
+
 def render_image(scene: Scene, size: int = IMAGE_SIZE):
     """`render` as a PIL image."""
     from PIL import Image
