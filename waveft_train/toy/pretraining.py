@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from waveft_train.toy.world import IMAGE_SIZE, Scene, caption, object_coverage, render, sample_scene
+from waveft_train.toy.world import (
+    IMAGE_SIZE,
+    Scene,
+    caption,
+    object_coverage,
+    render,
+    sample_scene,
+)
 
 TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)  # original size, crop corner, target size
 
