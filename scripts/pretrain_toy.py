@@ -1,6 +1,6 @@
 """Pretrain the toy SDXL pipeline and its judge on the toy world; write them as package data.
 
-    python scripts/pretrain_toy.py --threads 2    # from scratch, seed 0: 62 min on a 2-core CPU
+    python scripts/pretrain_toy.py --threads 2    # from scratch, seed 0: 63 min on a 2-core CPU
 
 Writes waveft_train/assets/toy/ (a diffusers StableDiffusionXLPipeline folder in fp16 safetensors, judge/ beside
 it) and manifest.json (sha256 of every file, this command, seed, wall time per stage, library versions, the judge's
