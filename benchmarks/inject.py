@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from peft import WaveFTConfig, inject_adapter_in_model
 
 from benchmarks.common import add_json_argument, command_line, machine, write_results
-from benchmarks.sdxl import SDXL_UNET_CONFIG, TARGETS
+from waveft_train.models.architecture import SDXL_BASE, TARGETS
 from waveft_train import waveft
 
 
@@ -23,7 +23,7 @@ def main(argv=None) -> dict:
     waveft.register()
     started = time.perf_counter()
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(dict(SDXL_UNET_CONFIG))
+        unet = UNet2DConditionModel.from_config(dict(SDXL_BASE.unet))
         built = time.perf_counter()
         inject_adapter_in_model(WaveFTConfig(n_frequency=args.n_frequency, target_modules=list(TARGETS)), unet)
     done = time.perf_counter()

@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.common import add_json_argument, command_line, machine, return_freed_memory_to_system, write_results
 from benchmarks.memory_runs import DTYPES, GiB, METHODS, Session, Step, other_components, unet_config
-from waveft_train.memory import device_need  # the allowance `waveft-train params` uses: slack + CUDA context
+from waveft_train.train.memory import device_need  # the allowance `waveft-train params` uses: slack + CUDA context
 
 # ---- the table ----------------------------------------------------------------------------------------------------
 
@@ -224,7 +224,7 @@ def fit(rows: list[dict]) -> dict:
     """Least-squares fit (relative errors) of waveft_train/memory.py's COEFFICIENTS to the sweep's step peaks."""
     import numpy as np
 
-    from waveft_train.memory import activation_features
+    from waveft_train.train.memory import activation_features
 
     def features(row):
         config = unet_config(step_from(row))

@@ -22,7 +22,7 @@ from benchmarks.memory_tracking import (
     module_tensors,
     reference_without_bounds_mask,
 )
-from benchmarks.sdxl import SDXL_UNET_CONFIG, TEXT_ENCODER_2_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG
+from waveft_train.models.architecture import SDXL_BASE
 
 GiB = 2**30
 METHODS = ("ours", "lora", "reference")
@@ -34,7 +34,7 @@ TEXT_TOKENS = 77
 class Step:
     """One training-step setting."""
 
-    model: str = "sdxl"  # or "tiny" (waveft_train.tiny)
+    model: str = "sdxl"  # or "tiny" (waveft_train.models.tiny)
     latent: int = 128  # latent side: pixels / 8 for SDXL
     batch: int = 2  # latents per micro-batch: batch_size, doubled by prior preservation
     method: str = "ours"
@@ -53,11 +53,11 @@ def unet_config(step: Step) -> dict:
     if step.model == "tiny":
         from diffusers import UNet2DConditionModel
 
-        from waveft_train.tiny import tiny_model_dir
+        from waveft_train.models.tiny import tiny_model_dir
 
         config = {k: v for k, v in UNet2DConditionModel.load_config(tiny_model_dir() / "unet").items() if k[0] != "_"}
     else:
-        config = dict(SDXL_UNET_CONFIG)
+        config = dict(SDXL_BASE.unet)
     if step.transformer_layers:
         config["transformer_layers_per_block"] = tuple(step.transformer_layers)
     return config
@@ -239,9 +239,9 @@ def other_components(mode: str, dtype: str, latent: int) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with init_empty_weights():
-        encoders = [CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)),
-                    CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG))]  # fmt: skip
-        vae = AutoencoderKL(**VAE_CONFIG)
+        encoders = [CLIPTextModel(CLIPTextConfig(**SDXL_BASE.text_encoder)),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_BASE.text_encoder_2))]  # fmt: skip
+        vae = AutoencoderKL(**SDXL_BASE.vae)
     counts = [sum(p.numel() for p in encoder.parameters()) for encoder in encoders]
     vae_params = sum(p.numel() for p in vae.parameters())
     result = {"text_encoder_params": counts[0], "text_encoder_2_params": counts[1], "vae_params": vae_params,
@@ -262,12 +262,12 @@ def vae_peaks(dtype: str, latent: int, mode: str) -> dict[str, int]:
     with ExitStack() as stack:
         if mode == "fake":
             with init_empty_weights():
-                vae = AutoencoderKL(**VAE_CONFIG).requires_grad_(False)
+                vae = AutoencoderKL(**SDXL_BASE.vae).requires_grad_(False)
             stack.enter_context(FakeTensorMode())
             stack.enter_context(tracker)
             fake_weights(vae, torch_dtype)
         else:
-            vae = AutoencoderKL(**VAE_CONFIG).requires_grad_(False).to(device, torch_dtype)
+            vae = AutoencoderKL(**SDXL_BASE.vae).requires_grad_(False).to(device, torch_dtype)
             if mode == "cpu":
                 stack.enter_context(tracker)
 

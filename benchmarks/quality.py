@@ -117,7 +117,7 @@ def attach(method: str, unet, budget: float, scaling: float) -> dict:
 def method_run_class():
     """A DreamBoothRun whose adapter is the method's: the trainer's own data, caches, loss and loop for every method.
     It keeps the trained UNet in memory and writes no checkpoints or adapter (LoRA and full weights are not WaveFT)."""
-    from waveft_train.run import DreamBoothRun
+    from waveft_train.train.run import DreamBoothRun
 
     class MethodRun(DreamBoothRun):
         def __init__(self, config, method: str, budget: float):
@@ -125,7 +125,7 @@ def method_run_class():
             self.method, self.budget = method, budget
 
         def _setup_adapter(self) -> None:
-            from waveft_train.optim import (
+            from waveft_train.train.optim import (
                 make_lr_scheduler,
                 make_optimizer,
                 trainable_parameters_in_float32,
@@ -155,7 +155,7 @@ class World:
     """What every run shares: the toy components (for the base model's samples), the judge, subject photos."""
 
     def __init__(self, args, recipe: dict):
-        from waveft_train.models import load_components
+        from waveft_train.models.loading import load_components
         from waveft_train.toy.judge import load_judge
 
         self.args, self.recipe = args, recipe
@@ -192,7 +192,7 @@ class World:
         return load_config(REPO / "configs" / "demo.yaml", [f"{name}={value}" for name, value in overrides.items()])
 
     def run(self, subject, method: str, budget: float, lr: float, prior: bool, key: str) -> dict:
-        from waveft_train.models import build_pipeline
+        from waveft_train.models.loading import build_pipeline
         from waveft_train.toy.evaluate import (
             described_fidelity,
             evaluate_unet,

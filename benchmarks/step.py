@@ -5,9 +5,9 @@ the one whose total parameter count is closest to WaveFT's (n_frequency per laye
 frozen base layers of one UNet; every round swaps each method in and times one step, in shuffled order.
 
 Models:
-- tiny: the embedded tiny SDXL UNet (waveft_train.tiny), 32x32 latents.
+- tiny: the embedded tiny SDXL UNet (waveft_train.models.tiny), 32x32 latents.
 - sdxl: the SDXL-base UNet *architecture* (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json values written
-  in benchmarks/sdxl.py; nothing is downloaded) with random weights; 2.57 B parameters. `--transformer-layers` can reduce its
+  in waveft_train/models/architecture.py; nothing is downloaded) with random weights; 2.57 B parameters. `--transformer-layers` can reduce its
   transformer depth; the output then says so.
 
 Reported per method: median step time, its ratio to LoRA's and to the reference's (medians over rounds of per-round
@@ -48,7 +48,7 @@ from benchmarks.common import (
     waveft_config,
     write_results,
 )
-from benchmarks.sdxl import SDXL_UNET_CONFIG, TARGETS
+from waveft_train.models.architecture import SDXL_BASE, TARGETS
 
 METHODS = ("ours", "reference", "lora")
 TEXT_TOKENS = 77
@@ -59,12 +59,12 @@ def build_unet(args) -> tuple[nn.Module, str]:
     from diffusers import UNet2DConditionModel
 
     if args.model == "tiny":
-        from waveft_train.tiny import tiny_model_dir
+        from waveft_train.models.tiny import tiny_model_dir
 
         unet = UNet2DConditionModel.from_pretrained(tiny_model_dir() / "unet")
-        description = "tiny SDXL UNet (waveft_train.tiny)"
+        description = "tiny SDXL UNet (waveft_train.models.tiny)"
     else:
-        config = dict(SDXL_UNET_CONFIG)
+        config = dict(SDXL_BASE.unet)
         description = "SDXL-base UNet architecture, random weights"
         if args.transformer_layers:
             config["transformer_layers_per_block"] = tuple(args.transformer_layers)

@@ -7,7 +7,7 @@
    the same file read by diffusers' `load_lora_weights`: its UNet output's error relative to the adapter's effect.
 
 Usage (the README's figures: `waveft-train --config tests/data/tiny.yaml` first):
-    python scripts/check_interop.py --adapter outputs/tiny/adapter --ranks 1 2 4 8 16 32
+    python -m scripts.check_interop --adapter outputs/tiny/adapter --ranks 1 2 4 8 16 32
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
-    from waveft_train.adapters import export_merged, read_adapter
-    from waveft_train.export_formats import export_file
-    from waveft_train.models import build_pipeline, load_components, load_unet
+    from waveft_train.adapter.load import export_merged, read_adapter
+    from waveft_train.adapter.export import export_file
+    from waveft_train.models.loading import build_pipeline, load_components, load_unet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True)

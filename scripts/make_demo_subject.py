@@ -5,19 +5,15 @@ run's samples can be checked by the toy world's judge. The photos come from the 
 pretrained on (waveft_train/toy/world.py), with a pattern the model never saw; subject.json beside them says what
 they show. Deterministic: the subject's seed fixes every layout and colour jitter.
 
-Usage: python scripts/make_demo_subject.py [--subject striped_ball] [--out configs/demo_subject]
+Usage: python -m scripts.make_demo_subject [--subject striped_ball] [--out configs/demo_subject]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from waveft_train.toy.subjects import DEMO_SUBJECT, SUBJECTS, write_instance_photos  # noqa: E402
+from waveft_train.toy.subjects import DEMO_SUBJECT, SUBJECTS, write_instance_photos
 
 
 def write_demo_subject(out_dir: Path, subject: str = DEMO_SUBJECT) -> list[Path]:

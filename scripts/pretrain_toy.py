@@ -1,6 +1,6 @@
 """Pretrain the toy SDXL pipeline and its judge on the toy world; write them as package data.
 
-    python scripts/pretrain_toy.py --threads 2    # from scratch, seed 0: 63 min on a 2-core CPU
+    python -m scripts.pretrain_toy --threads 2    # from scratch, seed 0: 63 min on a 2-core CPU
 
 Writes waveft_train/assets/toy/ (a diffusers StableDiffusionXLPipeline folder in fp16 safetensors, judge/ beside
 it) and manifest.json (sha256 of every file, this command, seed, wall time per stage, library versions, the judge's
@@ -39,17 +39,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from waveft_train.toy import architecture, pretraining, toy_model_dir
+from scripts import toy_pretraining as pretraining
+from waveft_train.models import architecture
+from waveft_train.models.builtin import toy_model_dir
+from waveft_train.models.tokenizer import build_tokenizer, write_tokenizer_files
+from waveft_train.toy.judge import round_trip
 from waveft_train.toy.world import (
     COLOURS,
     CONTEXTS,
     HELD_OUT_COMBINATIONS,
     SHAPES,
     Scene,
+    vocabulary,
 )
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def previous_version(out: Path) -> int:
+    """The version of the model at `out` before this run replaces it (0 when there is none, or none recorded)."""
+    try:
+        return int(json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("version", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,7 +141,7 @@ def stage_vae(args, stages: Stages, images: np.ndarray, scenes: list[Scene]):
             vae = AutoencoderKL.from_pretrained(args.init_from / "vae", torch_dtype=torch.float32).eval()
         else:
             torch.manual_seed(args.seed + 1)
-            vae = architecture.build_vae()
+            vae = architecture.build_vae(architecture.TOY)
             pretraining.train_vae(vae, images, scenes, steps=args.vae_steps, batch_size=16, seed=args.seed + 1,
                                   progress=not args.no_progress)
         latents = pretraining.encode(vae, images, progress=not args.no_progress)  # all: the pattern phases use the rest
@@ -147,7 +159,7 @@ def stage_denoiser(args, stages: Stages, latents: torch.Tensor, scenes: list[Sce
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = args.work / "denoiser"
-    tokenizer = architecture.build_tokenizer()
+    tokenizer = build_tokenizer(vocabulary())
     if not stages.done("denoiser"):
         started = time.perf_counter()
         torch.manual_seed(args.seed + 2)
@@ -157,8 +169,9 @@ def stage_denoiser(args, stages: Stages, latents: torch.Tensor, scenes: list[Sce
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(args.init_from / "text_encoder_2",
                                                                          torch_dtype=torch.float32)
         else:
-            text_encoder, text_encoder_2 = architecture.build_text_encoders(tokenizer)
-            unet = architecture.build_unet()
+            text_encoder = architecture.build_text_encoder(architecture.TOY, tokenizer, second=False)
+            text_encoder_2 = architecture.build_text_encoder(architecture.TOY, tokenizer, second=True)
+            unet = architecture.build_unet(architecture.TOY)
         noise_scheduler = DDPMScheduler.from_config(architecture.build_scheduler().config)
         solid = list(range(args.pretraining_images))
         with_patterns = solid + pattern_phase_scenes(scenes, args.pretraining_images) * PATTERN_REPEATS
@@ -228,7 +241,7 @@ def stage_judge(args, stages: Stages, images: np.ndarray, scenes: list[Scene], v
         started = time.perf_counter()
         rng = np.random.default_rng(args.seed + 3)
         chosen = np.sort(rng.choice(len(images), size=min(args.judge_round_trips, len(images)), replace=False))
-        round_trips = pretraining.round_trip(vae, images[chosen], progress=not args.no_progress)
+        round_trips = round_trip(vae, images[chosen], progress=not args.no_progress)
         torch.manual_seed(args.seed + 3)
         judge = Judge()
         regen_scenes = [scenes[i] for i in regen_chosen]
@@ -246,7 +259,7 @@ def stage_judge(args, stages: Stages, images: np.ndarray, scenes: list[Scene], v
                                                               progress=False)
         accuracy = pretraining.judge_accuracy(judge, test_images, test_scenes)
         accuracy["vae_round_trip"] = pretraining.judge_accuracy(
-            judge, pretraining.round_trip(vae, test_images[:500], progress=False), test_scenes[:500])
+            judge, round_trip(vae, test_images[:500], progress=False), test_scenes[:500])
         accuracy["regenerated"] = pretraining.judge_accuracy(judge, regen_test, regen_test_scenes)
         # Context is meaningless here; shape, colours and pattern must not move with the background.
         accuracy["recoloured_background"] = pretraining.judge_accuracy(
@@ -266,7 +279,7 @@ def seen_combinations(count: int) -> list[tuple[str, str, str]]:
 
 
 def stage_eval(args, stages: Stages, pipeline, judge):
-    from waveft_train.sampling import make_grid
+    from waveft_train.adapter.sampling import make_grid
     from waveft_train.toy.evaluate import prompt_accuracy
 
     path = args.work / "prompt_accuracy.json"
@@ -303,7 +316,7 @@ def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accura
                                               **half)
     pipeline.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):  # transformers 4.x's CLIPTokenizer reads these; 5.x writes only tokenizer.json
-        architecture.write_tokenizer_files(out / name)
+        write_tokenizer_files(out / name, vocabulary())
     prefix_text_model_keys(out / "text_encoder" / "model.safetensors")
     drop_local_paths(out)
     save_judge(judge, out / JUDGE_FOLDER, judge_accuracy)
@@ -313,7 +326,10 @@ def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accura
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
         "what": "the toy-world SDXL pipeline (diffusers folder, fp16 safetensors) and its judge; see waveft_train/toy",
-        "command": "python scripts/pretrain_toy.py" + "".join(" " + shlex.quote(a) for a in reproducing(argv)),
+        # Each retrain adds ~12 MB to git history for good: the version says which model a checkout holds, and a
+        # commit that ships a new one says why (docs/toy-world.md).
+        "version": previous_version(out) + 1,
+        "command": "python -m scripts.pretrain_toy" + "".join(" " + shlex.quote(a) for a in reproducing(argv)),
         "seed": args.seed,
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
                      if "--" + key.replace("_", "-") not in UNRECORDED},

@@ -32,7 +32,7 @@ def tiny_model_dir(waveft_cache_dir: Path) -> Path:
 
     It is the session cache's own copy, so `model.pretrained: tiny` resolves to this same folder.
     """
-    from waveft_train.tiny import tiny_model_dir as cached_tiny_model_dir
+    from waveft_train.models.tiny import tiny_model_dir as cached_tiny_model_dir
 
     return cached_tiny_model_dir(waveft_cache_dir)
 
@@ -40,7 +40,7 @@ def tiny_model_dir(waveft_cache_dir: Path) -> Path:
 @pytest.fixture
 def tiny_components(tiny_model_dir: Path):
     """Freshly loaded fp32 SDXLComponents of the tiny model (function scope: tests may modify the modules)."""
-    from waveft_train.models import load_components
+    from waveft_train.models.loading import load_components
 
     return load_components(str(tiny_model_dir))
 

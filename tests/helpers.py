@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from waveft_train.cli import main
+from waveft_train.cli.main import main
 
 
 def run_cli(args: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

@@ -15,7 +15,7 @@ from benchmarks.quality import adapted_layers, attach, sweep_score
 
 @pytest.fixture(scope="module")
 def toy_unet():
-    from waveft_train.models import load_unet
+    from waveft_train.models.loading import load_unet
 
     return load_unet("toy")
 

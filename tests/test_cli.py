@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from waveft_train import cli
-from waveft_train.errors import UserError
+from waveft_train.cli import main as cli
+from waveft_train.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT = REPO / "tests" / "data" / "subject"
@@ -185,7 +185,7 @@ def test_missing_optional_optimizer_is_named(tmp_path, capsys):
 def test_out_of_memory_is_one_paragraph_with_what_to_change(tmp_path, capsys, monkeypatch):
     import torch
 
-    from waveft_train import trainer
+    from waveft_train.train import loop as trainer
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
@@ -198,7 +198,7 @@ def test_out_of_memory_is_one_paragraph_with_what_to_change(tmp_path, capsys, mo
 def test_full_disk_outside_checkpoints_is_one_paragraph(tmp_path, capsys, monkeypatch):
     import errno
 
-    from waveft_train import run
+    from waveft_train.train import run
 
     def full_disk(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -225,7 +225,7 @@ def test_usage_errors_exit_2_with_the_usage_and_no_traceback(args, capsys):
 
 def test_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
     """A shell's `train && export` must not go on after an interrupted run."""
-    from waveft_train import trainer
+    from waveft_train.train import loop as trainer
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

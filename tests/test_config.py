@@ -13,7 +13,7 @@ import yaml
 
 from waveft_train.config import (TrainConfig, WaveFTSection, config_fingerprint, config_from_mapping, dump_config,
                                  load_config, starter_config_text)
-from waveft_train.errors import UserError
+from waveft_train.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = """\
@@ -510,15 +510,16 @@ def test_starter_text_loads_and_documents_every_key(tmp_path: Path) -> None:
 
 
 def test_docs_are_generated_from_the_field_descriptions() -> None:
-    """Each key is documented once (its pydantic description); README table and starter.yaml are generated from it."""
+    """Each key is documented once (its pydantic description); docs/config.md's table and starter.yaml are generated
+    from it."""
     from waveft_train.config import docs
 
     for section, model in TrainConfig.model_fields.items():
         for name, field in model.annotation.model_fields.items():
             assert field.description and len(field.description) > 12, f"{section}.{name} is undocumented"
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert docs.replace_between_markers(readme, docs.config_reference_markdown()) == readme, (
-        "README's config reference is stale: run python -m waveft_train.config.docs")
+    reference = docs.REFERENCE_PATH.read_text(encoding="utf-8")
+    assert docs.replace_between_markers(reference, docs.config_reference_markdown()) == reference, (
+        "docs/config.md is stale: run python -m waveft_train.config.docs")
     assert starter_config_text() == docs.starter_yaml(), "starter.yaml is stale: run python -m waveft_train.config.docs"
     rows = [line for line in docs.config_reference_markdown().splitlines() if line.startswith("| `")]
     assert len(rows) == sum(len(model.annotation.model_fields) for model in TrainConfig.model_fields.values())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from waveft_train.files import (
+from waveft_train.common.files import (
     apply_default_permissions,
     atomic_write_text,
     current_umask,
@@ -80,7 +80,7 @@ def test_apply_default_permissions_fixes_a_private_tree(umask, tmp_path):
 
 
 def test_the_tiny_model_cache_is_readable_like_normal_files(umask, tmp_path):
-    from waveft_train.tiny import tiny_model_dir
+    from waveft_train.models.tiny import tiny_model_dir
 
     file_mode, folder_mode = plain_modes(tmp_path)
     folder = tiny_model_dir(tmp_path / "cache")
@@ -90,8 +90,8 @@ def test_the_tiny_model_cache_is_readable_like_normal_files(umask, tmp_path):
 
 
 def test_make_folder_names_what_is_in_the_way(tmp_path):
-    from waveft_train.errors import UserError
-    from waveft_train.files import make_folder
+    from waveft_train.common.errors import UserError
+    from waveft_train.common.files import make_folder
 
     make_folder(tmp_path / "a" / "b", "output.dir")  # missing parents are made
     assert (tmp_path / "a" / "b").is_dir()

@@ -20,11 +20,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import run_cli as shared_run_cli
-from waveft_train import checkpoint, run
+from waveft_train.train import checkpoint
+from waveft_train.train import run
 from waveft_train.config import load_config
-from waveft_train.errors import UserError
-from waveft_train.images import UnconvertibleImage, load_images, to_rgb, validate_image_folder
-from waveft_train.lock import FolderLock
+from waveft_train.common.errors import UserError
+from waveft_train.data.images import UnconvertibleImage, load_images, to_rgb, validate_image_folder
+from waveft_train.common.lock import FolderLock
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"
@@ -156,7 +157,7 @@ def test_non_utf8_metadata_names_file_and_line(tmp_path):
 
 
 def test_blank_captions_and_tiny_images_are_named_in_warnings(tmp_path, caplog):
-    from waveft_train.images import warn_about_small_images
+    from waveft_train.data.images import warn_about_small_images
 
     shutil.copy(SUBJECT / "ball_01.png", tmp_path / "a.png")
     Image.new("RGB", (1, 1), "red").save(tmp_path / "dot.png")
@@ -309,7 +310,9 @@ def test_export_to_a_full_disk_is_exit_2_naming_the_path(adapter_dir, tmp_path, 
 def test_final_adapter_and_class_images_on_a_full_disk_name_the_path(tmp_path, capsys, monkeypatch):
     import errno
 
-    from waveft_train import adapter_files, prior
+    from waveft_train.adapter import files as adapter_files
+
+    from waveft_train.data import prior
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -342,7 +345,7 @@ def test_sample_refuses_a_scale_that_turns_the_grid_black(adapter_dir, tmp_path,
 def test_prompts_past_clips_window_are_named_with_what_is_cut(tiny_model_dir, caplog):
     from transformers import CLIPTokenizer
 
-    from waveft_train.encode import warn_about_long_prompts
+    from waveft_train.data.encode import warn_about_long_prompts
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     long = "a photo of sks dog " + " ".join(["on the beach"] * 30) + " wearing a red hat"

@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import run_cli
-from waveft_train.adapters import export_merged, load_adapter_unet
-from waveft_train.export_formats import export_file
-from waveft_train.unet_names import UNetNames
+from waveft_train.adapter.load import export_merged, load_adapter_unet
+from waveft_train.adapter.export import export_file
+from waveft_train.models.unet_names import UNetNames
 from waveft_train.waveft import register
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -182,7 +182,7 @@ def test_comfyui_file_is_fp16_by_default_with_metadata(adapters, tiny_model_dir,
 @pytest.fixture(scope="module")
 def pipeline(tiny_model_dir):
     """One tiny SDXL pipeline for every LoRA load here (each test unfuses and unloads what it loaded)."""
-    from waveft_train.models import build_pipeline, load_components
+    from waveft_train.models.loading import build_pipeline, load_components
 
     return build_pipeline(load_components(str(tiny_model_dir)))
 
@@ -203,7 +203,7 @@ def lora_applied_by_diffusers(path: Path, pipeline, unet_inputs):
 
 @pytest.fixture(scope="module")
 def updates(adapters):
-    from waveft_train.export_formats import adapter_updates
+    from waveft_train.adapter.export import adapter_updates
 
     return adapter_updates(adapters["none"], None)[3]
 
@@ -243,7 +243,7 @@ def test_lora_file_through_diffusers_matches_within_its_recorded_error(
 
 
 def test_low_rank_errors_are_the_singular_value_tails():
-    from waveft_train.export_formats import low_rank
+    from waveft_train.adapter.export import low_rank
 
     torch.manual_seed(0)
     delta = torch.randn(48, 40)

@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from benchmarks.memory_tracking import LiveBytes
-from waveft_train.memory import GiB, estimate_training_memory, sizes_of, smallest_gpu
+from waveft_train.train.memory import GiB, estimate_training_memory, sizes_of, smallest_gpu
 
 TOLERANCE = 0.10  # relative, on the training step's total (resident state + the step's peak); measured: 1-3 %
-SDXL_BASE = {  # the SDXL-base UNet with waveft-train's default adapter (n_frequency 2592 on 560 attention linears)
+SDXL_RECIPE = {  # the SDXL-base UNet with waveft-train's default adapter (n_frequency 2592 on 560 attention linears)
     "unet_params": 2_567_463_684, "trainable_params": 560 * 2592, "adapter_buffer_bytes": 173 * 2**20,
 }  # fmt: skip
 
 
 def sdxl_unet_config() -> dict:
-    from benchmarks.sdxl import SDXL_UNET_CONFIG
+    from waveft_train.models.architecture import SDXL_BASE
 
-    return dict(SDXL_UNET_CONFIG)
+    return dict(SDXL_BASE.unet)
 
 
 def measured_step(tiny_model_dir, *, latent: int, batch: int, gradient_checkpointing: bool):
@@ -98,7 +98,7 @@ def test_sizes_of_counts_the_adapter_on_the_meta_device():
 
 
 def estimate(**overrides) -> dict:
-    return estimate_training_memory(sdxl_unet_config(), **{**SDXL_BASE, **overrides})
+    return estimate_training_memory(sdxl_unet_config(), **{**SDXL_RECIPE, **overrides})
 
 
 def test_the_papers_recipe_fits_in_12_gb_by_the_estimate():
@@ -146,14 +146,14 @@ def sdxl_config_folder(tmp_path, tiny_model_dir, *, vae_force_upcast: bool):
     import json
     import shutil
 
-    from benchmarks.sdxl import SDXL_UNET_CONFIG, TEXT_ENCODER_2_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG
+    from waveft_train.models.architecture import SDXL_BASE
 
     folder = tmp_path / "sdxl-configs"
     shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
-    configs = {"unet": {"_class_name": "UNet2DConditionModel", **SDXL_UNET_CONFIG},
-               "text_encoder": {"architectures": ["CLIPTextModel"], **TEXT_ENCODER_CONFIG},
-               "text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"], **TEXT_ENCODER_2_CONFIG},
-               "vae": {"_class_name": "AutoencoderKL", **VAE_CONFIG, "force_upcast": vae_force_upcast}}
+    configs = {"unet": {"_class_name": "UNet2DConditionModel", **SDXL_BASE.unet},
+               "text_encoder": {"architectures": ["CLIPTextModel"], **SDXL_BASE.text_encoder},
+               "text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"], **SDXL_BASE.text_encoder_2},
+               "vae": {"_class_name": "AutoencoderKL", **SDXL_BASE.vae, "force_upcast": vae_force_upcast}}
     for name, config in configs.items():
         (folder / name / "config.json").write_text(json.dumps(config))
     return folder

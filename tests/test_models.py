@@ -17,9 +17,9 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from waveft_train import tiny
-from waveft_train.errors import UserError
-from waveft_train.models import SDXLComponents, build_pipeline, load_components, resolve_pretrained
+from waveft_train.models import tiny
+from waveft_train.common.errors import UserError
+from waveft_train.models.loading import SDXLComponents, build_pipeline, load_components, resolve_pretrained
 
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from waveft_train import cli, run
-from waveft_train.adapter_files import PREDICTION_TYPE_KEY, read_adapter
+from waveft_train.cli import main as cli
+
+from waveft_train.train import run
+from waveft_train.adapter.files import PREDICTION_TYPE_KEY, read_adapter
 from waveft_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +51,7 @@ def test_the_adapter_records_a_prediction_type_that_differs_from_its_base(v_adap
 def test_sample_and_the_merged_export_use_it(v_adapter, tmp_path):
     from diffusers import EulerDiscreteScheduler
 
-    from waveft_train.adapters import load_adapter_unet
+    from waveft_train.adapter.load import load_adapter_unet
 
     components, _ = load_adapter_unet(v_adapter, None)
     assert components.scheduler.config.prediction_type == "v_prediction"  # what `sample` builds its pipeline with

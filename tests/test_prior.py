@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from waveft_train.errors import UserError
-from waveft_train.models import build_pipeline
-from waveft_train.prior import (
+from waveft_train.common.errors import UserError
+from waveft_train.models.loading import build_pipeline
+from waveft_train.data.prior import (
     GENERATED_NAME,
     MANIFEST_NAME,
     GenerationSettings,
@@ -209,7 +209,7 @@ def test_corrupt_manifest_is_tolerated(tmp_path: Path, tiny_components, caplog: 
     (class_dir / MANIFEST_NAME).write_text("{not json", encoding="utf-8")
 
     factory = CountingFactory(tiny_components)
-    with caplog.at_level(logging.WARNING, logger="waveft_train.prior"):
+    with caplog.at_level(logging.WARNING, logger="waveft_train.data.prior"):
         again = ensure(class_dir, factory, num_images=2)
 
     assert "cannot be read" in caplog.text and str(class_dir / MANIFEST_NAME) in caplog.text
@@ -220,7 +220,7 @@ def test_corrupt_manifest_is_tolerated(tmp_path: Path, tiny_components, caplog: 
     (class_dir / MANIFEST_NAME).write_text(json.dumps({"version": 99, "images": []}), encoding="utf-8")
     caplog.clear()
     factory = CountingFactory(tiny_components)
-    with caplog.at_level(logging.WARNING, logger="waveft_train.prior"):
+    with caplog.at_level(logging.WARNING, logger="waveft_train.data.prior"):
         assert ensure(class_dir, factory, num_images=2) == images
     assert "version-1 manifest" in caplog.text and factory.calls == 0
 
@@ -246,7 +246,7 @@ def test_returned_list_length_and_order(tmp_path: Path, tiny_components, caplog:
     assert ensure(class_dir, refuse_pipeline, num_images=2) == sorted(user)[:2]
 
     factory = CountingFactory(tiny_components)
-    with caplog.at_level(logging.INFO, logger="waveft_train.prior"):
+    with caplog.at_level(logging.INFO, logger="waveft_train.data.prior"):
         images = ensure(class_dir, factory, num_images=6)
     assert "3 provided, 0 generated earlier with these settings; generating 3" in caplog.text
     assert images == sorted(user) + [class_dir / name for name in generated_names(3)]
@@ -312,7 +312,7 @@ def test_share_missing_after_the_barrier_is_a_user_error(tmp_path: Path, tiny_co
 def test_toy_class_images_are_keyed_on_the_weights_not_only_the_folder(tmp_path: Path, monkeypatch) -> None:
     """The bundled toy model's folder stays put when a release retrains it: class images it drew before must not be
     reused, so its identity carries a hash of the manifest's file hashes."""
-    from waveft_train import toy
+    from waveft_train.models import builtin as toy
     from waveft_train.config import ModelSection
 
     folder = str(toy.toy_model_dir())

@@ -16,7 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from waveft_train import checkpoint, cli, run, trainer
+from waveft_train.train import checkpoint
+
+from waveft_train.cli import main as cli
+
+from waveft_train.train import run
+
+from waveft_train.train import loop as trainer
 from waveft_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from waveft_train import checkpoint, run
+from waveft_train.train import checkpoint
+
+from waveft_train.train import run
 from waveft_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +124,7 @@ def test_two_processes_then_a_resume_on_one_give_the_1x_batch_2_adapter(referenc
 
 
 def test_a_different_global_batch_is_refused_on_resume(reference, class_dir, tmp_path):
-    from waveft_train.errors import UserError
+    from waveft_train.common.errors import UserError
 
     output_dir = tmp_path / "run"
     run.train_from_config(load_config(DEMO, overrides(output_dir, class_dir, **{"train.max_steps": 2})),

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from waveft_train import run
+from waveft_train.train import run
 from waveft_train.config import load_config
-from waveft_train.model_card import model_card, stock_peft_caveats
+from waveft_train.train.model_card import model_card, stock_peft_caveats
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"
@@ -105,7 +105,7 @@ def test_adapter_loads_in_stock_peft_and_changes_the_unet(tmp_path, class_dir):
 
     output_dir = train(tmp_path / "run", class_dir)
     adapter_dir = output_dir / "adapter"
-    from waveft_train.tiny import tiny_model_dir
+    from waveft_train.models.tiny import tiny_model_dir
 
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == "tiny"  # not this machine's cache folder: the adapter stays usable elsewhere (`sample` resolves it)
@@ -144,8 +144,8 @@ class SplitUNet(torch.nn.Module):
 def test_prior_preservation_loss_split_and_per_example_noise():
     from diffusers import DDPMScheduler
 
-    from waveft_train.encode import UNetInputs
-    from waveft_train.trainer import LoopSettings, batch_generators, diffusion_loss, example_generator
+    from waveft_train.data.encode import UNetInputs
+    from waveft_train.train.loop import LoopSettings, batch_generators, diffusion_loss, example_generator
 
     inputs = UNetInputs(latents=torch.randn(4, 4, 8, 8), prompt_embeds=torch.zeros(4, 77, 64), pooled=torch.zeros(4, 32),
                         time_ids=torch.zeros(4, 6), num_instance=2)
@@ -168,11 +168,11 @@ def test_prior_preservation_loss_split_and_per_example_noise():
 def test_cached_and_uncached_conditioning_give_the_same_loss(tmp_path, class_dir):
     from diffusers import DDPMScheduler
 
-    from waveft_train.data import DreamBoothDataset, collate
-    from waveft_train.encode import Conditioning
-    from waveft_train.images import images_from_files, load_images
-    from waveft_train.models import load_components
-    from waveft_train.trainer import LoopSettings, batch_generators, diffusion_loss
+    from waveft_train.data.dataset import DreamBoothDataset, collate
+    from waveft_train.data.encode import Conditioning
+    from waveft_train.data.images import images_from_files, load_images
+    from waveft_train.models.loading import load_components
+    from waveft_train.train.loop import LoopSettings, batch_generators, diffusion_loss
 
     config = load_config(DEMO, fast_overrides(tmp_path, class_dir))
     components = load_components(config.model.pretrained)
@@ -228,7 +228,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, class_dir, monkey
 
 
 def test_output_dir_with_another_run_is_refused_unless_forced(tmp_path, class_dir):
-    from waveft_train.errors import UserError
+    from waveft_train.common.errors import UserError
 
     output_dir = train(tmp_path / "run", class_dir, **{"train.max_steps": 2, "validation.every": 0})
     other = load_config(DEMO, fast_overrides(output_dir, class_dir, **{"train.learning_rate": 5e-4}))
@@ -241,8 +241,8 @@ def test_output_dir_with_another_run_is_refused_unless_forced(tmp_path, class_di
 def test_a_run_that_fails_while_loading_changes_nothing_in_the_output_folder(tmp_path, class_dir, monkeypatch):
     """--force replaces the previous run only once the new one has loaded; a failed start leaves no config.yaml
     behind that would refuse the corrected rerun."""
-    from waveft_train import models
-    from waveft_train.errors import UserError
+    from waveft_train.models import loading as models
+    from waveft_train.common.errors import UserError
 
     output_dir = train(tmp_path / "run", class_dir, **{"train.max_steps": 1, "validation.every": 0})
     before = {name: (output_dir / name).read_bytes() for name in files_under(output_dir)}
@@ -288,7 +288,7 @@ def test_every_shipped_config_validates(path):
 
 
 def test_params_reports_layers_and_lora_rank():
-    from waveft_train.params import describe_parameters
+    from waveft_train.train.params import describe_parameters
 
     config = load_config(DEMO)
     text = describe_parameters(config.model, config.waveft)
@@ -299,8 +299,8 @@ def test_params_reports_layers_and_lora_rank():
 
 
 def test_params_applies_n_frequency_pattern_and_refuses_keys_that_match_nothing():
-    from waveft_train.errors import UserError
-    from waveft_train.params import describe_parameters
+    from waveft_train.common.errors import UserError
+    from waveft_train.train.params import describe_parameters
 
     pattern = "waveft.n_frequency_pattern={attn2.to_k: 16, down_blocks.1.attentions.0.*: 32}"
     config = load_config(DEMO, [pattern])
@@ -337,7 +337,7 @@ def test_fp16_mixed_precision_with_fp32_weights_on_the_cpu_warns_and_trains_in_f
 @pytest.mark.parametrize("dtype, mixed_precision", [("fp16", "fp16"), ("fp16", "bf16"), ("bf16", "fp16")])
 def test_fp16_on_the_cpu_is_refused_before_any_model_loads(tmp_path, class_dir, dtype, mixed_precision):
     """On the CPU these combinations used to crash at the first step with a dtype mismatch (exit 1)."""
-    from waveft_train.errors import UserError
+    from waveft_train.common.errors import UserError
 
     with pytest.raises(UserError, match="fp16 needs a GPU.*On the CPU use train.mixed_precision: bf16"):
         train(tmp_path / "run", class_dir, **{"model.dtype": dtype, "train.mixed_precision": mixed_precision})
@@ -381,8 +381,8 @@ def test_extra_trainable_parameters_train_in_float32(tiny_model_dir):
     """bias: all makes base biases trainable; kept in bf16, an Adam step of 1e-3 would round away."""
     from peft import WaveFTConfig
 
-    from waveft_train.models import load_components
-    from waveft_train.optim import trainable_parameters_in_float32
+    from waveft_train.models.loading import load_components
+    from waveft_train.train.optim import trainable_parameters_in_float32
     from waveft_train.waveft import register
 
     register()
@@ -427,7 +427,7 @@ def test_waveft_only_trains_the_adapted_layers_biases_and_stock_peft_loads_them(
     from diffusers import UNet2DConditionModel
     from peft import PeftModel
 
-    from waveft_train.tiny import tiny_model_dir
+    from waveft_train.models.tiny import tiny_model_dir
     from waveft_train.waveft import register, unregister
 
     output_dir = train(tmp_path / "run", class_dir, **{"waveft.bias": "waveft_only", "train.max_steps": 2,

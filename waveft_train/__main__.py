@@ -1,4 +1,4 @@
-from waveft_train.cli import main
+from waveft_train.cli.main import main
 
 if __name__ == "__main__":
     main()

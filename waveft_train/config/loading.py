@@ -21,8 +21,9 @@ from pydantic import ValidationError
 from waveft_train.config.errors import format_validation_error, is_section, problems_text, shown, without_none, \
     yaml_error_text
 from waveft_train.config.schema import SECTIONS, TrainConfig
-from waveft_train.errors import UserError
-from waveft_train.paths import EMBEDDED_MODELS, resolve_local_or_hub
+from waveft_train.common.errors import UserError
+from waveft_train.common.paths import resolve_local_or_hub
+from waveft_train.models.builtin import BUILTIN_MODELS
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def _resolve_paths(config: TrainConfig, file_dir: Path, overridden: set[str]) ->
         return Path.cwd() if key in overridden else file_dir
 
     model = config.model.model_copy(update={
-        "pretrained": resolve_local_or_hub(config.model.pretrained, base("model.pretrained"), EMBEDDED_MODELS),
+        "pretrained": resolve_local_or_hub(config.model.pretrained, base("model.pretrained"), BUILTIN_MODELS),
         "vae": resolve_local_or_hub(config.model.vae, base("model.vae"))})
     data = config.data.model_copy(update={
         "instance_dir": resolve_local_or_hub(config.data.instance_dir, base("data.instance_dir"))})

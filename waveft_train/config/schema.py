@@ -2,7 +2,7 @@
 
 Why typed and strict: a typo must fail in the first second of a GPU run, with a message that names the key and
 suggests the fix, instead of being silently ignored. Every section rejects unknown keys, true/false where a number
-belongs, and non-finite numbers. Each field's `description` is its one documentation: the README's config
+belongs, and non-finite numbers. Each field's `description` is its one documentation: the config
 reference and `waveft-train init`'s starter config are generated from it (`config/docs.py`). Torch-free.
 """
 
@@ -80,7 +80,7 @@ class ModelSection(Section):
     """Which SDXL to personalize, in which precision."""
 
     pretrained: str = doc("tiny", "`tiny` (embedded test model, random weights), `toy` (the pretrained toy-world model, "
-                          "see the README's Toy world), a hub id, or a local diffusers folder", example="stabilityai/stable-diffusion-xl-base-1.0",
+                          "see docs/toy-world.md), a hub id, or a local diffusers folder", example="stabilityai/stable-diffusion-xl-base-1.0",
                           min_length=1)
     revision: str | None = doc(None, "hub branch, tag or commit of `model.pretrained`")
     vae: str | None = doc(None, "a separate AutoencoderKL (hub id or folder); the stock SDXL VAE overflows in fp16, so "

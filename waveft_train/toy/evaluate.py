@@ -68,7 +68,7 @@ def sample(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, steps: int
     """Batched sampling; image i starts from the noise of a CPU generator seeded with seeds[i]."""
     import torch
 
-    from waveft_train.sampling import default_image_size
+    from waveft_train.adapter.sampling import default_image_size
 
     size = default_image_size(pipeline)
     chunks = []
@@ -167,8 +167,7 @@ def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> floa
     """`subject_fidelity_ceiling`: the judge's subject reading of the subject's renders after decode(encode(·))."""
     import numpy as np
 
-    from waveft_train.toy.judge import judge_images
-    from waveft_train.toy.pretraining import round_trip
+    from waveft_train.toy.judge import judge_images, round_trip
 
     renders = [image for index, context in enumerate(contexts)
                for image in subject_renders(subject, context, CEILING_RENDERS_PER_CONTEXT, (11, index))]
@@ -285,8 +284,8 @@ def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSe
     Without `base_samples`, the base model's samples (and `described`, its described_subject_fidelity) come from
     `unet` with its peft adapters disabled; with them, `described` is reported only when given.
     """
-    from waveft_train.adapters import adapters_disabled
-    from waveft_train.models import build_pipeline
+    from waveft_train.adapter.load import adapters_disabled
+    from waveft_train.models.loading import build_pipeline
 
     pipeline = build_pipeline(components, unet=unet)
     unet.eval()
@@ -325,7 +324,7 @@ def evaluate_adapter(adapter_dir: Path | str, *, subject: Subject | None = None,
     """Score a saved adapter trained on `toy` (see the module docstring for the keys)."""
     import torch
 
-    from waveft_train.adapters import load_adapter_unet
+    from waveft_train.adapter.load import load_adapter_unet
     from waveft_train.toy.judge import load_judge
 
     adapter_dir = Path(adapter_dir)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from waveft_train.toy.world import COLOURS, CONTEXTS, PATTERNS, SHAPES, Scene
 
@@ -172,7 +173,7 @@ def load_judge(folder: Path | None = None) -> Judge:
     """The committed judge (next to the toy pipeline), in float32 and eval mode."""
     from safetensors.torch import load_file
 
-    from waveft_train.toy import toy_model_dir
+    from waveft_train.models.builtin import toy_model_dir
 
     folder = Path(folder) if folder is not None else toy_model_dir() / JUDGE_FOLDER
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
@@ -181,3 +182,19 @@ def load_judge(folder: Path | None = None) -> Judge:
              for name, tensor in load_file(str(folder / WEIGHTS_NAME)).items()}
     judge.load_state_dict(state)
     return judge.eval()
+
+
+# ----------------------------------------------------------------------------------------------- the VAE's view
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def round_trip(vae, images: np.ndarray, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """decode(encode(images)) as uint8: what the VAE (on any device, in any dtype) makes of each scene."""
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc="vae round trips", disable=not progress):
+        pixels = to_pixels(images[start:start + batch_size]).to(vae.device, vae.dtype)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.float().cpu()
+        out.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)

@@ -37,7 +37,7 @@ Subject images for waveft-train's toy world: {description}, {count} shots.
 These images are procedurally rendered by waveft_train/toy (numpy only, fixed seed); they are not photographs.
 Regenerate them with:
 
-    python scripts/make_demo_subject.py --subject {name} --out <folder>
+    python -m scripts.make_demo_subject --subject {name} --out <folder>
 
 License: CC0 1.0 Universal (public domain dedication),
 https://creativecommons.org/publicdomain/zero/1.0/

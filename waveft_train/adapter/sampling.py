@@ -171,7 +171,7 @@ def base_and_adapter_grid(pipeline: StableDiffusionXLPipeline, unet: torch.nn.Mo
 
     The base model's rows do not change during a run: pass the returned `base_rows` back to reuse them.
     """
-    from waveft_train.adapters import adapters_disabled
+    from waveft_train.adapter.load import adapters_disabled
 
     adapted = generate_grid_images(pipeline, prompts, seeds, **options)
     if base_rows is None:

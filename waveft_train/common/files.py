@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from waveft_train.errors import UserError
+from waveft_train.common.errors import UserError
 
 
 def current_umask() -> int:

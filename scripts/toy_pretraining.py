@@ -1,4 +1,4 @@
-"""Training the toy pipeline and its judge from scratch (driven by scripts/pretrain_toy.py).
+"""Training the toy pipeline and its judge from scratch (driven by `python -m scripts.pretrain_toy`).
 
 Why here and not in the script: the stages are plain functions of (data, steps, seed), so they can be read, reused
 and smoke-tested on their own; the script only orders them, caches their results and writes the folder + manifest.
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from waveft_train.toy.judge import round_trip, to_pixels
 from waveft_train.toy.world import (
     IMAGE_SIZE,
     Scene,
@@ -74,10 +75,6 @@ def render_dataset(count: int, pretraining_count: int, seed: int, *, workers: in
             bar.update(len(parts[-1]))
     bar.close()
     return np.concatenate(parts), scenes
-
-
-def to_pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def _cosine(step: int, steps: int, peak: float, warmup: int, floor: float = 0.1) -> float:
@@ -140,21 +137,10 @@ def train_vae(vae, images: np.ndarray, scenes: Sequence[Scene], *, steps: int, b
 
 @torch.no_grad()
 def encode(vae, images: np.ndarray, batch_size: int = 128, progress: bool = True) -> torch.Tensor:
-    """Unscaled posterior means (as waveft_train.encode takes them), (N, 4, 16, 16) float32."""
+    """Unscaled posterior means (as waveft_train.data.encode takes them), (N, 4, 16, 16) float32."""
     latents = [vae.encode(to_pixels(images[start:start + batch_size])).latent_dist.mean
                for start in tqdm(range(0, len(images), batch_size), desc="encoding", disable=not progress)]
     return torch.cat(latents)
-
-
-@torch.no_grad()
-def round_trip(vae, images: np.ndarray, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """decode(encode(images)) as uint8: what the VAE (on any device, in any dtype) makes of each scene."""
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc="vae round trips", disable=not progress):
-        pixels = to_pixels(images[start:start + batch_size]).to(vae.device, vae.dtype)
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.float().cpu()
-        out.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------------------------- denoiser

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from waveft_train.adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_tensors, read_json, safetensors_problem,
+from waveft_train.adapter.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_tensors, read_json, safetensors_problem,
                                         write_adapter_files)
-from waveft_train.errors import UserError
-from waveft_train.files import atomic_folder, is_leftover, write_bytes_synced
+from waveft_train.common.errors import UserError
+from waveft_train.common.files import atomic_folder, is_leftover, write_bytes_synced
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def finished_step(output_dir: Path, max_steps: int) -> int | None:
 
 def why_not_continue(output_dir: Path, *, image_manifest: Mapping[str, str], global_batch: int, layout: str) -> str | None:
     """Why this run cannot continue the newest checkpoint (other subject photos, another global batch), or None."""
-    from waveft_train.images import manifest_changes
+    from waveft_train.data.images import manifest_changes
 
     latest = find_latest_checkpoint(output_dir)
     if latest is None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from waveft_train.errors import UserError
+from waveft_train.common.errors import UserError
 
 LOCK_NAME = ".waveft-train.lock"
 

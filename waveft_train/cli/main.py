@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from waveft_train.errors import RunInterrupted, UserError
+from waveft_train.common.errors import RunInterrupted, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -55,7 +55,7 @@ def train(
         raise UserError("No config given. Run `waveft-train --config configs/demo.yaml`, or `waveft-train init` "
                         "to write a documented starter config; `waveft-train --help` lists every command.")
     from waveft_train.config import load_config
-    from waveft_train.run import train_from_config
+    from waveft_train.train.run import train_from_config
 
     train_from_config(load_config(config, overrides or ()), force=force)
 
@@ -68,8 +68,8 @@ def params(
     """Show per-layer n_frequency, trainable parameters, the LoRA rank with the same budget and the GPU memory the
     run needs (an estimate), without loading weights."""
     from waveft_train.config import load_config
-    from waveft_train.params import describe_memory, describe_parameters
-    from waveft_train.preflight import adapter_on_meta_unet
+    from waveft_train.train.params import describe_memory, describe_parameters
+    from waveft_train.train.preflight import adapter_on_meta_unet
 
     loaded = load_config(config, overrides or ())
     unet = adapter_on_meta_unet(loaded.model, loaded.waveft)
@@ -85,7 +85,7 @@ def init(
 ) -> None:
     """Write a documented starter config."""
     from waveft_train.config import starter_config_text
-    from waveft_train.files import atomic_write_text, make_folder
+    from waveft_train.common.files import atomic_write_text, make_folder
 
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the path of the config file to write, e.g. {path / 'waveft.yaml'}.")
@@ -100,7 +100,7 @@ def init(
 
 
 def _register_adapter_commands() -> None:
-    from waveft_train.cli_adapters import evaluate, export, sample
+    from waveft_train.cli.adapters import evaluate, export, sample
 
     app.command(help=sample.__doc__)(sample)
     app.command(help=export.__doc__)(export)

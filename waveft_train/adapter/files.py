@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from waveft_train.errors import UserError
-from waveft_train.files import atomic_folder, write_bytes_synced
+from waveft_train.common.errors import UserError
+from waveft_train.common.files import atomic_folder, write_bytes_synced
 
 if TYPE_CHECKING:
     from peft import WaveFTConfig

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from waveft_train.config import ModelSection, TrainSection
-from waveft_train.errors import UserError
+from waveft_train.common.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from waveft_train.encode import Conditioning, UNetInputs
-from waveft_train.errors import UserError
+from waveft_train.data.encode import Conditioning, UNetInputs
+from waveft_train.common.errors import UserError
 
 
 class TrainingDiverged(UserError):

@@ -13,8 +13,8 @@ from typing import List, Optional
 
 import typer
 
-from waveft_train.errors import UserError
-from waveft_train.files import save_png_atomically, writing
+from waveft_train.common.errors import UserError
+from waveft_train.common.files import save_png_atomically, writing
 
 COMPARE_GROUP_GAP = 16  # white pixels between the base model's images and the adapter's in --compare-base grids
 SAMPLE_DTYPES = ("auto", "fp16", "bf16", "fp32")
@@ -69,9 +69,9 @@ def sample(
     With --compare-base each row holds the base model's N images, a 16-pixel white gap, then the adapter's N
     images for the same seeds. The same seed gives the same starting noise on every device.
     """
-    from waveft_train.models import build_pipeline
-    from waveft_train.adapters import adapters_disabled, load_adapter_unet
-    from waveft_train.sampling import NonFiniteImage, default_image_size, generate_grid_images, make_grid
+    from waveft_train.models.loading import build_pipeline
+    from waveft_train.adapter.load import adapters_disabled, load_adapter_unet
+    from waveft_train.adapter.sampling import NonFiniteImage, default_image_size, generate_grid_images, make_grid
 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end with .png (the grid is written as a PNG image).")
@@ -154,12 +154,12 @@ def export(
         if given:
             raise UserError(f"{', '.join(given)} apply to --format comfyui or lora (one .safetensors file); "
                             "--format diffusers writes the merged UNet folder.")
-        from waveft_train.adapters import export_merged
+        from waveft_train.adapter.load import export_merged
 
         written = export_merged(adapter, out, base=base, dtype=dtype, force=force)
         typer.echo(f"Wrote the merged UNet to {written}.")
         return
-    from waveft_train.export_formats import export_file
+    from waveft_train.adapter.export import export_file
 
     result = export_file(adapter, out, format=format, base=base, dtype=dtype, naming=naming or "diffusers",
                          rank=rank, max_error=max_error, force=force)
@@ -220,7 +220,7 @@ def _run_device(device: str | None) -> str:
 def _sample_dtype(name: str, device: str):
     import torch
 
-    from waveft_train.models import DTYPES
+    from waveft_train.models.loading import DTYPES
 
     if name not in SAMPLE_DTYPES:
         raise UserError(f"Unknown --dtype '{name}'; allowed: {', '.join(SAMPLE_DTYPES)}.")
@@ -255,8 +255,9 @@ def evaluate(
     """
     import json
 
-    from waveft_train.adapters import read_adapter
-    from waveft_train.files import atomic_write_text, make_folder
+    from waveft_train.adapter.load import read_adapter
+    from waveft_train.common.files import atomic_write_text, make_folder
+    from waveft_train.models.builtin import is_toy_model
     from waveft_train.toy.evaluate import EvalSettings, evaluate_adapter
 
     if out is not None and out.suffix.lower() != ".json":
@@ -265,7 +266,7 @@ def evaluate(
         raise UserError(f"--guidance {guidance} is not a finite number; give a real number, e.g. --guidance 5.0.")
     files = read_adapter(adapter)
     base_name = base or files.config.base_model_name_or_path or ""
-    if not _is_toy_model(base_name):
+    if not is_toy_model(base_name):
         raise UserError(
             f"`waveft-train evaluate` measures adapters trained on the toy model, but {adapter} was trained on "
             f"'{base_name or 'an unnamed base model'}'. Its judge only knows the toy world's scenes; train with "
@@ -288,18 +289,6 @@ def evaluate(
     summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f}{ceiling.get(key, '')})"
                         for key in keys)
     typer.echo(f"{chosen.name}: {summary}" + (f"; wrote {out}" if out is not None else ""))
-
-
-def _is_toy_model(name: str) -> bool:
-    from waveft_train.toy import TOY_MODEL_NAME, toy_model_dir
-
-    if name.strip() == TOY_MODEL_NAME:
-        return True
-    folder = Path(name).expanduser()
-    manifest = folder / "manifest.json"
-    reference = toy_model_dir() / "manifest.json"
-    return folder.is_dir() and manifest.is_file() and reference.is_file() and \
-        manifest.read_bytes() == reference.read_bytes()
 
 
 def _evaluation_subject(adapter: Path, subject: Optional[str]):

@@ -24,8 +24,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageOps
 
-from waveft_train.errors import UserError
-from waveft_train.paths import is_hidden, is_local
+from waveft_train.common.errors import UserError
+from waveft_train.common.paths import is_hidden, is_local
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from waveft_train.errors import RunInterrupted
+from waveft_train.common.errors import RunInterrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -40,7 +40,7 @@ class GracefulStop:
     def _handle(self, number: int, frame: FrameType | None) -> None:
         name = signal.Signals(number).name
         if self.received is not None:
-            from waveft_train.checkpoint import find_latest_checkpoint
+            from waveft_train.train.checkpoint import find_latest_checkpoint
 
             latest = find_latest_checkpoint(self.output_dir)
             where = f"rerunning the same command resumes from {latest}" if latest else "no checkpoint was written yet"
@@ -64,7 +64,7 @@ class GracefulStop:
         number = self.agreed(accelerator)
         if number is None:
             return
-        from waveft_train.checkpoint import find_latest_checkpoint
+        from waveft_train.train.checkpoint import find_latest_checkpoint
 
         latest = find_latest_checkpoint(self.output_dir)
         done = f"after step {saved}, with a checkpoint ({latest})" if saved else "before training further"

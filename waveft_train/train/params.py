@@ -4,7 +4,7 @@ architecture on the meta device (no weights load)."""
 from __future__ import annotations
 
 from waveft_train.config import DataSection, ModelSection, PriorSection, TrainSection, ValidationSection, WaveFTSection
-from waveft_train.preflight import adapter_on_meta_unet
+from waveft_train.train.preflight import adapter_on_meta_unet
 
 
 def describe_parameters(model: ModelSection, waveft: WaveFTSection, unet=None) -> str:
@@ -30,9 +30,9 @@ def describe_parameters(model: ModelSection, waveft: WaveFTSection, unet=None) -
 def describe_memory(model: ModelSection, data: DataSection, prior: PriorSection, train: TrainSection,
                     validation: ValidationSection, unet) -> str:
     """The device memory a run of this config needs per process, by phase, and the smallest GPU that holds it
-    (`waveft_train.memory`'s estimate, fitted to fake-tensor counts of CUDA's allocations; BENCHMARKS.md §3).
+    (`waveft_train.train.memory`'s estimate, fitted to fake-tensor counts of CUDA's allocations; BENCHMARKS.md §3).
     `unet`: the config's UNet with its adapter, on the meta device (`adapter_on_meta_unet`)."""
-    from waveft_train import memory
+    from waveft_train.train import memory
 
     sizes = _component_sizes(model)
     weight = model.dtype  # "fp32" / "fp16" / "bf16", the names memory.BYTES uses
@@ -75,7 +75,7 @@ def _component_sizes(model: ModelSection) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from waveft_train.models import resolve_pretrained, resolve_vae
+    from waveft_train.models.loading import resolve_pretrained, resolve_vae
 
     path = resolve_pretrained(model.pretrained)
     # the trainer's own rules: a separate VAE is an AutoencoderKL folder, a pipeline folder's vae/, or a hub id
@@ -85,7 +85,7 @@ def _component_sizes(model: ModelSection) -> dict:
         text_configs = [CLIPTextConfig.from_pretrained(path, subfolder=folder, revision=model.revision)
                         for folder in ("text_encoder", "text_encoder_2")]
     except (OSError, ValueError):  # a hub model not in the cache: SDXL-base's sizes
-        from waveft_train import memory
+        from waveft_train.train import memory
         return {"text_encoder_params": memory.SDXL_TEXT_ENCODER_PARAMS, "vae_params": memory.SDXL_VAE_PARAMS,
                 "vae_scale_factor": 8, "vae_force_upcast": model.vae is None}
     with init_empty_weights():

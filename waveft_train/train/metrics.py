@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from waveft_train.files import atomic_write_text
+from waveft_train.common.files import atomic_write_text
 
 
 class MetricsLog:

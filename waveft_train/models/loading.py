@@ -15,17 +15,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from waveft_train.errors import UserError
-from waveft_train.paths import written_as_path
-from waveft_train.tiny import tiny_model_dir
-from waveft_train.toy import TOY_MODEL_NAME, toy_model_dir
+from waveft_train.common.errors import UserError
+from waveft_train.common.paths import written_as_path
+from waveft_train.models.tiny import tiny_model_dir
+from waveft_train.models.builtin import BUILTIN_MODELS, TINY_MODEL_NAME, TOY_MODEL_NAME, toy_model_dir
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TINY_MODEL_NAME = "tiny"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype names configs and flags use
 ALLOWED_MODELS = (
     "`tiny` (the embedded test model), `toy` (the pretrained toy-world model), a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0, "
@@ -268,7 +267,7 @@ def load_components(
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
         model_path=model_path,
-        base_model_name=str(pretrained).strip() if str(pretrained).strip() in (TINY_MODEL_NAME, TOY_MODEL_NAME)
+        base_model_name=str(pretrained).strip() if str(pretrained).strip() in BUILTIN_MODELS
         else model_path,
         vae_scaling_factor=float(vae_model.config.scaling_factor),
         vae_force_upcast=bool(getattr(vae_model.config, "force_upcast", True)),

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
-from waveft_train.checkpoint import finished_step
-from waveft_train.errors import UserError
-from waveft_train.files import atomic_write_text, make_folder, save_png_atomically, write_atomically, writing
-from waveft_train.models import DTYPES
-from waveft_train.preflight import (adapter_on_meta_unet, check_optional_dependencies, check_vae,
+from waveft_train.train.checkpoint import finished_step
+from waveft_train.common.errors import UserError
+from waveft_train.common.files import atomic_write_text, make_folder, save_png_atomically, write_atomically, writing
+from waveft_train.models.loading import DTYPES
+from waveft_train.train.preflight import (adapter_on_meta_unet, check_optional_dependencies, check_vae,
                                     checkpoint_is_another_run, clear_previous_run, holds_other_run, validate_inputs)
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class DreamBoothRun:
         self.global_batch = train.batch_size * train.gradient_accumulation * int(os.environ.get("WORLD_SIZE", "1"))
 
     def run(self) -> Path:
-        from waveft_train.stopping import GracefulStop
+        from waveft_train.train.stopping import GracefulStop
 
         with GracefulStop(self.output_dir) as self.stop:
             if self.preflight():
@@ -87,7 +87,7 @@ class DreamBoothRun:
         check_optional_dependencies(config.train)
         adapter_on_meta_unet(config.model, config.waveft)  # target_modules, n_frequency against the architecture
         check_vae(config.model)
-        from waveft_train.images import image_manifest, load_images, warn_about_small_images
+        from waveft_train.data.images import image_manifest, load_images, warn_about_small_images
 
         self.instance_images = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
                                            default_prompt=config.data.instance_prompt)
@@ -101,9 +101,9 @@ class DreamBoothRun:
 
     def setup(self) -> None:
         """Collective. Load and build everything; only then touch the output folder (resume or take it over)."""
-        from waveft_train.launch import make_accelerator
-        from waveft_train.model_card import stock_peft_caveats
-        from waveft_train.models import load_components
+        from waveft_train.train.launch import make_accelerator
+        from waveft_train.train.model_card import stock_peft_caveats
+        from waveft_train.models.loading import load_components
 
         config = self.config
         self.accelerator = make_accelerator(config.train, config.model, self.output_dir)
@@ -111,7 +111,7 @@ class DreamBoothRun:
         # folder fails in seconds, and a refused run leaves no stray folders.
         make_folder(self.output_dir, "output.dir")
         if self.accelerator.is_main_process:  # one writer per output folder; the other processes never write there
-            from waveft_train.lock import FolderLock
+            from waveft_train.common.lock import FolderLock
 
             self.lock = FolderLock(self.output_dir, what="training run")
             self.lock.acquire()
@@ -127,7 +127,7 @@ class DreamBoothRun:
         self.prediction_type = config.train.prediction_type or self.components.scheduler.config.get(
             "prediction_type", "epsilon")
         if self.accelerator.is_main_process:
-            from waveft_train.encode import warn_about_long_prompts
+            from waveft_train.data.encode import warn_about_long_prompts
 
             class_prompt = [("prior.class_prompt", config.prior.class_prompt)] if config.prior.enabled else []
             warn_about_long_prompts([*zip(self.instance_images.names(), self.instance_images.prompts), *class_prompt,
@@ -143,7 +143,7 @@ class DreamBoothRun:
         self.accelerator.wait_for_everyone()
         self.start_step = self.step = self._resume()
         if self.accelerator.is_main_process:
-            from waveft_train.metrics import MetricsLog
+            from waveft_train.train.metrics import MetricsLog
 
             with writing(self.output_dir / "config.yaml", "the run's resolved config"):
                 atomic_write_text(self.output_dir / "config.yaml", dump_config(config))
@@ -156,7 +156,7 @@ class DreamBoothRun:
     def _check_shared_storage(self) -> None:
         """Collective. Several processes (or machines) need output.dir and prior.class_dir on storage they all see:
         the main process writes checkpoints that every process resumes from, and each writes its share of class images."""
-        from waveft_train.launch import check_shared_folders
+        from waveft_train.train.launch import check_shared_folders
 
         folders = {"output.dir": self.output_dir}
         if self.config.prior.enabled:
@@ -165,14 +165,14 @@ class DreamBoothRun:
 
     def _setup_data(self) -> None:
         """Class images (generated where missing), the DreamBooth pairing, and the conditioning that owns caches."""
-        from waveft_train.data import DreamBoothDataset
-        from waveft_train.images import images_from_files
-        from waveft_train.encode import Conditioning
+        from waveft_train.data.dataset import DreamBoothDataset
+        from waveft_train.data.images import images_from_files
+        from waveft_train.data.encode import Conditioning
 
         data, prior, main = self.config.data, self.config.prior, self.accelerator.is_main_process
         class_images = None
         if prior.enabled:  # collective: every process generates its share of the missing class images
-            from waveft_train.prior import class_images_for_run
+            from waveft_train.data.prior import class_images_for_run
 
             files = class_images_for_run(prior, self.config.model, self.components, resolution=data.resolution,
                                          seed=self.config.train.seed, accelerator=self.accelerator,
@@ -191,7 +191,7 @@ class DreamBoothRun:
         from peft import WaveFTConfig
 
         from waveft_train import waveft
-        from waveft_train.optim import make_lr_scheduler, make_optimizer, trainable_parameters_in_float32
+        from waveft_train.train.optim import make_lr_scheduler, make_optimizer, trainable_parameters_in_float32
 
         train = self.config.train
         waveft.register()
@@ -210,7 +210,7 @@ class DreamBoothRun:
 
     def _resume(self) -> int:
         """Load the newest checkpoint that loads (damaged ones are named and skipped); the step to continue from."""
-        from waveft_train import checkpoint
+        from waveft_train.train import checkpoint
 
         for folder in checkpoint.newest_checkpoints(self.output_dir):
             try:
@@ -222,7 +222,7 @@ class DreamBoothRun:
         return 0
 
     def _continue_from(self, folder: Path, adapter: dict, state: dict) -> int:
-        from waveft_train.adapter_files import load_adapter_weights_into
+        from waveft_train.adapter.files import load_adapter_weights_into
 
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"The checkpoint {folder} was written by a run with a different config; use another "
@@ -245,7 +245,7 @@ class DreamBoothRun:
     # ------------------------------------------------------------------------------------------ training
     def train(self) -> None:
         """Collective. The loop; after each step: log (main), checkpoint and validate when due (both collective)."""
-        from waveft_train.trainer import LoopSettings, training_steps
+        from waveft_train.train.loop import LoopSettings, training_steps
 
         config, accelerator = self.config, self.accelerator
         train = config.train
@@ -282,7 +282,7 @@ class DreamBoothRun:
         """This process's endless batches, starting where step `start_step` left off."""
         from torch.utils.data import DataLoader
 
-        from waveft_train.data import StepBatchSampler, collate
+        from waveft_train.data.dataset import StepBatchSampler, collate
 
         train, accelerator, examples = self.config.train, self.accelerator, self.conditioning.examples
         sampler = StepBatchSampler(
@@ -303,7 +303,7 @@ class DreamBoothRun:
 
     def save_checkpoint(self, step: int) -> None:
         """Collective. Adapter + training state under checkpoints/step-NNNNNN, written atomically by the main process."""
-        from waveft_train import checkpoint
+        from waveft_train.train import checkpoint
 
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
@@ -339,8 +339,8 @@ class DreamBoothRun:
 
     def validate(self, step: int) -> None:
         """Collective. samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, same seeds."""
-        from waveft_train.models import build_pipeline
-        from waveft_train.sampling import NonFiniteImage, base_and_adapter_grid
+        from waveft_train.models.loading import build_pipeline
+        from waveft_train.adapter.sampling import NonFiniteImage, base_and_adapter_grid
 
         config, accelerator = self.config, self.accelerator
         accelerator.wait_for_everyone()
@@ -369,9 +369,9 @@ class DreamBoothRun:
     # ------------------------------------------------------------------------------------------ the end
     def finish(self) -> None:
         """Collective (one barrier). The final adapter (model card, last sample grid) and summary.json."""
-        from waveft_train.adapter_files import save_adapter
-        from waveft_train.metrics import peak_memory_bytes
-        from waveft_train.model_card import model_card
+        from waveft_train.adapter.files import save_adapter
+        from waveft_train.train.metrics import peak_memory_bytes
+        from waveft_train.train.model_card import model_card
 
         accelerator, config = self.accelerator, self.config
         accelerator.wait_for_everyone()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from waveft_train.config import (DataSection, ModelSection, PriorSection, TrainSection, WaveFTSection,
                                  config_fingerprint, load_config)
-from waveft_train.errors import UserError
-from waveft_train.paths import is_local
+from waveft_train.common.errors import UserError
+from waveft_train.common.paths import is_local
 
 RUN_OUTPUTS = ("checkpoints", "samples", "adapter", "metrics.jsonl", "summary.json")  # what a run writes
 
@@ -63,7 +63,7 @@ def clear_previous_run(output_dir: Path) -> None:
 
 def validate_inputs(data: DataSection, prior: PriorSection) -> None:
     """Missing, empty or corrupt image folders fail in seconds (a hub dataset id is checked when it loads)."""
-    from waveft_train.images import validate_image_folder
+    from waveft_train.data.images import validate_image_folder
 
     if is_local(data.instance_dir):
         validate_image_folder(Path(data.instance_dir), config_key="data.instance_dir", role="instance")
@@ -91,7 +91,7 @@ def adapter_on_meta_unet(model: ModelSection, waveft: WaveFTSection):
     from peft import WaveFTConfig, inject_adapter_in_model
 
     from waveft_train import waveft as tuner
-    from waveft_train.models import ALLOWED_MODELS, first_line, offline_note, resolve_pretrained
+    from waveft_train.models.loading import ALLOWED_MODELS, first_line, offline_note, resolve_pretrained
 
     path = resolve_pretrained(model.pretrained)
     try:
@@ -134,7 +134,7 @@ def check_pattern_keys(keys: list[str], adapted: list[str], model_name: str) -> 
 def check_vae(model: ModelSection) -> None:
     """A wrong model.vae fails now, not after the base model has loaded."""
     if model.vae is not None:
-        from waveft_train.models import resolve_vae
+        from waveft_train.models.loading import resolve_vae
 
         resolve_vae(model.vae)
 
@@ -143,7 +143,7 @@ def checkpoint_is_another_run(output_dir: Path, image_manifest: dict[str, str], 
                               train: TrainSection, *, force: bool) -> bool:
     """Whether the newest checkpoint belongs to a run this one cannot continue (other subject photos, another
     global batch): with --force it is replaced (True); without, refused."""
-    from waveft_train.checkpoint import why_not_continue
+    from waveft_train.train.checkpoint import why_not_continue
 
     problem = why_not_continue(output_dir, image_manifest=image_manifest, global_batch=global_batch,
                                layout=f"train.batch_size {train.batch_size} × train.gradient_accumulation "

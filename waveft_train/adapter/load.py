@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from waveft_train.adapter_files import ADAPTER_CONFIG, AdapterFiles, check_fit, read_adapter
-from waveft_train.errors import UserError
-from waveft_train.files import atomic_folder, writing
-from waveft_train.lock import FolderLock
-from waveft_train.models import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_scheduler, load_unet
+from waveft_train.adapter.files import ADAPTER_CONFIG, AdapterFiles, check_fit, read_adapter
+from waveft_train.common.errors import UserError
+from waveft_train.common.files import atomic_folder, writing
+from waveft_train.common.lock import FolderLock
+from waveft_train.models.loading import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_scheduler, load_unet
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
-EMBEDDED_MODELS = ("tiny", "toy")  # model.pretrained keywords for the models waveft-train ships or builds
 
 
 def written_as_path(name: str) -> bool:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from waveft_train.buckets import bucket_sizes, cover_size, nearest_bucket
-from waveft_train.images import ImageSet, to_rgb
+from waveft_train.data.buckets import bucket_sizes, cover_size, nearest_bucket
+from waveft_train.data.images import ImageSet, to_rgb
 
 _ROLE_IDS = {"instance": 0, "class": 1}
 

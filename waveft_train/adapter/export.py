@@ -32,8 +32,8 @@ from typing import Any, Optional
 
 import torch
 
-from waveft_train.errors import UserError
-from waveft_train.unet_names import NAMINGS, UNetNames, kohya_key
+from waveft_train.common.errors import UserError
+from waveft_train.models.unet_names import NAMINGS, UNetNames, kohya_key
 
 FILE_FORMATS = ("comfyui", "lora")
 FORMAT_KEY = "waveft.format"  # marks a file as written here: --force replaces only such files
@@ -73,7 +73,7 @@ class ExportResult:
 
 def check_options(format: str, dtype: str, naming: str, rank: int | None, max_error: float | None) -> None:
     """The option errors a user can make, raised before any model loads."""
-    from waveft_train.models import DTYPES
+    from waveft_train.models.loading import DTYPES
 
     if format not in FILE_FORMATS:
         raise UserError(f"Unknown --format '{format}'; allowed: diffusers (a merged UNet folder), {', '.join(FILE_FORMATS)}.")
@@ -124,7 +124,7 @@ def check_target(out: Path, adapter_dir: Path, force: bool) -> None:
 
 def adapter_updates(adapter_dir: Path | str, base: str | None) -> tuple[Any, str, Any, list[LayerUpdate]]:
     """(adapter files, base model name, UNet config, the update of every adapted layer)."""
-    from waveft_train.adapters import load_adapted_unet
+    from waveft_train.adapter.load import load_adapted_unet
     from waveft_train.waveft import WaveFTLayer
 
     adapter, base_name, base_values, model = load_adapted_unet(adapter_dir, base)
@@ -190,7 +190,7 @@ def _finite(tensor: torch.Tensor, what: str, dtype: str) -> torch.Tensor:
 
 
 def comfyui_tensors(updates: list[LayerUpdate], key_of, dtype: str) -> dict[str, torch.Tensor]:
-    from waveft_train.models import DTYPES
+    from waveft_train.models.loading import DTYPES
 
     tensors = {}
     for update in updates:
@@ -203,7 +203,7 @@ def comfyui_tensors(updates: list[LayerUpdate], key_of, dtype: str) -> dict[str,
 
 def lora_tensors(updates: list[LayerUpdate], key_of, dtype: str, rank: int | None, max_error: float | None):
     """(tensors, per-layer errors, per-layer ranks, alpha), keyed by kohya module key."""
-    from waveft_train.models import DTYPES
+    from waveft_train.models.loading import DTYPES
 
     with_bias = [update.name for update in updates if update.bias is not None]
     if with_bias:
@@ -291,7 +291,7 @@ def export_file(
     """
     from safetensors.torch import save
 
-    from waveft_train.files import write_atomically, writing
+    from waveft_train.common.files import write_atomically, writing
 
     out_path = Path(out).expanduser()
     check_options(format, dtype, naming, rank, max_error)
