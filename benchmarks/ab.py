@@ -96,13 +96,14 @@ def main(argv=None) -> dict:
             x = torch.randn(tokens, in_features, requires_grad=True)
             grad = torch.randn(tokens, out_features)
 
-            def step(module):
+            def step(module, x=x, grad=grad):
                 x.grad = None
                 for parameter in module.parameters():
                     parameter.grad = None
                 module(x).backward(grad)
 
-            times = time_interleaved(lambda label: step(modules[label]), list(modules), args.rounds, cold=args.cold)
+            times = time_interleaved(lambda label, modules=modules: step(modules[label]), list(modules), args.rounds,
+                                     cold=args.cold)
 
             old, new = median_ratio(times, "old", "frozen"), median_ratio(times, "new", "frozen")
             new_vs_old = median_ratio(times, "new", "old")

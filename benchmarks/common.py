@@ -22,10 +22,10 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 

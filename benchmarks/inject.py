@@ -11,8 +11,8 @@ from diffusers import UNet2DConditionModel
 from peft import WaveFTConfig, inject_adapter_in_model
 
 from benchmarks.common import add_json_argument, command_line, machine, write_results
-from waveft_train.models.architecture import SDXL_BASE, TARGETS
 from waveft_train import waveft
+from waveft_train.models.architecture import SDXL_BASE, TARGETS
 
 
 def main(argv=None) -> dict:

@@ -309,14 +309,16 @@ def main(argv=None) -> dict:
     for name in chosen:
         summary = results["shapes"][name]
         tokens, in_features, out_features = SHAPES[name]
-        print(f"\n## {name}  (T, d_in, d_out) = {SHAPES[name]}, LoRA rank {lora_rank(args.n_frequency, in_features, out_features)}")
+        rank = lora_rank(args.n_frequency, in_features, out_features)
+        print(f"\n## {name}  (T, d_in, d_out) = {SHAPES[name]}, LoRA rank {rank}")
         for method in methods:
             row = summary[method]
             memory = ""
             if "peak_step_MiB" in row:
                 memory = f"  step peak {row['peak_step_MiB']:8.2f} MiB  adapter {row['adapter_resident_KiB']:8.1f} KiB"
             print(f"  {method:16s} {row['median_ms']:9.3f} ms  x{row['ratio_to_frozen']:.3f} frozen{memory}")
-        print(f"  ours vs reference: {summary['ours_vs_reference_speedup']}x faster; ours/lora time {summary['ours_vs_lora_time']}")
+        print(f"  ours vs reference: {summary['ours_vs_reference_speedup']}x faster; "
+              f"ours/lora time {summary['ours_vs_lora_time']}")
     speedups = [results["shapes"][n]["ours_vs_reference_speedup"] for n in chosen]
     results["geomean_speedup_vs_reference"] = round(statistics.geometric_mean(speedups), 2)
     print(f"\ngeometric mean speed-up of ours over the reference: {results['geomean_speedup_vs_reference']}x")

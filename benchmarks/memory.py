@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import add_json_argument, command_line, machine, return_freed_memory_to_system, write_results
-from benchmarks.memory_runs import DTYPES, GiB, METHODS, Session, Step, other_components, unet_config
+from benchmarks.memory_runs import DTYPES, METHODS, GiB, Session, Step, other_components, unet_config
 from waveft_train.train.memory import device_need  # the allowance `waveft-train params` uses: slack + CUDA context
 
 # ---- the table ----------------------------------------------------------------------------------------------------

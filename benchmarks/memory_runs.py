@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.memory_tracking import (
-    LiveBytes,
-    cuda_like_kernels,
-    fake_weights,
-    module_tensors,
-    reference_without_bounds_mask,
-)
+from benchmarks.memory_tracking import LiveBytes, cuda_like_kernels, fake_weights, module_tensors, reference_without_bounds_mask
 from waveft_train.models.architecture import SDXL_BASE
 
 GiB = 2**30

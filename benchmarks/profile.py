@@ -23,14 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import layer
-from benchmarks.common import (
-    add_json_argument,
-    command_line,
-    machine,
-    sampled_kernel,
-    synchronize,
-    write_results,
-)
+from benchmarks.common import add_json_argument, command_line, machine, sampled_kernel, synchronize, write_results
 from waveft_train.waveft import functional
 
 METHODS = ("frozen", "lora", "ours", "ours-gather", "ours-csr", "ours-dense")

@@ -17,9 +17,9 @@ layer; LoRA gets rank = budget, which cannot go below 1, so its 0.5× cell is ra
 fine-tuning trains every weight and bias of the same linears (one run, shown once).
 
 Every method trains through the trainer's own `DreamBoothRun` (class images, data, caches, loss, prior loss, loop),
-configured by configs/demo.yaml; a subclass swaps only the adapter. Results are kept in `--out`/results.json (a rerun
-skips finished cells; the cell key has no step count, so use one --out per --steps) and the table, built from every
-finished cell at the chosen rates, goes to `--out`/table.md.
+configured by configs/demo.yaml; only the run's declared `method` differs (waveft_train/train/methods.py). Results
+are kept in `--out`/results.json (a rerun skips finished cells; the cell key has no step count, so use one --out per
+--steps) and the table, built from every finished cell at the chosen rates, goes to `--out`/table.md.
 """
 
 from __future__ import annotations
@@ -29,9 +29,21 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from peft import LoraConfig, WaveFTConfig
+
+from waveft_train import waveft
+from waveft_train.config import load_config
+from waveft_train.models.loading import build_pipeline, load_components
+from waveft_train.toy.evaluate import EvalSettings, described_fidelity, evaluate_unet, sample_both
+from waveft_train.toy.judge import load_judge
+from waveft_train.toy.subjects import SUBJECTS, write_instance_photos
+from waveft_train.train.run import DreamBoothRun
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -42,8 +54,6 @@ KEYS = ("subject_fidelity", "subject_similarity", "class_subject_similarity", "c
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from waveft_train.toy.subjects import SUBJECTS
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", nargs="+", default=list(SUBJECTS), choices=list(SUBJECTS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -66,8 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def demo_recipe(args) -> dict:
     """The demo config's training recipe (steps, batch, scaling, prior), which every method shares here."""
-    from waveft_train.config import load_config
-
     config = load_config(REPO / "configs" / "demo.yaml")
     return {"steps": args.steps or config.train.max_steps, "batch_size": args.batch_size or config.train.batch_size,
             "gradient_accumulation": config.train.gradient_accumulation, "scaling": config.waveft.scaling,
@@ -94,15 +102,10 @@ def attach(method: str, unet, budget: float, scaling: float) -> dict:
             layer.requires_grad_(True)
         note = ""
     elif method == "lora":
-        from peft import LoraConfig
-
         rank = max(1, round(budget))
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS), init_lora_weights=True))
         note = f"rank {rank}" + (" (LoRA cannot go below rank 1: 2x the budget)" if budget < 1 else "")
     else:
-        from peft import WaveFTConfig
-
-        from waveft_train import waveft
 
         waveft.register()
         pattern = {re.escape(name): max(1, round(budget * (layer.in_features + layer.out_features)))
@@ -114,40 +117,20 @@ def attach(method: str, unet, budget: float, scaling: float) -> dict:
     return {"trainable_params": count, "rank1_units": round(count / rank1, 3), "note": note}
 
 
-def method_run_class():
-    """A DreamBoothRun whose adapter is the method's: the trainer's own data, caches, loss and loop for every method.
-    It keeps the trained UNet in memory and writes no checkpoints or adapter (LoRA and full weights are not WaveFT)."""
-    from waveft_train.train.run import DreamBoothRun
+@dataclass
+class Method:
+    """One method at one budget, as the run's `TrainingMethod` (waveft_train/train/methods.py): the trainer's own data,
+    caches, loss and loop for every method. It saves nothing (LoRA and full weights are not WaveFT adapters): the
+    trained UNet stays in memory for the evaluation."""
 
-    class MethodRun(DreamBoothRun):
-        def __init__(self, config, method: str, budget: float):
-            super().__init__(config, force=True, progress=False)
-            self.method, self.budget = method, budget
+    name: str
+    budget: float
+    scaling: float
+    facts: dict = field(default_factory=dict)  # what `attach` reports, for the table
+    saves_adapter: ClassVar[bool] = False
 
-        def _setup_adapter(self) -> None:
-            from waveft_train.train.optim import (
-                make_lr_scheduler,
-                make_optimizer,
-                trainable_parameters_in_float32,
-            )
-
-            unet = self.components.unet.to(self.accelerator.device)
-            self.facts = attach(self.method, unet, self.budget, self.config.waveft.scaling)
-            self.trainable = trainable_parameters_in_float32(unet)
-            optimizer = make_optimizer(self.config.train, self.trainable)
-            self.lr_scheduler = make_lr_scheduler(self.config.train, optimizer)
-            self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
-
-        def _resume(self) -> int:
-            return 0
-
-        def save_checkpoint(self, step: int) -> None:
-            pass
-
-        def finish(self) -> None:
-            pass
-
-    return MethodRun
+    def attach(self, unet) -> None:
+        self.facts = attach(self.name, unet, self.budget, self.scaling)
 
 
 # ----------------------------------------------------------------------------------------------- one run
@@ -155,9 +138,6 @@ class World:
     """What every run shares: the toy components (for the base model's samples), the judge, subject photos."""
 
     def __init__(self, args, recipe: dict):
-        from waveft_train.models.loading import load_components
-        from waveft_train.toy.judge import load_judge
-
         self.args, self.recipe = args, recipe
         self.components = load_components("toy", weight_dtype=torch.float32)
         self.judge = load_judge()
@@ -165,22 +145,16 @@ class World:
         self.described: dict[str, float] = {}  # the base model's described_subject_fidelity per subject
 
     def subject_folder(self, subject) -> Path:
-        from waveft_train.toy.subjects import write_instance_photos
-
         folder = self.args.out / "subjects" / subject.name
         if not (folder / "subject.json").exists():
             write_instance_photos(subject, folder)
         return folder
 
     def settings(self):
-        from waveft_train.toy.evaluate import EvalSettings
-
         return EvalSettings(seeds=self.args.eval_seeds, class_seeds=self.args.eval_class_seeds)
 
     def config(self, subject, key: str, lr: float, prior: bool):
         """configs/demo.yaml, pointed at the subject, with the method's learning rate and no grids or checkpoints."""
-        from waveft_train.config import load_config
-
         safe_key = re.sub(r"[^A-Za-z0-9_.=-]+", "_", key)
         overrides = {
             "output.dir": self.args.out / "runs" / safe_key, "data.instance_dir": self.subject_folder(subject),
@@ -192,15 +166,9 @@ class World:
         return load_config(REPO / "configs" / "demo.yaml", [f"{name}={value}" for name, value in overrides.items()])
 
     def run(self, subject, method: str, budget: float, lr: float, prior: bool, key: str) -> dict:
-        from waveft_train.models.loading import build_pipeline
-        from waveft_train.toy.evaluate import (
-            described_fidelity,
-            evaluate_unet,
-            sample_both,
-        )
-
         started = time.perf_counter()
-        run = method_run_class()(self.config(subject, key, lr, prior), method, budget)
+        trained = Method(method, budget, self.recipe["scaling"])
+        run = DreamBoothRun(self.config(subject, key, lr, prior), force=True, progress=False, method=trained)
         run.run()
         trained_seconds = time.perf_counter() - started
         if subject.name not in self.base_samples:  # the base model's samples, once per subject
@@ -212,7 +180,7 @@ class World:
                                    base_samples=self.base_samples[subject.name],
                                    described=self.described[subject.name])
         metrics.pop("judgements")
-        return {"subject": subject.name, "method": method, "budget": budget, "lr": lr, "prior": prior, **run.facts,
+        return {"subject": subject.name, "method": method, "budget": budget, "lr": lr, "prior": prior, **trained.facts,
                 "final_loss": run.final_loss, "train_seconds": round(trained_seconds, 1),
                 "seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
 
@@ -263,7 +231,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from waveft_train.toy.subjects import SUBJECTS
 
     started = time.perf_counter()
     recipe = demo_recipe(args)
@@ -280,7 +247,7 @@ def main(argv=None) -> None:
         scores = {}
         for lr in lrs[method]:
             runs = [results.get_or_run(key := cell_key(name, method, 1.0, lr, True),
-                                       lambda: world.run(SUBJECTS[name], method, 1.0, lr, True, key))
+                                       partial(world.run, SUBJECTS[name], method, 1.0, lr, True, key))
                     for name in args.sweep_subjects]
             scores[lr] = sum(sweep_score(run["metrics"]) for run in runs) / len(runs)
         chosen[method] = max(scores, key=lambda lr: (scores[lr], -lr))
@@ -292,7 +259,7 @@ def main(argv=None) -> None:
                 for name in args.subjects:
                     lr = chosen[method]
                     key = cell_key(name, method, budget or 1.0, lr, prior)
-                    results.get_or_run(key, lambda: world.run(SUBJECTS[name], method, budget or 1.0, lr, prior, key))
+                    results.get_or_run(key, partial(world.run, SUBJECTS[name], method, budget or 1.0, lr, prior, key))
     cells = [run for run in results.data["runs"].values() if run["lr"] == chosen.get(run["method"])
              and run["subject"] in args.subjects]  # every finished cell at the chosen rates, this call's and earlier
     cells.sort(key=lambda run: (not run["prior"], METHODS.index(run["method"]), run["budget"],

@@ -7,7 +7,8 @@ frozen base layers of one UNet; every round swaps each method in and times one s
 Models:
 - tiny: the embedded tiny SDXL UNet (waveft_train.models.tiny), 32x32 latents.
 - sdxl: the SDXL-base UNet *architecture* (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json values written
-  in waveft_train/models/architecture.py; nothing is downloaded) with random weights; 2.57 B parameters. `--transformer-layers` can reduce its
+  in waveft_train/models/architecture.py; nothing is downloaded) with random weights; 2.57 B parameters.
+  `--transformer-layers` can reduce its
   transformer depth; the output then says so.
 
 Reported per method: median step time, its ratio to LoRA's and to the reference's (medians over rounds of per-round
@@ -111,7 +112,8 @@ class Methods:
         self.targets = target_linears(unet)
         sizes = sum(base.in_features + base.out_features for _, _, base in self.targets)
         self.lora_rank = max(1, round(args.n_frequency * len(self.targets) / sizes))
-        self.wrappers = {m: [make_wrapper(m, base, args, self.lora_rank).to(args.device) for _, _, base in self.targets] for m in methods}
+        self.wrappers = {m: [make_wrapper(m, base, args, self.lora_rank).to(args.device) for _, _, base in self.targets]
+                         for m in methods}
         self.optimizers = {m: torch.optim.AdamW(self.parameters(m), lr=1e-4) for m in methods}
 
     def parameters(self, method: str) -> list[nn.Parameter]:

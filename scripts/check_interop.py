@@ -44,8 +44,8 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
-    from waveft_train.adapter.load import export_merged, read_adapter
     from waveft_train.adapter.export import export_file
+    from waveft_train.adapter.load import export_merged, read_adapter
     from waveft_train.models.loading import build_pipeline, load_components, load_unet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from waveft_train.toy.subjects import DEMO_SUBJECT, SUBJECTS, write_instance_photos
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def write_demo_subject(out_dir: Path, subject: str = DEMO_SUBJECT) -> list[Path]:
     """Write the subject's PNGs, subject.json, metadata.jsonl and LICENSE.txt to out_dir; return the image paths."""

@@ -11,14 +11,9 @@ which resumes from its last saved step); --fresh starts over. The denoiser train
 objects only; the pattern phases (--pattern-steps 9000 13000) then add the world's patterned objects with their words
 ("a photo of a striped green and blue box"), all but the subjects' looks (world.RESERVED_LOOKS), each three times,
 a third of every batch: DreamBooth's subjects are new combinations of what the model knows, not new kinds of things.
-Shorter runs compose worse: 5 000 steps (--denoiser-steps 1500 --pattern-steps 5000, 33 min) read the asked context
-of held-out prompt combinations in 74 %, below the 80 % the tests require (README, "The toy world").
-
---init-from continues a released model instead of starting from random weights: its VAE is kept (same latents,
-same scale) and the phases start from its UNet and text encoders. The committed model is the first command's
-(manifest.json's "command"); the model before it was such a continuation (commit 3b71354's: the 13 000-step model of
-commit 2b40a64, objects 15-27 px wide, continued with `--init-from ... --denoiser-steps --pattern-steps 2000 --lr 3e-4`
-on the world's larger objects). README, "The toy world", and BENCHMARKS.md §7d compare the two.
+Shorter runs compose worse (docs/toy-world.md). --init-from continues a released model instead of starting from
+random weights: its VAE is kept (same latents, same scale), the phases start from its UNet and text encoders.
+Each retrain bumps the manifest's version (docs/toy-world.md says when a retrain may be committed).
 
 Reproducible from the seed on one machine (CPU float reductions may differ across machines).
 """
@@ -26,10 +21,8 @@ Reproducible from the seed on one machine (CPU float reductions may differ acros
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
-import platform
 import shlex
 import shutil
 import sys
@@ -40,28 +33,14 @@ import numpy as np
 import torch
 
 from scripts import toy_pretraining as pretraining
+from scripts.toy_release import write_release
 from waveft_train.models import architecture
 from waveft_train.models.builtin import toy_model_dir
-from waveft_train.models.tokenizer import build_tokenizer, write_tokenizer_files
+from waveft_train.models.tokenizer import build_tokenizer
 from waveft_train.toy.judge import round_trip
-from waveft_train.toy.world import (
-    COLOURS,
-    CONTEXTS,
-    HELD_OUT_COMBINATIONS,
-    SHAPES,
-    Scene,
-    vocabulary,
-)
+from waveft_train.toy.world import COLOURS, CONTEXTS, HELD_OUT_COMBINATIONS, SHAPES, Scene, vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def previous_version(out: Path) -> int:
-    """The version of the model at `out` before this run replaces it (0 when there is none, or none recorded)."""
-    try:
-        return int(json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("version", 0))
-    except (OSError, ValueError):
-        return 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -298,57 +277,6 @@ def stage_eval(args, stages: Stages, pipeline, judge):
     return json.loads(path.read_text())
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_outputs(args, stages: Stages, vae, denoiser: dict, judge, judge_accuracy: dict, prompt_accuracy: dict,
-                  argv: list[str]) -> None:
-    from waveft_train.toy.judge import JUDGE_FOLDER, save_judge
-
-    out = args.out
-    if out.exists():
-        shutil.rmtree(out)
-    half = {name: copy_half(module) for name, module in
-            {"vae": vae, "unet": denoiser["unet"], "text_encoder": denoiser["text_encoder"],
-             "text_encoder_2": denoiser["text_encoder_2"]}.items()}
-    pipeline = architecture.assemble_pipeline(tokenizer=denoiser["tokenizer"], scheduler=architecture.build_scheduler(),
-                                              **half)
-    pipeline.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2"):  # transformers 4.x's CLIPTokenizer reads these; 5.x writes only tokenizer.json
-        write_tokenizer_files(out / name, vocabulary())
-    prefix_text_model_keys(out / "text_encoder" / "model.safetensors")
-    drop_local_paths(out)
-    save_judge(judge, out / JUDGE_FOLDER, judge_accuracy)
-    import diffusers
-    import transformers
-
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {
-        "what": "the toy-world SDXL pipeline (diffusers folder, fp16 safetensors) and its judge; see waveft_train/toy",
-        # Each retrain adds ~12 MB to git history for good: the version says which model a checkout holds, and a
-        # commit that ships a new one says why (docs/toy-world.md).
-        "version": previous_version(out) + 1,
-        "command": "python -m scripts.pretrain_toy" + "".join(" " + shlex.quote(a) for a in reproducing(argv)),
-        "seed": args.seed,
-        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-                     if "--" + key.replace("_", "-") not in UNRECORDED},
-        "stage_seconds": stages.times,
-        "wall_seconds": round(sum(stages.times.values()), 1),
-        "machine": {"cpus": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                     "numpy": np.__version__},
-        "judge_held_out_accuracy": judge_accuracy,
-        "prompt_accuracy": prompt_accuracy,
-        "files": {str(p.relative_to(out)): sha256(p) for p in files},
-        "total_bytes": sum(p.stat().st_size for p in files),
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, {manifest['wall_seconds']:.0f} s of stages)")
-
-
 # Options that do not change what gets written, only where and how (value: whether the option takes a value). The
 # manifest records neither them in "settings" nor them in "command".
 UNRECORDED = {"--out": True, "--work": True, "--fresh": False, "--no-progress": False}
@@ -365,32 +293,6 @@ def reproducing(argv: list[str]) -> list[str]:
         elif arg.split("=", 1)[0] not in UNRECORDED:
             kept.append(arg)
     return kept
-
-
-def prefix_text_model_keys(path: Path) -> None:
-    """Write CLIPTextModel weights under the `text_model.` names every transformers release reads (hub SDXL's own
-    layout). transformers 5 saves them without the prefix, and transformers 4.x then silently initializes the
-    whole encoder at random."""
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(path))
-    renamed = {name if name.startswith("text_model.") else f"text_model.{name}": tensor for name, tensor in state.items()}
-    save_file(renamed, str(path), metadata={"format": "pt"})
-
-
-def drop_local_paths(out: Path) -> None:
-    """diffusers records where a module was loaded from (`_name_or_path`: a path in the work folder); the committed
-    configs should not carry this machine's paths."""
-    for path in out.glob("*/config.json"):
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if config.pop("_name_or_path", None) is not None:
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def copy_half(module):
-    import copy
-
-    return copy.deepcopy(module).to(torch.float16)
 
 
 def main(argv=None) -> None:
@@ -411,7 +313,11 @@ def main(argv=None) -> None:
     judge, judge_accuracy = stage_judge(args, stages, images, scenes, vae, regenerated)
     accuracy = stage_eval(args, stages, pipeline, judge)
     print(json.dumps({"judge": judge_accuracy, **accuracy}, indent=2))
-    write_outputs(args, stages, vae, denoiser, judge, judge_accuracy, accuracy, argv)
+    write_release(args.out, vae=vae, denoiser=denoiser, judge=judge, judge_accuracy=judge_accuracy,
+                  prompt_accuracy=accuracy, seed=args.seed, stage_seconds=stages.times,
+                  command="python -m scripts.pretrain_toy" + "".join(" " + shlex.quote(a) for a in reproducing(argv)),
+                  settings={key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+                            if "--" + key.replace("_", "-") not in UNRECORDED})
 
 
 if __name__ == "__main__":

@@ -32,15 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from waveft_train.toy.judge import round_trip, to_pixels
-from waveft_train.toy.world import (
-    IMAGE_SIZE,
-    Scene,
-    caption,
-    object_coverage,
-    render,
-    sample_scene,
-)
+from waveft_train.toy.judge import to_pixels
+from waveft_train.toy.world import IMAGE_SIZE, Scene, caption, object_coverage, render, sample_scene
 
 TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)  # original size, crop corner, target size
 
@@ -98,7 +91,8 @@ def object_crops(pixels: torch.Tensor, scenes: Sequence[Scene], generator: torch
     for row, scene in enumerate(scenes):
         if torch.rand(1, generator=generator).item() < centred:
             jitter = torch.randint(-6, 7, (2,), generator=generator).tolist()
-            top, left = int(scene.centre_y * IMAGE_SIZE) - crop // 2 + jitter[0], int(scene.x * IMAGE_SIZE) - crop // 2 + jitter[1]
+            top = int(scene.centre_y * IMAGE_SIZE) - crop // 2 + jitter[0]
+            left = int(scene.x * IMAGE_SIZE) - crop // 2 + jitter[1]
         else:
             top, left = torch.randint(0, IMAGE_SIZE - crop + 1, (2,), generator=generator).tolist()
         top, left = min(max(top, 0), IMAGE_SIZE - crop), min(max(left, 0), IMAGE_SIZE - crop)

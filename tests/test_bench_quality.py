@@ -1,16 +1,19 @@
-"""benchmarks/quality.py: the three methods get the budgets its table claims, and the rate sweep's score.
-
-The bench itself takes half an hour (BENCHMARKS.md §7); these check the parts a wrong table would come from
-without running it.
+"""benchmarks/quality.py: the three methods get the budgets its table claims, the rate sweep's score, and the bench
+itself end to end for a few steps (the full bench takes half an hour, BENCHMARKS.md §7).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
+import torch
 
-from benchmarks.quality import adapted_layers, attach, sweep_score
+from benchmarks.quality import Method, World, adapted_layers, attach, demo_recipe, main, parse_args, sweep_score
+from waveft_train.toy.subjects import SUBJECTS
+from waveft_train.train.run import DreamBoothRun
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +59,43 @@ def test_sweep_score_is_the_subject_gain_minus_class_drift_and_lost_contexts():
     assert score(0.7, 0.5, 0.9) == pytest.approx(0.1)
     assert score(0.7, 0.3, 1.0) == pytest.approx(0.2)  # moving away from the subject or gaining contexts: no bonus
     assert score(0.8, 0.4, 0.2) < score(0.6, 0.4, 0.9)  # a rate that loses the prompt's contexts does not win
+
+
+def test_the_bench_trains_lora_and_full_fine_tuning_through_the_run(tmp_path):
+    """`python -m benchmarks.quality` end to end for LoRA and full fine-tuning, two steps each: the run's declared
+    `method` swaps what is trained, the trainer does the rest, and nothing is saved as a WaveFT adapter."""
+    out = tmp_path / "bench"
+    main(["--subjects", "striped_ball", "--sweep-subjects", "striped_ball", "--methods", "lora", "full",
+          "--budgets", "1", "--prior", "on", "--lrs", '{"lora": [0.01], "full": [0.001]}', "--steps", "2",
+          "--batch-size", "1", "--class-images", "2", "--eval-seeds", "2", "--eval-class-seeds", "1", "--out", str(out)])
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(runs) == ["striped_ball|full|full|lr=0.001|prior=on", "striped_ball|lora|1x|lr=0.01|prior=on"]
+    lora, full = runs["striped_ball|lora|1x|lr=0.01|prior=on"], runs["striped_ball|full|full|lr=0.001|prior=on"]
+    assert lora["rank1_units"] == 1.0 and lora["note"] == "rank 1"
+    assert full["trainable_params"] > 50 * lora["trainable_params"]  # every weight and bias of the same linears
+    for result in (lora, full):
+        assert math.isfinite(result["final_loss"])
+        assert 0 <= result["metrics"]["subject_similarity"] <= 1 and "base" in result["metrics"]
+    folders = sorted((out / "runs").iterdir())
+    assert len(folders) == 2 and not [f for f in folders if (f / "adapter").exists() or (f / "checkpoints").exists()]
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in folders]
+    assert {s["trainable_params"] for s in summaries} == {lora["trainable_params"], full["trainable_params"]}
+    assert all(s["steps"] == 2 and s["adapter_bytes"] is None for s in summaries)
+    table = (out / "table.md").read_text()
+    assert "| on | lora | 1x rank-1 |" in table and "| on | full | all weights |" in table
+
+
+def test_a_method_that_trains_the_linears_changes_them_and_only_them(tmp_path, toy_unet):
+    """The run's extension point: `Method('full', ...)` trains the attention linears through `DreamBoothRun`."""
+    args = parse_args(["--out", str(tmp_path), "--steps", "2", "--batch-size", "1", "--class-images", "2"])
+    world = World.__new__(World)  # only its config(): no judge or base samples needed
+    world.args, world.recipe = args, demo_recipe(args)
+    method = Method("full", 0.0, world.recipe["scaling"])
+    run = DreamBoothRun(world.config(SUBJECTS["striped_ball"], "full", 1e-3, True), force=True, progress=False,
+                        method=method)
+    run.run()
+    trained = dict(run.accelerator.unwrap_model(run.unet).named_parameters())
+    base = dict(toy_unet.named_parameters())
+    changed = {name for name, parameter in trained.items() if not torch.equal(parameter.detach().cpu(), base[name])}
+    assert changed and changed == {name for name in base if name.rpartition(".")[0] in adapted_layers(toy_unet)}
+    assert not (tmp_path / "runs" / "full" / "checkpoints").exists()

@@ -11,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from waveft_train.train import run
-
-from waveft_train.train import loop as trainer
-from waveft_train.data.buckets import SDXL_BUCKETS, bucket_sizes, cover_size, nearest_bucket
 from waveft_train.config import load_config
+from waveft_train.data.buckets import SDXL_BUCKETS, bucket_sizes, cover_size, nearest_bucket
 from waveft_train.data.dataset import StepBatchSampler, epoch_indices, item_rng, transform_image
+from waveft_train.train import loop as trainer
+from waveft_train.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"

@@ -15,11 +15,17 @@ from peft import PeftModel, WaveFTConfig, inject_adapter_in_model
 from safetensors.torch import load_file
 from torch import nn
 
-from waveft_train.common import files
 from waveft_train.adapter.files import adapter_state_dict, load_adapter_weights_into, read_adapter, save_adapter
-from waveft_train.train.checkpoint import (find_latest_checkpoint, flatten_state, list_checkpoints, load_checkpoint,
-                                     save_checkpoint, unflatten_state)
+from waveft_train.common import files
 from waveft_train.common.errors import UserError
+from waveft_train.train.checkpoint import (
+    find_latest_checkpoint,
+    flatten_state,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_state,
+)
 from waveft_train.waveft import register, unregister
 
 CHECKPOINT_FILES = ["adapter_config.json", "adapter_model.safetensors", "training_state.json",

@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from waveft_train.config import (TrainConfig, WaveFTSection, config_fingerprint, config_from_mapping, dump_config,
-                                 load_config, starter_config_text)
 from waveft_train.common.errors import UserError
+from waveft_train.config import (
+    TrainConfig,
+    WaveFTSection,
+    config_fingerprint,
+    config_from_mapping,
+    dump_config,
+    load_config,
+    starter_config_text,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = """\

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from waveft_train.common.errors import UserError
 from waveft_train.data import dataset as data
 from waveft_train.data.dataset import DreamBoothDataset, collate, epoch_indices, iter_transformed, transform_image
 from waveft_train.data.images import load_images, validate_image_folder
-from waveft_train.common.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / "tests" / "data" / "subject"

@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli as shared_run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import run_cli as shared_run_cli
-from waveft_train.train import checkpoint
-from waveft_train.train import run
-from waveft_train.config import load_config
 from waveft_train.common.errors import UserError
-from waveft_train.data.images import UnconvertibleImage, load_images, to_rgb, validate_image_folder
 from waveft_train.common.lock import FolderLock
+from waveft_train.config import load_config
+from waveft_train.data.images import UnconvertibleImage, load_images, to_rgb, validate_image_folder
+from waveft_train.train import checkpoint, run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"
@@ -311,7 +310,6 @@ def test_final_adapter_and_class_images_on_a_full_disk_name_the_path(tmp_path, c
     import errno
 
     from waveft_train.adapter import files as adapter_files
-
     from waveft_train.data import prior
 
     def full_disk(*args, **kwargs):

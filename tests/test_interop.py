@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import run_cli
-from waveft_train.adapter.load import export_merged, load_adapter_unet
 from waveft_train.adapter.export import export_file
+from waveft_train.adapter.load import export_merged, load_adapter_unet
 from waveft_train.models.unet_names import UNetNames
 from waveft_train.waveft import register
 
@@ -285,11 +285,13 @@ SDXL_BASE_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/
 KOHYA_SDXL_KEYS = {
     "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
     "down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k": "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_k",
-    "down_blocks.2.attentions.0.transformer_blocks.9.attn1.to_out.0": "lora_unet_input_blocks_7_1_transformer_blocks_9_attn1_to_out_0",
+    "down_blocks.2.attentions.0.transformer_blocks.9.attn1.to_out.0":
+        "lora_unet_input_blocks_7_1_transformer_blocks_9_attn1_to_out_0",
     "down_blocks.2.attentions.1.transformer_blocks.3.attn2.to_v": "lora_unet_input_blocks_8_1_transformer_blocks_3_attn2_to_v",
     "mid_block.attentions.0.transformer_blocks.5.attn1.to_v": "lora_unet_middle_block_1_transformer_blocks_5_attn1_to_v",
     "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q",
-    "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0": "lora_unet_output_blocks_2_1_transformer_blocks_9_attn2_to_out_0",
+    "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0":
+        "lora_unet_output_blocks_2_1_transformer_blocks_9_attn2_to_out_0",
     "up_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k": "lora_unet_output_blocks_3_1_transformer_blocks_1_attn1_to_k",
     "up_blocks.1.attentions.2.proj_out": "lora_unet_output_blocks_5_1_proj_out",
     "down_blocks.0.resnets.1.conv1": "lora_unet_input_blocks_2_0_in_layers_2",

@@ -8,17 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from waveft_train.models import tiny
 from waveft_train.common.errors import UserError
+from waveft_train.models import tiny
 from waveft_train.models.loading import SDXLComponents, build_pipeline, load_components, resolve_pretrained
 
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")

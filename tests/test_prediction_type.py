@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from waveft_train.cli import main as cli
-
-from waveft_train.train import run
 from waveft_train.adapter.files import PREDICTION_TYPE_KEY, read_adapter
+from waveft_train.cli import main as cli
 from waveft_train.config import load_config
+from waveft_train.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"

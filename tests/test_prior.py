@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from waveft_train.common.errors import UserError
-from waveft_train.models.loading import build_pipeline
 from waveft_train.data.prior import (
     GENERATED_NAME,
     MANIFEST_NAME,
@@ -23,6 +22,7 @@ from waveft_train.data.prior import (
     model_identity,
     shard_batches,
 )
+from waveft_train.models.loading import build_pipeline
 
 PROMPT = "a photo of dog"
 MODEL_ID = "tiny-test-model"
@@ -312,8 +312,8 @@ def test_share_missing_after_the_barrier_is_a_user_error(tmp_path: Path, tiny_co
 def test_toy_class_images_are_keyed_on_the_weights_not_only_the_folder(tmp_path: Path, monkeypatch) -> None:
     """The bundled toy model's folder stays put when a release retrains it: class images it drew before must not be
     reused, so its identity carries a hash of the manifest's file hashes."""
-    from waveft_train.models import builtin as toy
     from waveft_train.config import ModelSection
+    from waveft_train.models import builtin as toy
 
     folder = str(toy.toy_model_dir())
     toy_identity = model_identity(ModelSection(pretrained="toy", dtype="fp32"), folder)

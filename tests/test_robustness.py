@@ -16,14 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from waveft_train.train import checkpoint
-
 from waveft_train.cli import main as cli
-
-from waveft_train.train import run
-
-from waveft_train.train import loop as trainer
 from waveft_train.config import load_config
+from waveft_train.train import checkpoint, run
+from waveft_train.train import loop as trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import run_cli
-from waveft_train.cli.adapters import COMPARE_GROUP_GAP
-from waveft_train.models.loading import build_pipeline, load_components
 from waveft_train.adapter.load import adapters_disabled, export_merged, load_adapter_unet
 from waveft_train.adapter.sampling import generate_grid_images, label_height, make_grid
+from waveft_train.cli.adapters import COMPARE_GROUP_GAP
+from waveft_train.models.loading import build_pipeline, load_components
 from waveft_train.waveft import WaveFTLayer, register, unregister
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

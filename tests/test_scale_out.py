@@ -17,10 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from waveft_train.train import checkpoint
-
-from waveft_train.train import run
 from waveft_train.config import load_config
+from waveft_train.train import checkpoint, run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"

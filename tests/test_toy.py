@@ -17,12 +17,7 @@ import pytest
 import torch
 
 from waveft_train.models.builtin import toy_model_dir
-from waveft_train.toy.subjects import (
-    DEMO_SUBJECT,
-    SUBJECTS,
-    get_subject,
-    write_instance_photos,
-)
+from waveft_train.toy.subjects import DEMO_SUBJECT, SUBJECTS, get_subject, write_instance_photos
 from waveft_train.toy.world import (
     CONTEXTS,
     HELD_OUT_COMBINATIONS,
@@ -324,8 +319,8 @@ E2E_STEPS = 100
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory) -> Path:
     """A short WaveFT run on the demo subject through the real trainer (batch 4, no prior, no validation: about 20 s)."""
-    from waveft_train.train import run
     from waveft_train.config import load_config
+    from waveft_train.train import run
 
     output_dir = tmp_path_factory.mktemp("toy-run") / "run"
     overrides = {"output.dir": output_dir, "prior.enabled": False, "validation.every": 0, "validation.prompts": "[]",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from waveft_train.train import run
 from waveft_train.config import load_config
+from waveft_train.train import run
 from waveft_train.train.model_card import model_card, stock_peft_caveats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,6 @@ def test_output_dir_with_another_run_is_refused_unless_forced(tmp_path, class_di
 def test_a_run_that_fails_while_loading_changes_nothing_in_the_output_folder(tmp_path, class_dir, monkeypatch):
     """--force replaces the previous run only once the new one has loaded; a failed start leaves no config.yaml
     behind that would refuse the corrected rerun."""
-    from waveft_train.models import loading as models
     from waveft_train.common.errors import UserError
 
     output_dir = train(tmp_path / "run", class_dir, **{"train.max_steps": 1, "validation.every": 0})
@@ -252,7 +251,7 @@ def test_a_run_that_fails_while_loading_changes_nothing_in_the_output_folder(tmp
     def broken_model(*args, **kwargs):
         raise UserError("the model folder is broken (simulated)")
 
-    monkeypatch.setattr(models, "load_components", broken_model)
+    monkeypatch.setattr(run, "load_components", broken_model)  # what the run loads its models with
     with pytest.raises(UserError, match="simulated"):
         run.train_from_config(other, force=True, progress=False)
     assert {name: (output_dir / name).read_bytes() for name in files_under(output_dir)} == before

@@ -14,8 +14,7 @@ from peft import WaveFTConfig
 from peft.tuners.waveft.layer import WaveFTLinear as ReferenceLinear
 from torch.utils.checkpoint import checkpoint
 
-from waveft_train.waveft import SparseIDWT, WaveFTLinear, coefficient_locations
-from waveft_train.waveft import functional
+from waveft_train.waveft import SparseIDWT, WaveFTLinear, coefficient_locations, functional
 from waveft_train.waveft.functional import FACTORIZED, MERGED, choose_path, sampled_products, waveft_linear
 
 PATHS = [MERGED, FACTORIZED]

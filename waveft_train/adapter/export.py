@@ -28,12 +28,19 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
+from waveft_train import __version__
+from waveft_train.adapter.load import load_adapted_unet
 from waveft_train.common.errors import UserError
+from waveft_train.common.files import write_atomically, writing
+from waveft_train.models.loading import DTYPES
 from waveft_train.models.unet_names import NAMINGS, UNetNames, kohya_key
+from waveft_train.waveft import WaveFTLayer
 
 FILE_FORMATS = ("comfyui", "lora")
 FORMAT_KEY = "waveft.format"  # marks a file as written here: --force replaces only such files
@@ -47,7 +54,7 @@ class LayerUpdate:
 
     name: str  # diffusers module path, e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q
     delta: torch.Tensor
-    bias: Optional[torch.Tensor] = None
+    bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,6 @@ class ExportResult:
 
 def check_options(format: str, dtype: str, naming: str, rank: int | None, max_error: float | None) -> None:
     """The option errors a user can make, raised before any model loads."""
-    from waveft_train.models.loading import DTYPES
-
     if format not in FILE_FORMATS:
         raise UserError(f"Unknown --format '{format}'; allowed: diffusers (a merged UNet folder), {', '.join(FILE_FORMATS)}.")
     if dtype not in DTYPES:
@@ -98,8 +103,6 @@ def check_options(format: str, dtype: str, naming: str, rank: int | None, max_er
 
 def check_target(out: Path, adapter_dir: Path, force: bool) -> None:
     """Refuse an --out that is not a new `.safetensors` file, or (with --force) an earlier export of ours."""
-    from safetensors import safe_open
-
     if out.suffix.lower() != ".safetensors":
         raise UserError(f"--out {out} must end with .safetensors: this format is one safetensors file.")
     adapter_real = adapter_dir.absolute().resolve()
@@ -124,9 +127,6 @@ def check_target(out: Path, adapter_dir: Path, force: bool) -> None:
 
 def adapter_updates(adapter_dir: Path | str, base: str | None) -> tuple[Any, str, Any, list[LayerUpdate]]:
     """(adapter files, base model name, UNet config, the update of every adapted layer)."""
-    from waveft_train.adapter.load import load_adapted_unet
-    from waveft_train.waveft import WaveFTLayer
-
     adapter, base_name, base_values, model = load_adapted_unet(adapter_dir, base)
     if adapter.config.modules_to_save:
         raise UserError(f"The adapter {adapter.folder} also trains whole modules (modules_to_save: "
@@ -190,8 +190,6 @@ def _finite(tensor: torch.Tensor, what: str, dtype: str) -> torch.Tensor:
 
 
 def comfyui_tensors(updates: list[LayerUpdate], key_of, dtype: str) -> dict[str, torch.Tensor]:
-    from waveft_train.models.loading import DTYPES
-
     tensors = {}
     for update in updates:
         key = key_of(update.name)
@@ -203,8 +201,6 @@ def comfyui_tensors(updates: list[LayerUpdate], key_of, dtype: str) -> dict[str,
 
 def lora_tensors(updates: list[LayerUpdate], key_of, dtype: str, rank: int | None, max_error: float | None):
     """(tensors, per-layer errors, per-layer ranks, alpha), keyed by kohya module key."""
-    from waveft_train.models.loading import DTYPES
-
     with_bias = [update.name for update in updates if update.bias is not None]
     if with_bias:
         raise UserError(f"The adapter trains biases ({len(with_bias)} layers, e.g. {with_bias[0]}; bias: waveft_only), "
@@ -245,8 +241,6 @@ def waveft_settings(config) -> dict[str, Any]:
 def file_metadata(format: str, naming: str, dtype: str, base_name: str, adapter, unet_config, layers: int, *,
                   prediction_type: str | None, lora: dict[str, Any] | None = None) -> dict[str, str]:
     """safetensors metadata (strings only): ours under `waveft.`, plus the kohya `ss_` keys apps read."""
-    from waveft_train import __version__
-
     metadata = {
         FORMAT_KEY: format,
         "waveft.naming": naming,
@@ -289,10 +283,6 @@ def export_file(
     differs from its base model's scheduler), goes into the metadata. Options are checked before any model loads;
     nothing is written unless the whole file is.
     """
-    from safetensors.torch import save
-
-    from waveft_train.common.files import write_atomically, writing
-
     out_path = Path(out).expanduser()
     check_options(format, dtype, naming, rank, max_error)
     check_target(out_path, Path(adapter_dir).expanduser(), force)

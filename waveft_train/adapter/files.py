@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from peft import PeftModel, WaveFTConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_folder, write_bytes_synced
@@ -41,8 +45,6 @@ PREDICTION_TYPE_KEY = "waveft_train.prediction_type"  # safetensors metadata: wh
 
 def adapter_state_dict(unet: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed as `PeftModel.save_pretrained` keys them; detached CPU copies, contiguous."""
-    from peft import PeftModel, get_peft_model_state_dict
-
     if adapter_name not in getattr(unet, "peft_config", {}):
         raise ValueError(f"the model has no adapter named {adapter_name!r}; inject one before saving")
     prefix = "" if isinstance(unet, PeftModel) else PEFT_PREFIX
@@ -53,8 +55,6 @@ def adapter_state_dict(unet: torch.nn.Module, adapter_name: str = ADAPTER_NAME) 
 
 def _adapter_config_json(unet: torch.nn.Module, adapter_name: str, base_model_name_or_path: str) -> str:
     """adapter_config.json as PeftModel.save_pretrained writes it (inference_mode true, auto_mapping)."""
-    from peft import PeftModel
-
     config = unet.peft_config[adapter_name]
     data = config.to_dict()  # a deep copy: the live config is not touched
     data.update(base_model_name_or_path=base_model_name_or_path, inference_mode=True)
@@ -69,8 +69,6 @@ def write_adapter_files(folder: Path, unet: torch.nn.Module, *, base_model_name_
                         prediction_type: str | None = None, model_card: str | None = None,
                         adapter_name: str = ADAPTER_NAME) -> None:
     """Write the adapter's files into an existing (scratch) folder; each file is fsynced."""
-    from safetensors.torch import save as save_safetensors_bytes
-
     metadata = {"format": "pt", **({PREDICTION_TYPE_KEY: prediction_type} if prediction_type else {})}
     tensors = adapter_state_dict(unet, adapter_name)
     write_bytes_synced(folder / ADAPTER_WEIGHTS, save_safetensors_bytes(tensors, metadata=metadata))
@@ -115,8 +113,6 @@ class AdapterFiles:
 
 def read_adapter(adapter_dir: Path | str) -> AdapterFiles:
     """Check that `adapter_dir` is a loadable WaveFT adapter (peft format) without loading its weights."""
-    from safetensors import safe_open
-
     folder = Path(adapter_dir).expanduser()
     what = f"A WaveFT adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, as waveft-train saves it"
     if not folder.is_dir():
@@ -150,8 +146,6 @@ def read_adapter(adapter_dir: Path | str) -> AdapterFiles:
 
 
 def _parse_config(folder: Path, config_path: Path) -> WaveFTConfig:
-    from peft import WaveFTConfig
-
     try:
         return WaveFTConfig.from_pretrained(str(folder))
     except (TypeError, ValueError) as error:
@@ -168,8 +162,6 @@ def _refuse_pickles(folder: Path, wanted: str) -> None:
 
 def load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """The tensors of `folder / name`, a safetensors file, checked for truncation first."""
-    from safetensors.torch import load as load_safetensors_bytes
-
     path = folder / name
     if not path.is_file():
         if not folder.is_dir():
@@ -263,8 +255,6 @@ def load_adapter_weights_into(unet: torch.nn.Module, adapter_tensors: Mapping[st
                               remedy: str = "Load them into a model with the adapter config they were saved with.",
                               adapter_name: str = ADAPTER_NAME) -> None:
     """Set the injected adapter's weights; every key must be given and fit (`check_fit`), so nothing half-loads."""
-    from peft import PeftModel, set_peft_model_state_dict
-
     prefix = "" if isinstance(unet, PeftModel) else PEFT_PREFIX
     expected = {key: tuple(value.shape) for key, value in adapter_state_dict(unet, adapter_name).items()}
     given = {key if key.startswith(prefix) else prefix + key: value for key, value in adapter_tensors.items()}

@@ -5,7 +5,10 @@ Reading and checking adapter folders is adapter_files.py's job; this module puts
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 import json
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,12 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from waveft_train.adapter.files import ADAPTER_CONFIG, AdapterFiles, check_fit, read_adapter
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_folder, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.models.loading import ALLOWED_MODELS, DTYPES, SDXLComponents, load_components, load_scheduler, load_unet
+from waveft_train.waveft import register
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -28,8 +34,6 @@ if TYPE_CHECKING:
 @contextmanager
 def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
     """Run `unet` as the plain base model inside the block (every peft adapter layer calls its base layer)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer) and not module.disable_adapters]
     # enable_adapters(True) marks the adapter weights trainable: put every flag back as it was (frozen or training).
     trainable = [(parameter, parameter.requires_grad) for parameter in unet.parameters()]
@@ -58,11 +62,6 @@ def _base_name(adapter: AdapterFiles, base: str | None) -> str:
 
 def _inject(unet: torch.nn.Module, adapter: AdapterFiles, base_name: str, scale: float) -> PeftModel:
     """Wrap `unet` (modified in place) with the adapter's layers, check the saved tensors fit, load them."""
-    import copy
-
-    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-    from waveft_train.waveft import register
-
     register()
     config = copy.deepcopy(adapter.config)
     config.inference_mode = True
@@ -93,8 +92,6 @@ def _scale_adapters(unet: torch.nn.Module, scale: float) -> None:
     switched off, so the output is the base model's bit for bit, whichever arithmetic path the layer's forward
     takes (W + 0 in one matmul, or x·Wᵀ plus a zero correction, can round differently from the plain layer).
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for module in unet.modules():
         scaling = getattr(module, "waveft_scaling", None)
         if isinstance(scaling, dict):
@@ -236,8 +233,6 @@ def _check_export_target(out: Path, adapter_dir: Path, force: bool) -> None:
 
 def _not_an_export(out: Path, entries: list[Path]) -> str | None:
     """Why the non-empty folder `out` is not a UNet written by `export_merged`, or None when it is one."""
-    import fnmatch
-
     for entry in entries:
         allowed = entry.name in (EXPORT_CONFIG_NAME, EXPORT_SCHEDULER_NAME, EXPORT_INDEX_NAME) or fnmatch.fnmatch(
             entry.name, EXPORT_WEIGHTS_PATTERN
@@ -264,8 +259,6 @@ def _not_an_export(out: Path, entries: list[Path]) -> str | None:
 def _quiet_diffusers_fp32_notice() -> Iterator[None]:
     """Hide diffusers' "modules ... should be kept in float32: []" warning, which ModelMixin.to logs for every
     dtype cast (also when no module needs fp32, as for the SDXL UNet); other warnings still show."""
-    import logging
-
     class Filter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return "should be kept in float32: []" not in record.getMessage()

@@ -12,7 +12,12 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from waveft_train.adapter.load import adapters_disabled
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -57,8 +62,6 @@ def make_grid(
       L + r·(H + L) + L, where L = label_height(W) and each term is 0 when its labels are absent.
     Labels that do not fit their width are shortened with "…".
     """
-    from PIL import Image, ImageDraw
-
     if not rows or not rows[0]:
         raise ValueError("make_grid needs at least one row with at least one image.")
     columns = len(rows[0])
@@ -100,8 +103,6 @@ def make_grid(
 
 
 def _label_font(band: int):
-    from PIL import ImageFont
-
     return ImageFont.load_default(size=max(8, band * 3 // 4))  # Pillow >= 10.1: a scalable font with Unicode
 
 
@@ -136,9 +137,6 @@ def generate_grid_images(
     inf before it is turned into pixels, which would show as black) raises `NonFiniteImage`; a constant one (a
     single colour) is named in a warning.
     """
-    import numpy as np
-    from tqdm.auto import tqdm
-
     rows: list[list[Image.Image]] = []
     with tqdm(total=len(prompts) * len(seeds), desc="images", unit="image", disable=not progress) as bar:
         for prompt in prompts:
@@ -171,8 +169,6 @@ def base_and_adapter_grid(pipeline: StableDiffusionXLPipeline, unet: torch.nn.Mo
 
     The base model's rows do not change during a run: pass the returned `base_rows` back to reuse them.
     """
-    from waveft_train.adapter.load import adapters_disabled
-
     adapted = generate_grid_images(pipeline, prompts, seeds, **options)
     if base_rows is None:
         with adapters_disabled(unet):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -36,19 +35,19 @@ BaseOption = typer.Option(
 def sample(
     adapter: Path = AdapterOption,
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the grid (.png)."),
-    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (one grid row). Repeatable."),
-    prompts_file: Optional[Path] = typer.Option(
+    prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt (one grid row). Repeatable."),
+    prompts_file: Path | None = typer.Option(
         None, "--prompts-file", help="Text file with one prompt per line (blank lines and # comments skipped)."
     ),
     num_images: int = typer.Option(4, "--num-images", "-n", min=1, help="Images per prompt (grid columns)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first column; column i uses seed + i."),
     steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps."),
     guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
-    height: Optional[int] = typer.Option(
+    height: int | None = typer.Option(
         None, "--height", min=8, help="Image height, a multiple of 8. Default: the model's (1024 for SDXL).",
         show_default=False,
     ),
-    width: Optional[int] = typer.Option(
+    width: int | None = typer.Option(
         None, "--width", min=8, help="Image width, a multiple of 8. Default: the model's (1024 for SDXL).",
         show_default=False,
     ),
@@ -56,8 +55,8 @@ def sample(
     compare_base: bool = typer.Option(
         False, "--compare-base", help="Put the base model's images for the same seeds left of the adapter's."
     ),
-    base: Optional[str] = BaseOption,
-    device: Optional[str] = typer.Option(
+    base: str | None = BaseOption,
+    device: str | None = typer.Option(
         None, "--device", help="torch device: cpu, cuda, cuda:N or mps. Default: cuda if available, else cpu.",
         show_default=False,
     ),
@@ -69,9 +68,9 @@ def sample(
     With --compare-base each row holds the base model's N images, a 16-pixel white gap, then the adapter's N
     images for the same seeds. The same seed gives the same starting noise on every device.
     """
-    from waveft_train.models.loading import build_pipeline
     from waveft_train.adapter.load import adapters_disabled, load_adapter_unet
     from waveft_train.adapter.sampling import NonFiniteImage, default_image_size, generate_grid_images, make_grid
+    from waveft_train.models.loading import build_pipeline
 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end with .png (the grid is written as a PNG image).")
@@ -128,15 +127,15 @@ def export(
         "(.diff) for ComfyUI, A1111/Forge and LyCORIS, exact. lora: one kohya LoRA file made by SVD (lossy; needs "
         "--rank and/or --max-error)."
     ),
-    rank: Optional[int] = typer.Option(None, "--rank", help="--format lora: the rank of every layer (with "
+    rank: int | None = typer.Option(None, "--rank", help="--format lora: the rank of every layer (with "
                                        "--max-error: the largest rank used).", show_default=False),
-    max_error: Optional[float] = typer.Option(None, "--max-error", help="--format lora: per layer, the smallest rank "
+    max_error: float | None = typer.Option(None, "--max-error", help="--format lora: per layer, the smallest rank "
                                               "whose relative Frobenius error is at most this (e.g. 0.05).",
                                               show_default=False),
-    naming: Optional[str] = typer.Option(None, "--naming", help="comfyui/lora: module names, diffusers (default; read "
+    naming: str | None = typer.Option(None, "--naming", help="comfyui/lora: module names, diffusers (default; read "
                                          "by ComfyUI, A1111/Forge, LyCORIS) or ldm (kohya's SDXL spelling).",
                                          show_default=False),
-    base: Optional[str] = BaseOption,
+    base: str | None = BaseOption,
     dtype: str = typer.Option("fp16", "--dtype", help="Precision of the saved weights: fp16, bf16 or fp32."),
     force: bool = typer.Option(
         False, "--force", help="Replace an earlier export at --out (anything else is never replaced)."
@@ -231,9 +230,9 @@ def _sample_dtype(name: str, device: str):
 
 def evaluate(
     adapter: Path = AdapterOption,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics here (.json); default: print only.",
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the metrics here (.json); default: print only.",
                                        show_default=False),
-    subject: Optional[str] = typer.Option(
+    subject: str | None = typer.Option(
         None, "--subject", help="The subject: a built-in name (striped_ball, ...) or a folder with subject.json. "
         "Default: the one whose photos the adapter's run trained on (its config.yaml's data.instance_dir).",
         show_default=False),
@@ -243,7 +242,7 @@ def evaluate(
                                    "another value draws another set of samples (one set's reading varies a lot)."),
     steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps per sample."),
     guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
-    base: Optional[str] = typer.Option(None, "--base", help="The toy base model: `toy` (default) or a copy of its "
+    base: str | None = typer.Option(None, "--base", help="The toy base model: `toy` (default) or a copy of its "
                                        "folder.", show_default=False),
 ) -> None:
     """Score an adapter trained on the toy model (`model.pretrained: toy`) with the toy world's judge.
@@ -291,7 +290,7 @@ def evaluate(
     typer.echo(f"{chosen.name}: {summary}" + (f"; wrote {out}" if out is not None else ""))
 
 
-def _evaluation_subject(adapter: Path, subject: Optional[str]):
+def _evaluation_subject(adapter: Path, subject: str | None):
     from waveft_train.toy.evaluate import subject_of_adapter
     from waveft_train.toy.subjects import SUBJECTS, get_subject
 

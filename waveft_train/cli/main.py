@@ -1,8 +1,8 @@
 """The `waveft-train` command line (Typer).
 
 `waveft-train --config FILE` trains (also `python -m waveft_train` and `accelerate launch -m waveft_train`);
-`params`, `init`, `sample`, `export` and `evaluate` (toy-model adapters) are subcommands. A `UserError` anywhere becomes one readable paragraph
-and exit status 2; `--debug` shows the full traceback instead.
+`params`, `init`, `sample`, `export` and `evaluate` (toy-model adapters) are subcommands. A `UserError` anywhere
+becomes one readable paragraph and exit status 2; `--debug` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -41,8 +40,8 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def train(
     ctx: typer.Context,
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[List[str]] = SetOption,
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
     force: bool = typer.Option(False, "--force", help="Train into an output folder that holds a different run."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version."),
@@ -63,7 +62,7 @@ def train(
 @app.command()
 def params(
     config: Path = typer.Option(..., "--config", "-c", help="Training config (YAML)."),
-    overrides: Optional[List[str]] = SetOption,
+    overrides: list[str] | None = SetOption,
 ) -> None:
     """Show per-layer n_frequency, trainable parameters, the LoRA rank with the same budget and the GPU memory the
     run needs (an estimate), without loading weights."""
@@ -84,8 +83,8 @@ def init(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a documented starter config."""
-    from waveft_train.config import starter_config_text
     from waveft_train.common.files import atomic_write_text, make_folder
+    from waveft_train.config import starter_config_text
 
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the path of the config file to write, e.g. {path / 'waveft.yaml'}.")
@@ -156,7 +155,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning user mistakes into exit status 2 without a traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args

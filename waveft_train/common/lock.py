@@ -12,6 +12,7 @@ process takes it: the other processes never write to the folder.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -51,8 +52,6 @@ class FolderLock:
         os.pwrite(descriptor, json.dumps(record).encode("utf-8"), 0)
 
     def _lock_file(self) -> int | None:
-        import fcntl
-
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)

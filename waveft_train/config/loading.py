@@ -18,11 +18,10 @@ from typing import Any, get_origin
 import yaml
 from pydantic import ValidationError
 
-from waveft_train.config.errors import format_validation_error, is_section, problems_text, shown, without_none, \
-    yaml_error_text
-from waveft_train.config.schema import SECTIONS, TrainConfig
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import resolve_local_or_hub
+from waveft_train.config.errors import format_validation_error, is_section, problems_text, shown, without_none, yaml_error_text
+from waveft_train.config.schema import SECTIONS, TrainConfig
 from waveft_train.models.builtin import BUILTIN_MODELS
 
 

@@ -13,8 +13,19 @@ import types
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationInfo, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from waveft_train.config.errors import describe
@@ -80,8 +91,8 @@ class ModelSection(Section):
     """Which SDXL to personalize, in which precision."""
 
     pretrained: str = doc("tiny", "`tiny` (embedded test model, random weights), `toy` (the pretrained toy-world model, "
-                          "see docs/toy-world.md), a hub id, or a local diffusers folder", example="stabilityai/stable-diffusion-xl-base-1.0",
-                          min_length=1)
+                          "see docs/toy-world.md), a hub id, or a local diffusers folder",
+                          example="stabilityai/stable-diffusion-xl-base-1.0", min_length=1)
     revision: str | None = doc(None, "hub branch, tag or commit of `model.pretrained`")
     vae: str | None = doc(None, "a separate AutoencoderKL (hub id or folder); the stock SDXL VAE overflows in fp16, so "
                           "use an fp16-safe one such as madebyollin/sdxl-vae-fp16-fix", example="madebyollin/sdxl-vae-fp16-fix")

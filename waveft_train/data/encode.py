@@ -10,10 +10,11 @@ VAE live (on the device only while they work), and what the loop's examples are.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,8 +27,6 @@ def warn_about_long_prompts(prompts_by_source: Sequence[tuple[str, str]], tokeni
     pipeline at inference. Training on exactly what inference will see is the point, so long prompts are cut, not
     encoded in chunks; the warning says which words the model never sees.
     """
-    import logging
-
     limit = tokenizer.model_max_length - 2  # the start and end tokens
     sources: dict[str, list[str]] = {}
     for source, prompt in prompts_by_source:

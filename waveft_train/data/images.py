@@ -22,7 +22,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_hidden, is_local
@@ -91,8 +91,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         scaled = values * 255.0 if high <= 1.0 else values
         return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L").convert("RGB")
     if mode == "LAB":
-        from PIL import ImageCms
-
         transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
         return ImageCms.applyTransform(image, transform)
     if mode in _ALPHA_MODES or "transparency" in image.info:
@@ -207,7 +205,7 @@ class ImageSet:
     def upright_sizes(self) -> list[tuple[int, int]]:
         """(width, height) of every image as it is shown, EXIF orientation applied, read from the headers only."""
         sizes = []
-        for name, data in self.encoded():
+        for _name, data in self.encoded():
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees

@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from tqdm.auto import tqdm
 
-from waveft_train.data.images import IMAGE_EXTENSIONS
-from waveft_train.config import ModelSection, PriorSection
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, save_png_atomically, writing
 from waveft_train.common.paths import is_hidden
+from waveft_train.config import ModelSection, PriorSection
+from waveft_train.data.images import IMAGE_EXTENSIONS
+from waveft_train.models.builtin import TOY_MODEL_NAME, toy_weights_version
+from waveft_train.models.loading import build_pipeline
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -227,8 +230,6 @@ def generate_class_images(
     The VAE decodes a batch one image at a time (its slicing): at 1024 px decoding, not the UNet, sets the peak; with
     an fp16-fix VAE a batch of two decoded at once needed a 16 GB card, one at a time 12 GB (BENCHMARKS.md §3).
     """
-    from tqdm.auto import tqdm
-
     vae, slicing = pipeline.vae, getattr(pipeline.vae, "use_slicing", False)
     vae.enable_slicing()
     try:
@@ -331,8 +332,6 @@ def _record_generated(class_dir: Path, settings: GenerationSettings, indices: Se
 def model_identity(model: ModelSection, model_path: str) -> str:
     """What class images depend on besides the sampling settings: the base model's path, revision, VAE and dtype,
     and for the bundled toy model the version of its weights (its folder's path does not change when they do)."""
-    from waveft_train.models.builtin import TOY_MODEL_NAME, toy_weights_version
-
     identity = model_path + (f"@{model.revision}" if model.revision else "")
     if str(model.pretrained).strip() == TOY_MODEL_NAME:
         identity += f"#{toy_weights_version()}"
@@ -343,8 +342,6 @@ def class_images_for_run(prior: PriorSection, model: ModelSection, components, *
                          accelerator: ProcessGroup, progress: bool) -> list[Path]:
     """`ensure_class_images` with a run's settings: generated with the run's base model (its path, revision, VAE and
     dtype are what the images depend on, beside the sampling settings) on the run's device."""
-    from waveft_train.models.loading import build_pipeline
-
     return ensure_class_images(
         Path(prior.class_dir), num_images=prior.num_class_images, prompt=prior.class_prompt,
         model_id=model_identity(model, components.model_path),

@@ -13,12 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import diffusers
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from huggingface_hub.utils import EntryNotFoundError, HFValidationError, validate_repo_id
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import written_as_path
-from waveft_train.models.tiny import tiny_model_dir
 from waveft_train.models.builtin import BUILTIN_MODELS, TINY_MODEL_NAME, TOY_MODEL_NAME, toy_model_dir
+from waveft_train.models.tiny import tiny_model_dir
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -27,7 +32,8 @@ if TYPE_CHECKING:
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype names configs and flags use
 ALLOWED_MODELS = (
-    "`tiny` (the embedded test model), `toy` (the pretrained toy-world model), a Hugging Face hub id such as stabilityai/stable-diffusion-xl-base-1.0, "
+    "`tiny` (the embedded test model), `toy` (the pretrained toy-world model), a Hugging Face hub id such as "
+    "stabilityai/stable-diffusion-xl-base-1.0, "
     "or a local diffusers folder containing model_index.json"
 )
 ALLOWED_VAES = (
@@ -57,8 +63,6 @@ class SDXLComponents:
 
     def training_noise_scheduler(self) -> DDPMScheduler:
         """A DDPM scheduler with the model's noise schedule: what DreamBooth training adds noise with."""
-        from diffusers import DDPMScheduler
-
         return DDPMScheduler.from_config(self.scheduler.config)
 
 
@@ -91,8 +95,6 @@ def first_line(error: BaseException) -> str:
 
 
 def _validate_hub_id(what: str, name: str, allowed: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError as error:
@@ -145,8 +147,6 @@ def resolve_vae(vae: str) -> tuple[str, str | None]:
 
 def _load(what: str, name: str, loader: Callable[[], Loaded], allowed: str = ALLOWED_MODELS) -> Loaded:
     """Run one `from_pretrained`, turning 'cannot find it' errors into a UserError naming the model."""
-    from huggingface_hub.utils import EntryNotFoundError, HFValidationError
-
     try:
         return loader()
     except (OSError, EntryNotFoundError, HFValidationError) as error:  # OSError covers the hub's HTTP errors
@@ -162,9 +162,6 @@ def _frozen(module: Loaded) -> Loaded:
 
 def _load_scheduler(model_path: str, revision: str | None) -> SchedulerMixin:
     """The scheduler class named in the model's config, restricted to diffusers' own schedulers."""
-    import diffusers
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
     config = diffusers.DDPMScheduler.load_config(model_path, subfolder="scheduler", revision=revision)
     class_name = config.get("_class_name", "EulerDiscreteScheduler")
     scheduler_class = getattr(diffusers, class_name, None)
@@ -181,8 +178,6 @@ def _load_vae(
     path: str, subfolder: str | None, revision: str | None, vae_dtype: torch.dtype | None, weight_dtype: torch.dtype
 ) -> AutoencoderKL:
     """Load the VAE directly in its final dtype (diffusers warns about casting after loading)."""
-    from diffusers import AutoencoderKL
-
     if vae_dtype is None:
         config = AutoencoderKL.load_config(path, subfolder=subfolder, revision=revision)
         vae_dtype = torch.float32 if config.get("force_upcast", True) else weight_dtype
@@ -200,8 +195,6 @@ def load_scheduler(pretrained: str, *, revision: str | None = None) -> Scheduler
 def load_unet(pretrained: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
     """Only the UNet of an SDXL model (an export needs nothing else), frozen, with the same not-found errors as
     `load_components`."""
-    from diffusers import UNet2DConditionModel
-
     model_path = resolve_pretrained(pretrained)
     unet = _load(
         "the unet of model",
@@ -227,8 +220,6 @@ def load_components(
     in fp32, as diffusers' SDXL training scripts do, and puts any other VAE in `weight_dtype`.
     `revision` applies to the base model only, not to a separate `vae`.
     """
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     model_path = resolve_pretrained(pretrained)
     common: dict[str, Any] = {"revision": revision}
     weights: dict[str, Any] = {**common, "use_safetensors": True}
@@ -284,8 +275,6 @@ def build_pipeline(
     fresh instance from the same config, because pipelines mutate their scheduler's state while sampling;
     `prediction_type` overrides its prediction type (an adapter trained for v-prediction on an epsilon base).
     """
-    from diffusers import StableDiffusionXLPipeline
-
     pipeline = StableDiffusionXLPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,

@@ -37,8 +37,16 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
-from waveft_train.toy.subjects import Subject
-from waveft_train.toy.world import CONTEXTS
+import numpy as np
+import torch
+import yaml
+
+from waveft_train.adapter.load import adapters_disabled, load_adapter_unet
+from waveft_train.adapter.sampling import default_image_size
+from waveft_train.models.loading import build_pipeline
+from waveft_train.toy.judge import embed_images, judge_images, load_judge, round_trip
+from waveft_train.toy.subjects import SUBJECT_FILE, Subject, get_subject
+from waveft_train.toy.world import CONTEXTS, caption, render, sample_scene
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,6 @@ class Samples:
 def sample(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
            batch_size: int = 16) -> Samples:
     """Batched sampling; image i starts from the noise of a CPU generator seeded with seeds[i]."""
-    import torch
-
-    from waveft_train.adapter.sampling import default_image_size
-
     size = default_image_size(pipeline)
     chunks = []
     for start in range(0, len(prompts), batch_size):
@@ -88,11 +92,6 @@ def prompt_accuracy(pipeline, judge, combinations: Sequence[tuple[str, str, str]
     combination with seeds first_seed .. first_seed + seeds - 1 (steps, guidance and batch from `settings`) and
     returns the share the judge reads as the asked shape, colour, context, all three, and as solid (no pattern
     asked), with the samples."""
-    import numpy as np
-
-    from waveft_train.toy.judge import judge_images
-    from waveft_train.toy.world import caption, sample_scene
-
     prompts, asked = [], []
     for shape, colour, context in combinations:  # the caption of any such scene (its layout is not in the words)
         scene = sample_scene(np.random.default_rng(0), shape=shape, colours=(colour,), pattern="solid", context=context)
@@ -130,10 +129,6 @@ def sample_both(pipeline, subject: Subject, settings: EvalSettings) -> tuple[Sam
 
 def world_layout_spread(count: int = 400) -> float:
     """Mean distance between the (x, centre y, size) of two independent scenes of the world (the diversity unit)."""
-    import numpy as np
-
-    from waveft_train.toy.world import sample_scene
-
     rng = np.random.default_rng(0)
     layouts = np.array([[s.x, s.centre_y, s.size] for s in (sample_scene(rng) for _ in range(count))])
     half = count // 2
@@ -146,10 +141,6 @@ CEILING_RENDERS_PER_CONTEXT = 16
 
 def subject_renders(subject: Subject, context: str, count: int, stream: tuple[int, ...]) -> list:
     """`count` uint8 renders of the subject in `context`, layout i seeded by [subject.seed, *stream, i]."""
-    import numpy as np
-
-    from waveft_train.toy.world import render, sample_scene
-
     return [render(sample_scene(np.random.default_rng([subject.seed, *stream, i]), shape=subject.shape,
                                 colours=subject.colours, pattern=subject.pattern, context=context))
             for i in range(count)]
@@ -157,18 +148,12 @@ def subject_renders(subject: Subject, context: str, count: int, stream: tuple[in
 
 def subject_references(subject: Subject, judge, contexts: Sequence[str]) -> dict[str, object]:
     """Judge embeddings of the subject rendered in each context (seeded layouts), per context."""
-    from waveft_train.toy.judge import embed_images
-
     return {context: embed_images(judge, subject_renders(subject, context, REFERENCES_PER_CONTEXT, (7, index)))
             for index, context in enumerate(contexts)}
 
 
 def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> float:
     """`subject_fidelity_ceiling`: the judge's subject reading of the subject's renders after decode(encode(·))."""
-    import numpy as np
-
-    from waveft_train.toy.judge import judge_images, round_trip
-
     renders = [image for index, context in enumerate(contexts)
                for image in subject_renders(subject, context, CEILING_RENDERS_PER_CONTEXT, (11, index))]
     round_trips = round_trip(vae, np.stack(renders), progress=False)
@@ -177,8 +162,6 @@ def codec_ceiling(vae, subject: Subject, judge, contexts: Sequence[str]) -> floa
 
 def described_fidelity(pipeline, subject: Subject, judge, settings: EvalSettings) -> float:
     """`described_subject_fidelity` of `pipeline` (the base model): its samples for the look asked in words."""
-    from waveft_train.toy.judge import judge_images
-
     _, seeds, _, _ = sample_plan(subject, settings)  # the subject prompt's seeds, context by context
     prompts = [subject.described_prompt(context) for context in settings.contexts for _ in range(settings.seeds)]
     samples = sample(pipeline, prompts, seeds, steps=settings.steps, guidance=settings.guidance,
@@ -194,8 +177,6 @@ def shows_subject(subject: Subject, verdicts) -> list[bool]:
 
 def similarity(judge, images, references) -> list[float]:
     """Per image: mean cosine similarity of its judge embedding to `references` (one tensor, or one per image)."""
-    from waveft_train.toy.judge import embed_images
-
     features = embed_images(judge, images)
     if not isinstance(references, list):
         references = [references] * len(features)
@@ -206,11 +187,6 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
            references: dict[str, object], base_class_samples: Samples | None = None) -> dict:
     """The metrics of one model's samples. `references` are `subject_references` for settings.contexts;
     `base_class_samples` (the base model's class-prompt samples) add prior_agreement."""
-    import numpy as np
-    import torch
-
-    from waveft_train.toy.judge import judge_images
-
     verdicts = judge_images(judge, subject_samples.images)
     asked = [context for context in settings.contexts for _ in range(settings.seeds)]
     shows = shows_subject(subject, verdicts)
@@ -284,9 +260,6 @@ def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSe
     Without `base_samples`, the base model's samples (and `described`, its described_subject_fidelity) come from
     `unet` with its peft adapters disabled; with them, `described` is reported only when given.
     """
-    from waveft_train.adapter.load import adapters_disabled
-    from waveft_train.models.loading import build_pipeline
-
     pipeline = build_pipeline(components, unet=unet)
     unet.eval()
     adapted = sample_both(pipeline, subject, settings)
@@ -305,10 +278,6 @@ def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSe
 def subject_of_adapter(adapter_dir: Path) -> Subject:
     """The subject an adapter was trained on: its run's config.yaml names data.instance_dir, whose subject.json
     (written by the toy renderer) describes it. Raises LookupError when that chain is broken."""
-    import yaml
-
-    from waveft_train.toy.subjects import SUBJECT_FILE, get_subject
-
     config_file = Path(adapter_dir).resolve().parent / "config.yaml"
     if not config_file.is_file():  # a checkpoint: <run>/checkpoints/step-N/
         config_file = Path(adapter_dir).resolve().parent.parent / "config.yaml"
@@ -322,11 +291,6 @@ def subject_of_adapter(adapter_dir: Path) -> Subject:
 def evaluate_adapter(adapter_dir: Path | str, *, subject: Subject | None = None, base: str | None = None,
                      settings: EvalSettings = EvalSettings(), judge=None, device: str = "cpu") -> dict:
     """Score a saved adapter trained on `toy` (see the module docstring for the keys)."""
-    import torch
-
-    from waveft_train.adapter.load import load_adapter_unet
-    from waveft_train.toy.judge import load_judge
-
     adapter_dir = Path(adapter_dir)
     subject = subject or subject_of_adapter(adapter_dir)
     components, unet = load_adapter_unet(adapter_dir, base, dtype=torch.float32)

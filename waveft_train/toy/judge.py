@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from waveft_train.models.builtin import toy_model_dir
 from waveft_train.toy.world import COLOURS, CONTEXTS, PATTERNS, SHAPES, Scene
 
 JUDGE_FOLDER = "judge"
@@ -157,8 +159,6 @@ def embed_images(judge: Judge, images, batch_size: int = 64) -> torch.Tensor:
 
 def save_judge(judge: Judge, folder: Path, metrics: dict) -> list[Path]:
     """config.json (architecture + measured accuracy) and fp16 safetensors weights."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().to(torch.float16 if tensor.is_floating_point() else tensor.dtype).contiguous()
              for name, tensor in judge.state_dict().items()}
@@ -171,10 +171,6 @@ def save_judge(judge: Judge, folder: Path, metrics: dict) -> list[Path]:
 
 def load_judge(folder: Path | None = None) -> Judge:
     """The committed judge (next to the toy pipeline), in float32 and eval mode."""
-    from safetensors.torch import load_file
-
-    from waveft_train.models.builtin import toy_model_dir
-
     folder = Path(folder) if folder is not None else toy_model_dir() / JUDGE_FOLDER
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     judge = Judge(width=int(config["width"]))

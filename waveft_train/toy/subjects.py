@@ -19,15 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from waveft_train.toy.world import (
-    CONTEXTS,
-    IDENTIFIER,
-    PATTERN_WORDS,
-    Scene,
-    caption,
-    render_image,
-    sample_scene,
-)
+from waveft_train.toy.world import CONTEXTS, IDENTIFIER, PATTERN_WORDS, Scene, caption, render_image, sample_scene
 
 SUBJECT_FILE = "subject.json"
 CAPTIONS_FILE = "metadata.jsonl"  # the folder layout `data.caption_column` reads (datasets' imagefolder)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from PIL import Image
 
 IMAGE_SIZE = 64  # pixels; 16×16 latents through a VAE with factor 4
 SUPERSAMPLE = 4  # drawn at 4× and averaged down: smooth edges, deterministic
@@ -304,8 +305,6 @@ def object_coverage(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
 
 def render_image(scene: Scene, size: int = IMAGE_SIZE):
     """`render` as a PIL image."""
-    from PIL import Image
-
     return Image.fromarray(render(scene, size), mode="RGB")
 
 

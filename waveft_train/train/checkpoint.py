@@ -24,11 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as save_safetensors_bytes
 
-from waveft_train.adapter.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_tensors, read_json, safetensors_problem,
-                                        write_adapter_files)
+from waveft_train.adapter.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_tensors,
+    read_json,
+    safetensors_problem,
+    write_adapter_files,
+)
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_folder, is_leftover, write_bytes_synced
+from waveft_train.data.images import manifest_changes
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +59,6 @@ def save_checkpoint(output_dir: Path, step: int, *, unet: torch.nn.Module, base_
                     training_state: Mapping[str, Any], keep: int | None, prediction_type: str | None = None) -> Path:
     """Write `checkpoints/step-NNNNNN/` (adapter + training state) atomically, then keep only the newest `keep`
     complete checkpoints (None keeps all). On failure the previous checkpoints are untouched. Main process only."""
-    from safetensors.torch import save as save_safetensors_bytes
-
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be None or at least 1, got {keep}")
     folder = checkpoints_dir(output_dir) / f"step-{step:06d}"
@@ -109,8 +115,6 @@ def finished_step(output_dir: Path, max_steps: int) -> int | None:
 
 def why_not_continue(output_dir: Path, *, image_manifest: Mapping[str, str], global_batch: int, layout: str) -> str | None:
     """Why this run cannot continue the newest checkpoint (other subject photos, another global batch), or None."""
-    from waveft_train.data.images import manifest_changes
-
     latest = find_latest_checkpoint(output_dir)
     if latest is None:
         return None
@@ -216,7 +220,9 @@ def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
         return key
 
     def visit(value: Any, path: str) -> Any:
-        child = (lambda key: f"{path}/{key}" if path else str(key))
+        def child(key) -> str:
+            return f"{path}/{key}" if path else str(key)
+
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, numbers.Integral):

@@ -7,18 +7,24 @@ CPU is refused or downgraded before any model loads; only the main process shows
 from __future__ import annotations
 
 import logging
+import socket
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
-from waveft_train.config import ModelSection, TrainSection
+import diffusers.utils.logging
+import torch
+import transformers.utils.logging
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import broadcast_object_list
+
 from waveft_train.common.errors import UserError
+from waveft_train.config import ModelSection, TrainSection
 
 logger = logging.getLogger(__name__)
 
 
 def make_accelerator(train: TrainSection, model: ModelSection, output_dir: Path):
-    from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
-
     accelerator = Accelerator(
         mixed_precision=train.mixed_precision,
         log_with="tensorboard" if train.report_to == "tensorboard" else None,
@@ -38,9 +44,6 @@ def make_accelerator(train: TrainSection, model: ModelSection, output_dir: Path)
             "`accelerate launch --multi_gpu --num_processes N -m waveft_train --config ...` instead."
         )
     if not accelerator.is_main_process:  # one set of loading bars and library warnings, not one per process
-        import diffusers.utils.logging
-        import transformers.utils.logging
-
         for library in (diffusers.utils.logging, transformers.utils.logging):
             library.disable_progress_bar()
             library.set_verbosity_error()
@@ -70,12 +73,6 @@ def check_shared_folders(accelerator, folders: dict[str, Path]) -> None:
     The main process writes a marker file into each folder; every process then looks for it. With one process
     (or one machine's local disk shared by all processes) this costs a file write and two barriers.
     """
-    import socket
-    import uuid
-
-    import torch
-    from accelerate.utils import broadcast_object_list
-
     if accelerator.num_processes == 1:
         return
     token = broadcast_object_list([f".waveft-train-shared-{uuid.uuid4().hex[:12]}"])[0]

@@ -20,17 +20,18 @@ in memory beyond one item.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
-from waveft_train.data.encode import Conditioning, UNetInputs
 from waveft_train.common.errors import UserError
+from waveft_train.data.encode import Conditioning, UNetInputs
 
 
 class TrainingDiverged(UserError):
@@ -43,11 +44,11 @@ class TrainingDiverged(UserError):
 class LoopSettings:
     max_steps: int
     gradient_accumulation: int
-    max_grad_norm: Optional[float]
+    max_grad_norm: float | None
     prediction_type: str  # "epsilon" | "v_prediction"
-    snr_gamma: Optional[float]
+    snr_gamma: float | None
     noise_offset: float
-    prior_loss_weight: Optional[float]  # None: no prior preservation
+    prior_loss_weight: float | None  # None: no prior preservation
     seed: int
 
 
@@ -69,8 +70,6 @@ def batch_generators(seed: int, first_position: int, num_instance: int, with_pri
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023), per example."""
-    from diffusers.training_utils import compute_snr
-
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr

@@ -7,12 +7,11 @@ it, and when stock peft would not reproduce it.
 from __future__ import annotations
 
 from waveft_train.config import DataSection, PriorSection, TrainSection, WaveFTSection
+from waveft_train.waveft import STOCK_PEFT_FAMILIES_TEXT, stock_peft_reproduces_family
 
 
 def stock_peft_caveats(waveft: WaveFTSection) -> list[str]:
     """Why stock peft would not reproduce this run's adapter, if it would not (warned at the start, and in the card)."""
-    from waveft_train.waveft import STOCK_PEFT_FAMILIES_TEXT, stock_peft_reproduces_family
-
     load_with_us = ("Load it with waveft-train (`waveft-train sample`, or `waveft_train.waveft.register()` before "
                     "`PeftModel.from_pretrained`), or export it merged (`waveft-train export`).")
     caveats = []

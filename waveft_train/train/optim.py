@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers.optimization import get_scheduler
 
 from waveft_train.config import TrainSection
 
@@ -33,7 +34,5 @@ def make_optimizer(train: TrainSection, parameters: list[torch.nn.Parameter]) ->
 
 def make_lr_scheduler(train: TrainSection, optimizer: torch.optim.Optimizer):
     """diffusers' schedulers; stepped once per optimizer step by the loop (not through accelerate)."""
-    from diffusers.optimization import get_scheduler
-
     return get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
                          num_training_steps=train.max_steps)

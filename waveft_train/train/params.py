@@ -3,15 +3,20 @@ architecture on the meta device (no weights load)."""
 
 from __future__ import annotations
 
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from waveft_train import waveft as tuner
 from waveft_train.config import DataSection, ModelSection, PriorSection, TrainSection, ValidationSection, WaveFTSection
+from waveft_train.models.loading import resolve_pretrained, resolve_vae
+from waveft_train.train import memory
 from waveft_train.train.preflight import adapter_on_meta_unet
 
 
 def describe_parameters(model: ModelSection, waveft: WaveFTSection, unet=None) -> str:
     """Per-layer n_frequency, the trainable total and the LoRA rank with the same budget (no weights are loaded).
     `unet`: the adapted meta UNet when the caller has it (`adapter_on_meta_unet`)."""
-    from waveft_train import waveft as tuner
-
     unet = unet if unet is not None else adapter_on_meta_unet(model, waveft)
     rows, total, lora_unit = [], 0, 0
     for name, module in unet.named_modules():
@@ -32,8 +37,6 @@ def describe_memory(model: ModelSection, data: DataSection, prior: PriorSection,
     """The device memory a run of this config needs per process, by phase, and the smallest GPU that holds it
     (`waveft_train.train.memory`'s estimate, fitted to fake-tensor counts of CUDA's allocations; BENCHMARKS.md §3).
     `unet`: the config's UNet with its adapter, on the meta device (`adapter_on_meta_unet`)."""
-    from waveft_train.train import memory
-
     sizes = _component_sizes(model)
     weight = model.dtype  # "fp32" / "fp16" / "bf16", the names memory.BYTES uses
     estimate = memory.estimate_training_memory(
@@ -71,12 +74,6 @@ def describe_memory(model: ModelSection, data: DataSection, prior: PriorSection,
 
 def _component_sizes(model: ModelSection) -> dict:
     """Parameter counts of the text encoders and the VAE, and the VAE's downsampling, from their configs (meta)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from waveft_train.models.loading import resolve_pretrained, resolve_vae
-
     path = resolve_pretrained(model.pretrained)
     # the trainer's own rules: a separate VAE is an AutoencoderKL folder, a pipeline folder's vae/, or a hub id
     vae_path, vae_folder, vae_revision = (*resolve_vae(model.vae), None) if model.vae else (path, "vae", model.revision)
@@ -85,7 +82,6 @@ def _component_sizes(model: ModelSection) -> dict:
         text_configs = [CLIPTextConfig.from_pretrained(path, subfolder=folder, revision=model.revision)
                         for folder in ("text_encoder", "text_encoder_2")]
     except (OSError, ValueError):  # a hub model not in the cache: SDXL-base's sizes
-        from waveft_train.train import memory
         return {"text_encoder_params": memory.SDXL_TEXT_ENCODER_PARAMS, "vae_params": memory.SDXL_VAE_PARAMS,
                 "vae_scale_factor": 8, "vae_force_upcast": model.vae is None}
     with init_empty_weights():

@@ -12,10 +12,26 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from waveft_train.config import (DataSection, ModelSection, PriorSection, TrainSection, WaveFTSection,
-                                 config_fingerprint, load_config)
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
+from peft import WaveFTConfig, inject_adapter_in_model
+from peft.utils.other import get_pattern_key
+
+from waveft_train import waveft as tuner
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_local
+from waveft_train.config import (
+    DataSection,
+    ModelSection,
+    PriorSection,
+    TrainSection,
+    WaveFTSection,
+    config_fingerprint,
+    load_config,
+)
+from waveft_train.data.images import validate_image_folder
+from waveft_train.models.loading import ALLOWED_MODELS, first_line, offline_note, resolve_pretrained, resolve_vae
+from waveft_train.train.checkpoint import why_not_continue
 
 RUN_OUTPUTS = ("checkpoints", "samples", "adapter", "metrics.jsonl", "summary.json")  # what a run writes
 
@@ -63,8 +79,6 @@ def clear_previous_run(output_dir: Path) -> None:
 
 def validate_inputs(data: DataSection, prior: PriorSection) -> None:
     """Missing, empty or corrupt image folders fail in seconds (a hub dataset id is checked when it loads)."""
-    from waveft_train.data.images import validate_image_folder
-
     if is_local(data.instance_dir):
         validate_image_folder(Path(data.instance_dir), config_key="data.instance_dir", role="instance")
     if prior.enabled:
@@ -86,13 +100,6 @@ def adapter_on_meta_unet(model: ModelSection, waveft: WaveFTSection):
     Catches what only the model can tell (target_modules that match nothing, an n_frequency larger than a
     layer) in seconds, before gigabytes of weights load; the tuner's own errors become UserErrors.
     """
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from peft import WaveFTConfig, inject_adapter_in_model
-
-    from waveft_train import waveft as tuner
-    from waveft_train.models.loading import ALLOWED_MODELS, first_line, offline_note, resolve_pretrained
-
     path = resolve_pretrained(model.pretrained)
     try:
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=model.revision)
@@ -116,8 +123,6 @@ def adapter_on_meta_unet(model: ModelSection, waveft: WaveFTSection):
 
 def check_pattern_keys(keys: list[str], adapted: list[str], model_name: str) -> None:
     """Every n_frequency_pattern key must set some layer's n_frequency: peft skips a key that matches nothing."""
-    from peft.utils.other import get_pattern_key
-
     used = {get_pattern_key(keys, name) for name in adapted}  # peft's rule: the first key that matches a layer wins
     unused = [key for key in keys if key not in used]
     if unused:
@@ -134,8 +139,6 @@ def check_pattern_keys(keys: list[str], adapted: list[str], model_name: str) -> 
 def check_vae(model: ModelSection) -> None:
     """A wrong model.vae fails now, not after the base model has loaded."""
     if model.vae is not None:
-        from waveft_train.models.loading import resolve_vae
-
         resolve_vae(model.vae)
 
 
@@ -143,8 +146,6 @@ def checkpoint_is_another_run(output_dir: Path, image_manifest: dict[str, str], 
                               train: TrainSection, *, force: bool) -> bool:
     """Whether the newest checkpoint belongs to a run this one cannot continue (other subject photos, another
     global batch): with --force it is replaced (True); without, refused."""
-    from waveft_train.train.checkpoint import why_not_continue
-
     problem = why_not_continue(output_dir, image_manifest=image_manifest, global_batch=global_batch,
                                layout=f"train.batch_size {train.batch_size} × train.gradient_accumulation "
                                       f"{train.gradient_accumulation} × processes")

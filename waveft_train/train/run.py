@@ -1,6 +1,7 @@
 """One training run, in the style of torchtune's recipes: the only module that sees the whole config.
 
-`DreamBoothRun` builds each piece from its own config section and hands each stage exactly what it uses:
+`DreamBoothRun` builds each piece from its own config section and hands each stage exactly what it uses; what it
+trains (WaveFT by default) is its one extension point, a `TrainingMethod` (train/methods.py):
 `preflight()` (checks that need no weights; a finished run stops here), `setup()` (accelerate, models, class
 images, data, conditioning, adapter, optimizer, resume), `train()` (the loop, with checkpoints and validation
 grids between steps), `save_checkpoint()`, `validate()`, `finish()` (final adapter and summary.json), `cleanup()`.
@@ -15,22 +16,45 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 import os
 import time
 import warnings
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
-from waveft_train.config import TrainConfig, config_fingerprint, dump_config
-from waveft_train.train.checkpoint import finished_step
+from waveft_train.adapter.files import load_adapter_weights_into, save_adapter
+from waveft_train.adapter.sampling import NonFiniteImage, base_and_adapter_grid
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, make_folder, save_png_atomically, write_atomically, writing
-from waveft_train.models.loading import DTYPES
-from waveft_train.train.preflight import (adapter_on_meta_unet, check_optional_dependencies, check_vae,
-                                    checkpoint_is_another_run, clear_previous_run, holds_other_run, validate_inputs)
+from waveft_train.common.lock import FolderLock
+from waveft_train.config import TrainConfig, config_fingerprint, dump_config
+from waveft_train.data.dataset import DreamBoothDataset, StepBatchSampler, collate
+from waveft_train.data.encode import Conditioning, warn_about_long_prompts
+from waveft_train.data.images import image_manifest, images_from_files, load_images, warn_about_small_images
+from waveft_train.data.prior import class_images_for_run
+from waveft_train.models.loading import DTYPES, build_pipeline, load_components
+from waveft_train.train import checkpoint
+from waveft_train.train.checkpoint import finished_step
+from waveft_train.train.launch import check_shared_folders, make_accelerator
+from waveft_train.train.loop import LoopSettings, training_steps
+from waveft_train.train.methods import TrainingMethod, WaveFT
+from waveft_train.train.metrics import MetricsLog, peak_memory_bytes
+from waveft_train.train.model_card import model_card, stock_peft_caveats
+from waveft_train.train.optim import make_lr_scheduler, make_optimizer, trainable_parameters_in_float32
+from waveft_train.train.preflight import (
+    adapter_on_meta_unet,
+    check_optional_dependencies,
+    check_vae,
+    checkpoint_is_another_run,
+    clear_previous_run,
+    holds_other_run,
+    validate_inputs,
+)
+from waveft_train.train.stopping import GracefulStop
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +65,11 @@ def train_from_config(config: TrainConfig, *, force: bool = False, progress: boo
 
 
 class DreamBoothRun:
-    def __init__(self, config: TrainConfig, *, force: bool = False, progress: bool = True):
+    def __init__(self, config: TrainConfig, *, force: bool = False, progress: bool = True,
+                 method: TrainingMethod | None = None):
+        """`method`: what the run trains (train/methods.py); default WaveFT with `config.waveft`."""
         self.config, self.force, self.progress = config, force, progress
+        self.method = method if method is not None else WaveFT(config.waveft)
         self.output_dir = Path(config.output.dir)
         self.fingerprint = config_fingerprint(config)
         self.started = time.perf_counter()
@@ -57,8 +84,6 @@ class DreamBoothRun:
         self.global_batch = train.batch_size * train.gradient_accumulation * int(os.environ.get("WORLD_SIZE", "1"))
 
     def run(self) -> Path:
-        from waveft_train.train.stopping import GracefulStop
-
         with GracefulStop(self.output_dir) as self.stop:
             if self.preflight():
                 return self.output_dir
@@ -87,7 +112,6 @@ class DreamBoothRun:
         check_optional_dependencies(config.train)
         adapter_on_meta_unet(config.model, config.waveft)  # target_modules, n_frequency against the architecture
         check_vae(config.model)
-        from waveft_train.data.images import image_manifest, load_images, warn_about_small_images
 
         self.instance_images = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
                                            default_prompt=config.data.instance_prompt)
@@ -101,24 +125,22 @@ class DreamBoothRun:
 
     def setup(self) -> None:
         """Collective. Load and build everything; only then touch the output folder (resume or take it over)."""
-        from waveft_train.train.launch import make_accelerator
-        from waveft_train.train.model_card import stock_peft_caveats
-        from waveft_train.models.loading import load_components
-
         config = self.config
         self.accelerator = make_accelerator(config.train, config.model, self.output_dir)
         # Made (empty, if new) once the cheap checks have passed and before the models load: a path that cannot be a
         # folder fails in seconds, and a refused run leaves no stray folders.
         make_folder(self.output_dir, "output.dir")
         if self.accelerator.is_main_process:  # one writer per output folder; the other processes never write there
-            from waveft_train.common.lock import FolderLock
-
             self.lock = FolderLock(self.output_dir, what="training run")
             self.lock.acquire()
+        folders = {"output.dir": self.output_dir}
         if config.prior.enabled:
-            make_folder(Path(config.prior.class_dir), "prior.class_dir")
-        self._check_shared_storage()
-        if self.accelerator.is_main_process:
+            folders["prior.class_dir"] = Path(config.prior.class_dir)
+            make_folder(folders["prior.class_dir"], "prior.class_dir")
+        # Collective. The main process writes checkpoints every process resumes from, and each process writes its
+        # share of class images: several processes (or machines) need both folders on storage they all see.
+        check_shared_folders(self.accelerator, folders)
+        if self.accelerator.is_main_process and self.method.saves_adapter:
             for caveat in stock_peft_caveats(config.waveft):
                 logger.warning(caveat[0].upper() + caveat[1:])
         torch.manual_seed(config.train.seed)
@@ -127,8 +149,6 @@ class DreamBoothRun:
         self.prediction_type = config.train.prediction_type or self.components.scheduler.config.get(
             "prediction_type", "epsilon")
         if self.accelerator.is_main_process:
-            from waveft_train.data.encode import warn_about_long_prompts
-
             class_prompt = [("prior.class_prompt", config.prior.class_prompt)] if config.prior.enabled else []
             warn_about_long_prompts([*zip(self.instance_images.names(), self.instance_images.prompts), *class_prompt,
                                      *(("validation.prompts", text) for text in config.validation.prompts)],
@@ -143,8 +163,6 @@ class DreamBoothRun:
         self.accelerator.wait_for_everyone()
         self.start_step = self.step = self._resume()
         if self.accelerator.is_main_process:
-            from waveft_train.train.metrics import MetricsLog
-
             with writing(self.output_dir / "config.yaml", "the run's resolved config"):
                 atomic_write_text(self.output_dir / "config.yaml", dump_config(config))
             with writing(self.output_dir / "metrics.jsonl", "the metrics log"):
@@ -153,27 +171,11 @@ class DreamBoothRun:
                 self.accelerator.init_trackers("waveft-train")
         self.accelerator.wait_for_everyone()
 
-    def _check_shared_storage(self) -> None:
-        """Collective. Several processes (or machines) need output.dir and prior.class_dir on storage they all see:
-        the main process writes checkpoints that every process resumes from, and each writes its share of class images."""
-        from waveft_train.train.launch import check_shared_folders
-
-        folders = {"output.dir": self.output_dir}
-        if self.config.prior.enabled:
-            folders["prior.class_dir"] = Path(self.config.prior.class_dir)
-        check_shared_folders(self.accelerator, folders)
-
     def _setup_data(self) -> None:
         """Class images (generated where missing), the DreamBooth pairing, and the conditioning that owns caches."""
-        from waveft_train.data.dataset import DreamBoothDataset
-        from waveft_train.data.images import images_from_files
-        from waveft_train.data.encode import Conditioning
-
         data, prior, main = self.config.data, self.config.prior, self.accelerator.is_main_process
         class_images = None
         if prior.enabled:  # collective: every process generates its share of the missing class images
-            from waveft_train.data.prior import class_images_for_run
-
             files = class_images_for_run(prior, self.config.model, self.components, resolution=data.resolution,
                                          seed=self.config.train.seed, accelerator=self.accelerator,
                                          progress=self.progress)
@@ -187,16 +189,11 @@ class DreamBoothRun:
                                          cache_latents=self.config.train.cache_latents, progress=self.progress and main)
 
     def _setup_adapter(self) -> None:
-        """WaveFT on the UNet (through diffusers' add_adapter and our registered tuner), optimizer, LR schedule."""
-        from peft import WaveFTConfig
-
-        from waveft_train import waveft
-        from waveft_train.train.optim import make_lr_scheduler, make_optimizer, trainable_parameters_in_float32
-
+        """The method's trainable parameters on the UNet (WaveFT unless another method was given), optimizer, LR
+        schedule."""
         train = self.config.train
-        waveft.register()
         unet = self.components.unet.to(self.accelerator.device)
-        unet.add_adapter(WaveFTConfig(**self.config.waveft.peft_kwargs()))
+        self.method.attach(unet)
         if train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.trainable = trainable_parameters_in_float32(unet)
@@ -210,8 +207,8 @@ class DreamBoothRun:
 
     def _resume(self) -> int:
         """Load the newest checkpoint that loads (damaged ones are named and skipped); the step to continue from."""
-        from waveft_train.train import checkpoint
-
+        if not self.method.saves_adapter:  # it writes no checkpoints either
+            return 0
         for folder in checkpoint.newest_checkpoints(self.output_dir):
             try:
                 adapter, state = checkpoint.load_checkpoint(folder)
@@ -222,8 +219,6 @@ class DreamBoothRun:
         return 0
 
     def _continue_from(self, folder: Path, adapter: dict, state: dict) -> int:
-        from waveft_train.adapter.files import load_adapter_weights_into
-
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"The checkpoint {folder} was written by a run with a different config; use another "
                             "output.dir, or --force to start this run from scratch there.")
@@ -245,8 +240,6 @@ class DreamBoothRun:
     # ------------------------------------------------------------------------------------------ training
     def train(self) -> None:
         """Collective. The loop; after each step: log (main), checkpoint and validate when due (both collective)."""
-        from waveft_train.train.loop import LoopSettings, training_steps
-
         config, accelerator = self.config, self.accelerator
         train = config.train
         settings = LoopSettings(
@@ -280,10 +273,6 @@ class DreamBoothRun:
 
     def _loader(self):
         """This process's endless batches, starting where step `start_step` left off."""
-        from torch.utils.data import DataLoader
-
-        from waveft_train.data.dataset import StepBatchSampler, collate
-
         train, accelerator, examples = self.config.train, self.accelerator, self.conditioning.examples
         sampler = StepBatchSampler(
             [self.dataset.bucket_of(position) for position in range(len(self.dataset))], batch_size=train.batch_size,
@@ -303,8 +292,8 @@ class DreamBoothRun:
 
     def save_checkpoint(self, step: int) -> None:
         """Collective. Adapter + training state under checkpoints/step-NNNNNN, written atomically by the main process."""
-        from waveft_train.train import checkpoint
-
+        if not self.method.saves_adapter:
+            return
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -339,9 +328,6 @@ class DreamBoothRun:
 
     def validate(self, step: int) -> None:
         """Collective. samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, same seeds."""
-        from waveft_train.models.loading import build_pipeline
-        from waveft_train.adapter.sampling import NonFiniteImage, base_and_adapter_grid
-
         config, accelerator = self.config, self.accelerator
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and config.validation.prompts:
@@ -369,32 +355,17 @@ class DreamBoothRun:
     # ------------------------------------------------------------------------------------------ the end
     def finish(self) -> None:
         """Collective (one barrier). The final adapter (model card, last sample grid) and summary.json."""
-        from waveft_train.adapter.files import save_adapter
-        from waveft_train.train.metrics import peak_memory_bytes
-        from waveft_train.train.model_card import model_card
-
-        accelerator, config = self.accelerator, self.config
+        accelerator = self.accelerator
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return
         trainable_params = sum(parameter.numel() for parameter in self.trainable)
-        adapter_dir = self.output_dir / "adapter"
-        card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
-                          prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
-                          trainable_params=trainable_params, steps=self.step, has_samples=self.last_samples is not None,
-                          prediction_type=self._recorded_prediction_type())
-        with writing(adapter_dir, "the final adapter"):
-            save_adapter(adapter_dir, accelerator.unwrap_model(self.unet),
-                         base_model_name_or_path=self.components.base_model_name,
-                         prediction_type=self._recorded_prediction_type(), model_card=card)
-            if self.last_samples is not None:
-                last = self.last_samples.read_bytes()
-                write_atomically(adapter_dir / "samples.png", lambda stream: stream.write(last))
+        adapter_dir = self._save_final_adapter(trainable_params) if self.method.saves_adapter else None
         timed = self.step_seconds[1:] or self.step_seconds  # the first step pays for warm-up
         final_loss = self.final_loss if self.final_loss is not None else (self.metrics_log.last or {}).get("loss")
         summary = {
             "trainable_params": trainable_params,
-            "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
+            "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size if adapter_dir else None,
             "steps": self.step,
             "seconds_per_step": sum(timed) / len(timed) if timed else None,
             "peak_memory_bytes": peak_memory_bytes(accelerator.device),
@@ -406,7 +377,23 @@ class DreamBoothRun:
         with writing(self.output_dir / "summary.json", "the run summary"):
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         samples = f", samples in {self.output_dir / 'samples'}" if self.last_samples is not None else ""
-        print(f"Done: adapter in {adapter_dir}{samples}.", flush=True)
+        print(f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", flush=True)
+
+    def _save_final_adapter(self, trainable_params: int) -> Path:
+        """adapter/: weights, config, model card and the last validation grid."""
+        accelerator, config, adapter_dir = self.accelerator, self.config, self.output_dir / "adapter"
+        card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
+                          prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
+                          trainable_params=trainable_params, steps=self.step, has_samples=self.last_samples is not None,
+                          prediction_type=self._recorded_prediction_type())
+        with writing(adapter_dir, "the final adapter"):
+            save_adapter(adapter_dir, accelerator.unwrap_model(self.unet),
+                         base_model_name_or_path=self.components.base_model_name,
+                         prediction_type=self._recorded_prediction_type(), model_card=card)
+            if self.last_samples is not None:
+                last = self.last_samples.read_bytes()
+                write_atomically(adapter_dir / "samples.png", lambda stream: stream.write(last))
+        return adapter_dir
 
     def cleanup(self) -> None:
         self.accelerator.end_training()

@@ -14,7 +14,10 @@ import threading
 from pathlib import Path
 from types import FrameType, TracebackType
 
+import torch
+
 from waveft_train.common.errors import RunInterrupted
+from waveft_train.train.checkpoint import find_latest_checkpoint
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -40,8 +43,6 @@ class GracefulStop:
     def _handle(self, number: int, frame: FrameType | None) -> None:
         name = signal.Signals(number).name
         if self.received is not None:
-            from waveft_train.train.checkpoint import find_latest_checkpoint
-
             latest = find_latest_checkpoint(self.output_dir)
             where = f"rerunning the same command resumes from {latest}" if latest else "no checkpoint was written yet"
             raise RunInterrupted(f"Aborted at once on a second {name}; {where}.", number)
@@ -51,8 +52,6 @@ class GracefulStop:
 
     def agreed(self, accelerator) -> int | None:
         """Collective: the signal this or any other process received, or None (every process gets the same answer)."""
-        import torch
-
         flag = torch.tensor([float(self.received or 0)], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.gather(flag)
@@ -64,7 +63,6 @@ class GracefulStop:
         number = self.agreed(accelerator)
         if number is None:
             return
-        from waveft_train.train.checkpoint import find_latest_checkpoint
 
         latest = find_latest_checkpoint(self.output_dir)
         done = f"after step {saved}, with a checkpoint ({latest})" if saved else "before training further"

@@ -21,8 +21,8 @@ in float32. In low precision the merged path rounds W + ΔW to that precision, a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -232,7 +232,7 @@ def _token_chunk(g: torch.Tensor, transforms: Sequence[SparseIDWT]) -> int:
     return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, CPU_CHUNK_ELEMENTS // width))
 
 
-def _spectrum_grads(g, x, plan: _Plan, needed: Sequence[bool]) -> list[Optional[torch.Tensor]]:
+def _spectrum_grads(g, x, plan: _Plan, needed: Sequence[bool]) -> list[torch.Tensor | None]:
     """scaling · Σ_t (g R)[t, gi] · (x C)[t, xi] for each adapter that needs it, over chunks of tokens.
 
     Why chunks: on CPU the two transposed factors of a chunk stay in cache between being made and being sampled,
@@ -240,7 +240,7 @@ def _spectrum_grads(g, x, plan: _Plan, needed: Sequence[bool]) -> list[Optional[
     """
     accumulate = _accumulate_dtype(g.dtype)
     g_acc, x_acc = _cast(g, accumulate), _cast(x, accumulate)
-    grads: list[Optional[torch.Tensor]] = [None] * len(needed)
+    grads: list[torch.Tensor | None] = [None] * len(needed)
     if not any(needed):
         return grads
     chunk = _token_chunk(g, plan.transforms)
@@ -272,7 +272,7 @@ def _add_factorized_grad_x(grad_x: torch.Tensor, g: torch.Tensor, spectra, plan:
 def waveft_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     adapters: Sequence[Adapter],
     path: str = AUTO,
 ) -> torch.Tensor:

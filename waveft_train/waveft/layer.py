@@ -18,7 +18,7 @@ Differences from peft's reference, all deliberate:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -26,8 +26,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .families import check_family
-from .transform import SparseIDWT, coefficient_locations
 from .functional import waveft_linear
+from .transform import SparseIDWT, coefficient_locations
 
 try:  # transformers' GPT-2 style Conv1D stores weights as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -129,7 +129,7 @@ class WaveFTLinear(nn.Module, WaveFTLayer):
         delta = self.get_delta_weight(adapter)
         return delta.T if self.fan_in_fan_out else delta
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
@@ -144,7 +144,7 @@ class WaveFTLinear(nn.Module, WaveFTLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:

@@ -17,7 +17,6 @@ from torch import nn
 from .families import check_family
 from .layer import Conv1D, WaveFTLayer, WaveFTLinear
 
-
 ALLOWED_BIAS = ("none", "all", "waveft_only")
 
 
@@ -115,10 +114,11 @@ class WaveFTModel(BaseTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(base, nn.Linear) and config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.")
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.",
+                          stacklevel=2)
             config.fan_in_fan_out = False
         elif isinstance(base, Conv1D) and not config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.")
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.", stacklevel=2)
             config.fan_in_fan_out = True
         new_module = WaveFTLinear(target, adapter_name, config=config, n_frequency=n_frequency)
         if adapter_name not in self.active_adapters:
