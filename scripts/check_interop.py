@@ -44,8 +44,8 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
-    from waveft_train.adapter.export import export_file
-    from waveft_train.adapter.load import export_merged, read_adapter
+    from waveft_train.adapter.export import export
+    from waveft_train.adapter.load import read_adapter
     from waveft_train.models.loading import build_pipeline, load_components, load_unet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,14 +57,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        merged_unet = UNet2DConditionModel.from_pretrained(export_merged(args.adapter, scratch / "merged", base=base,
-                                                                          dtype="fp32"))
+        merged_unet = UNet2DConditionModel.from_pretrained(export(args.adapter, scratch / "merged", base=base,
+                                                                  dtype="fp32").path)
         inputs = unet_inputs(merged_unet.config)
         merged, plain = run(merged_unet, inputs), run(load_unet(base), inputs)
         effect = (merged - plain).norm().item()
         print(f"adapter effect on the UNet output: {effect / merged.norm().item():.4g} (relative)")
 
-        diff_file = export_file(args.adapter, scratch / "full.safetensors", format="comfyui", base=base, dtype="fp32")
+        diff_file = export(args.adapter, scratch / "full.safetensors", format="comfyui", base=base, dtype="fp32")
         unet = load_unet(base)
         LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME = []  # LyCORIS 4.1.3 asserts on diffusers UNets otherwise
         network, _ = create_network_from_weights(1.0, str(diff_file.path), None, None, unet, for_inference=True)
@@ -75,8 +75,8 @@ def main() -> None:
         pipeline = build_pipeline(load_components(base))
         print(f"{'rank':>5} {'worst':>8} {'median':>8} {'overall':>8} {'diffusers output / effect':>26}")
         for rank in args.ranks:
-            result = export_file(args.adapter, scratch / f"lora{rank}.safetensors", format="lora", base=base,
-                                 rank=rank, force=True)
+            result = export(args.adapter, scratch / f"lora{rank}.safetensors", format="lora", base=base,
+                            rank=rank, force=True)
             with safe_open(str(result.path), framework="pt") as handle:
                 overall = float(handle.metadata()["waveft.lora_overall_error"])
                 assert json.loads(handle.metadata()["waveft.lora_ranks"])

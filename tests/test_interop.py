@@ -23,8 +23,8 @@ from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from waveft_train.adapter.export import export_file
-from waveft_train.adapter.load import export_merged, load_adapter_unet
+from waveft_train.adapter.export import export
+from waveft_train.adapter.load import load_adapter_unet
 from waveft_train.models.unet_names import UNetNames
 from waveft_train.waveft import register
 
@@ -90,7 +90,7 @@ def outputs(adapters, tiny_model_dir, unet_inputs, tmp_path_factory) -> dict[str
     root = tmp_path_factory.mktemp("merged")
     results = {"base": run_unet(base_unet(tiny_model_dir), unet_inputs)}
     for bias, adapter in adapters.items():
-        merged = UNet2DConditionModel.from_pretrained(export_merged(adapter, root / bias, dtype="fp32"))
+        merged = UNet2DConditionModel.from_pretrained(export(adapter, root / bias, dtype="fp32").path)
         results[bias] = run_unet(merged, unet_inputs)
     return results
 
@@ -145,7 +145,7 @@ def test_comfyui_file_applied_by_lycoris_equals_the_merged_export(
 
 def test_lycoris_strength_multiplies_the_learned_update(adapters, tiny_model_dir, unet_inputs, tmp_path, monkeypatch):
     """The apps' strength slider: 0.5 in LyCORIS is the adapter at half scale in our tuner (`sample --scale 0.5`)."""
-    out = export_file(adapters["none"], tmp_path / "half.safetensors", format="comfyui", dtype="fp32").path
+    out = export(adapters["none"], tmp_path / "half.safetensors", format="comfyui", dtype="fp32").path
     unet = base_unet(tiny_model_dir)
     lycoris_applied(out, unet, 0.5, monkeypatch)
     _, half = load_adapter_unet(adapters["none"], None, scale=0.5)
@@ -153,9 +153,9 @@ def test_lycoris_strength_multiplies_the_learned_update(adapters, tiny_model_dir
 
 
 def test_comfyui_file_is_fp16_by_default_with_metadata(adapters, tiny_model_dir, tmp_path):
-    fp32 = load_file(export_file(adapters["waveft_only"], tmp_path / "a.safetensors", format="comfyui",
+    fp32 = load_file(export(adapters["waveft_only"], tmp_path / "a.safetensors", format="comfyui",
                                  dtype="fp32").path)
-    path = export_file(adapters["waveft_only"], tmp_path / "b.safetensors", format="comfyui",
+    path = export(adapters["waveft_only"], tmp_path / "b.safetensors", format="comfyui",
                        prediction_type="v_prediction").path
     fp16 = load_file(path)
     assert sorted(fp16) == sorted(fp32)
@@ -203,7 +203,7 @@ def lora_applied_by_diffusers(path: Path, pipeline, unet_inputs):
 
 @pytest.fixture(scope="module")
 def updates(adapters):
-    from waveft_train.adapter.export import adapter_updates
+    from waveft_train.adapter.export_files import adapter_updates
 
     return adapter_updates(adapters["none"], None)[3]
 
@@ -243,7 +243,7 @@ def test_lora_file_through_diffusers_matches_within_its_recorded_error(
 
 
 def test_low_rank_errors_are_the_singular_value_tails():
-    from waveft_train.adapter.export import low_rank
+    from waveft_train.adapter.export_files import low_rank
 
     torch.manual_seed(0)
     delta = torch.randn(48, 40)

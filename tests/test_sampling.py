@@ -23,7 +23,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from waveft_train.adapter.load import adapters_disabled, export_merged, load_adapter_unet
+from waveft_train.adapter.export import export
+from waveft_train.adapter.load import adapters_disabled, load_adapter_unet
 from waveft_train.adapter.sampling import generate_grid_images, label_height, make_grid
 from waveft_train.cli.adapters import COMPARE_GROUP_GAP
 from waveft_train.models.loading import build_pipeline, load_components
@@ -303,7 +304,7 @@ def test_export_writes_half_precision_and_replaces_only_an_earlier_export_with_f
     code, _, stderr = run_cli(["export", "--adapter", adapter_dir, "--out", out], capsys)
     assert code == 2 and "already holds a merged UNet" in stderr and "--force" in stderr
 
-    assert export_merged(adapter_dir, out, force=True) == out.absolute()
+    assert export(adapter_dir, out, force=True).path == out.absolute()
     with safe_open(str(out / "diffusion_pytorch_model.safetensors"), framework="pt") as weights:
         assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F16"}
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
@@ -656,4 +657,4 @@ def test_sample_argument_errors(extra, out_name, expected, adapter_dir, tmp_path
 
 def test_export_rejects_unknown_dtype(adapter_dir, tmp_path, capsys):
     code, _, stderr = run_cli(["export", "-a", adapter_dir, "-o", tmp_path / "m", "--dtype", "int8"], capsys)
-    assert code == 2 and "Unknown export dtype 'int8'" in stderr
+    assert code == 2 and "Unknown --dtype 'int8'" in stderr

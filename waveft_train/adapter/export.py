@@ -1,68 +1,39 @@
-"""One-file exports of a WaveFT adapter for the apps people make SDXL images in.
+"""Every export of a WaveFT adapter, behind one option check and one target check.
 
-- `comfyui`: each adapted layer's full update scale·ΔW as a LyCORIS/kohya "full" module, `lora_unet_<name>.diff`
-  (plus `.diff_b` for a trained bias, `bias: waveft_only`). ComfyUI, Forge, A1111 and LyCORIS apply it as
-  W + strength·diff, so the file is exact and the apps' strength slider multiplies the learned update. None of them
-  knows WaveFT, and peft/diffusers-keyed files are what they fail on ("lora key not loaded").
-- `lora`: each ΔW factored by SVD into kohya LoRA keys (`lora_down`, `lora_up`, `alpha`; apps apply
-  strength·(alpha/rank)·up·down). WaveFT's ΔW is high-rank, so this is lossy: every layer's relative Frobenius error
-  (of the file as saved, its dtype's rounding included) is reported and recorded in the metadata, and `--max-error`
-  picks the rank per layer.
+- `diffusers` (default): the adapter merged into its base UNet, a plain diffusers UNet folder (merged.py).
+- `comfyui`: one `.safetensors` file of every adapted layer's full update, `lora_unet_<name>.diff`, exact; ComfyUI,
+  Forge, A1111 and LyCORIS apply it as W + strength·diff (export_files.py).
+- `lora`: one kohya LoRA file, each update factored by SVD; lossy, every layer's error reported (export_files.py).
 
-Naming. ComfyUI (`comfy.lora.model_lora_keys_unet`) maps `lora_unet_` + ldm names and + diffusers names (through
-`comfy.utils.unet_to_diffusers`), Forge uses the same mapper, A1111 (`networks.load_network`) turns diffusers names
-into ldm ones with `convert_diffusers_name_to_compvis` and also takes ldm names, and LyCORIS
-(`lycoris.kohya.create_network_from_weights`) keys `lora_unet_` + the module names of the UNet it is given, which
-for a diffusers UNet are diffusers names. Diffusers names are therefore the default (`naming="diffusers"`): all
-three read them. `naming="ldm"` writes kohya's own SDXL spelling (`lora_unet_input_blocks_4_1_...`) for tools that
-expect it (custom nodes that parse block indices, sd-scripts' SDXL UNet); ComfyUI, Forge, A1111 and diffusers read
-it too, LyCORIS only on an ldm-named UNet.
-
-ΔW comes from the tuner's own layers (`WaveFTLayer.get_delta_weight`, float32) after the adapter is loaded and
-checked as `export` always checks it (adapters.load_adapted_unet).
+`export()` checks the options (before any model loads) and the target (it never overwrites the adapter or anything
+that is not an earlier export of ours, and an earlier one only with `force`), then writes atomically: nothing is left
+half-written.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
-from waveft_train import __version__
-from waveft_train.adapter.load import load_adapted_unet
+from waveft_train.adapter.export_files import FORMAT_KEY, write_file
+from waveft_train.adapter.merged import (
+    EXPORT_CONFIG_NAME,
+    EXPORT_SCHEDULER_NAME,
+    EXPORT_WEIGHTS_PATTERN,
+    not_an_export,
+    write_merged_unet,
+)
 from waveft_train.common.errors import UserError
-from waveft_train.common.files import write_atomically, writing
+from waveft_train.common.files import writing
+from waveft_train.common.lock import FolderLock
 from waveft_train.models.loading import DTYPES
-from waveft_train.models.unet_names import NAMINGS, UNetNames, kohya_key
-from waveft_train.waveft import WaveFTLayer
+from waveft_train.models.unet_names import NAMINGS
 
-FILE_FORMATS = ("comfyui", "lora")
-FORMAT_KEY = "waveft.format"  # marks a file as written here: --force replaces only such files
-SDXL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version: A1111 lists a LoRA for SDXL only with an sdxl_ value
-NETWORK_MODULES = {"comfyui": "lycoris.kohya", "lora": "networks.lora"}
-
-
-@dataclass(frozen=True)
-class LayerUpdate:
-    """One adapted layer's update in float32: `delta` = scale·ΔW (d_out, d_in), `bias` = trained minus base bias."""
-
-    name: str  # diffusers module path, e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q
-    delta: torch.Tensor
-    bias: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class LowRank:
-    down: torch.Tensor  # (rank, d_in), in the file's dtype
-    up: torch.Tensor  # (d_out, rank)
-    rank: int
-    error: float  # ||ΔW - up·down||_F / ||ΔW||_F of the factors as saved
+FORMATS = ("diffusers", "comfyui", "lora")
+FILE_FORMATS = ("comfyui", "lora")  # one .safetensors file; `diffusers` is a folder
 
 
 @dataclass
@@ -78,13 +49,41 @@ class ExportResult:
         return max(self.errors.items(), key=lambda item: item[1]) if self.errors else None
 
 
-def check_options(format: str, dtype: str, naming: str, rank: int | None, max_error: float | None) -> None:
+def export(adapter_dir: Path | str, out: Path | str, *, format: str = "diffusers", base: str | None = None,
+           dtype: str = "fp16", naming: str | None = None, rank: int | None = None, max_error: float | None = None,
+           force: bool = False, prediction_type: str | None = None) -> ExportResult:
+    """Write the adapter at `adapter_dir` in `format` to `out` (a folder for diffusers, a .safetensors file otherwise).
+
+    `naming` (file formats): diffusers (default) or ldm module names. `rank` / `max_error`: the LoRA's rank. The file
+    formats record `prediction_type` (by default what the adapter records) in their metadata.
+    """
+    check_options(format, dtype, naming, rank, max_error)
+    adapter_dir, out = Path(adapter_dir).expanduser(), Path(out).expanduser().absolute()
+    check_target(out, adapter_dir, format, force)
+    if format == "diffusers":
+        with writing(out, "the merged UNet"), export_lock(out):
+            check_target(out, adapter_dir, format, force)  # again: another export may have finished meanwhile
+            return ExportResult(out, format, write_merged_unet(adapter_dir, out, base=base, dtype=dtype))
+    layers, errors, ranks = write_file(adapter_dir, out, format=format, base=base, dtype=dtype,
+                                       naming=naming or "diffusers", rank=rank, max_error=max_error,
+                                       prediction_type=prediction_type)
+    return ExportResult(out, format, layers, errors, ranks)
+
+
+def check_options(format: str, dtype: str, naming: str | None, rank: int | None, max_error: float | None) -> None:
     """The option errors a user can make, raised before any model loads."""
-    if format not in FILE_FORMATS:
+    if format not in FORMATS:
         raise UserError(f"Unknown --format '{format}'; allowed: diffusers (a merged UNet folder), {', '.join(FILE_FORMATS)}.")
     if dtype not in DTYPES:
         raise UserError(f"Unknown --dtype '{dtype}'; allowed: {', '.join(DTYPES)}.")
-    if naming not in NAMINGS:
+    if format == "diffusers":
+        given = [flag for flag, value in (("--rank", rank), ("--max-error", max_error), ("--naming", naming))
+                 if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} apply to --format comfyui or lora (one .safetensors file); "
+                            "--format diffusers writes the merged UNet folder.")
+        return
+    if naming is not None and naming not in NAMINGS:
         raise UserError(f"Unknown --naming '{naming}'; allowed: {', '.join(NAMINGS)} (diffusers is read by ComfyUI, "
                         "A1111/Forge and LyCORIS; ldm is kohya's SDXL spelling).")
     if format == "comfyui" and (rank is not None or max_error is not None):
@@ -101,14 +100,46 @@ def check_options(format: str, dtype: str, naming: str, rank: int | None, max_er
             raise UserError(f"--max-error {max_error} is not between 0 and 1 (a relative Frobenius error, e.g. 0.05).")
 
 
-def check_target(out: Path, adapter_dir: Path, force: bool) -> None:
-    """Refuse an --out that is not a new `.safetensors` file, or (with --force) an earlier export of ours."""
-    if out.suffix.lower() != ".safetensors":
+def check_target(out: Path, adapter_dir: Path, format: str, force: bool) -> None:
+    """Refuse an --out that would overwrite or mix with the adapter, or replace anything but an earlier export of
+    ours (and that only with `force`): a new or empty folder for diffusers, a new .safetensors file otherwise."""
+    if format in FILE_FORMATS and out.suffix.lower() != ".safetensors":
         raise UserError(f"--out {out} must end with .safetensors: this format is one safetensors file.")
-    adapter_real = adapter_dir.absolute().resolve()
-    if adapter_real in out.absolute().resolve().parents:
-        raise UserError(f"--out {out} lies inside the adapter folder {adapter_real}; the export would mix with the "
-                        f"adapter. Write it elsewhere, e.g. {adapter_real.parent / (adapter_real.name + '.safetensors')}.")
+    out_real, adapter_real = out.resolve(), adapter_dir.absolute().resolve()
+    inside = adapter_real in out_real.parents
+    if out_real == adapter_real or inside or out_real in adapter_real.parents:
+        relation = ("is the adapter folder" if out_real == adapter_real else "lies inside the adapter folder" if inside
+                    else "contains the adapter folder")
+        example = adapter_real.parent / (adapter_real.name + ("-merged" if format == "diffusers" else ".safetensors"))
+        raise UserError(f"--out {out} {relation} ({adapter_real}); the export would replace or mix with the adapter. "
+                        f"Choose an --out outside the adapter folder, e.g. {example}.")
+    if format == "diffusers":
+        _check_folder_target(out, force)
+    else:
+        _check_file_target(out, force)
+
+
+def _check_folder_target(out: Path, force: bool) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; --out names the folder to write the merged UNet to.")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    foreign = not_an_export(out, entries)
+    if foreign is not None:
+        raise UserError(
+            f"{out} already exists and is not an earlier UNet export: {foreign}. --out must be a new or empty "
+            f"folder, or (with --force) a folder written by `waveft-train export` ({EXPORT_CONFIG_NAME}, "
+            f"{EXPORT_SCHEDULER_NAME} and {EXPORT_WEIGHTS_PATTERN} only). Choose another --out folder; nothing was "
+            "changed."
+        )
+    if not force:
+        raise UserError(f"{out} already holds a merged UNet; pass --force to replace it, or choose another --out folder.")
+
+
+def _check_file_target(out: Path, force: bool) -> None:
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the path of the .safetensors file to write.")
     if not out.exists() and not out.is_symlink():
@@ -125,210 +156,7 @@ def check_target(out: Path, adapter_dir: Path, force: bool) -> None:
                         "files. Choose another --out; nothing was changed.")
 
 
-def adapter_updates(adapter_dir: Path | str, base: str | None) -> tuple[Any, str, Any, list[LayerUpdate]]:
-    """(adapter files, base model name, UNet config, the update of every adapted layer)."""
-    adapter, base_name, base_values, model = load_adapted_unet(adapter_dir, base)
-    if adapter.config.modules_to_save:
-        raise UserError(f"The adapter {adapter.folder} also trains whole modules (modules_to_save: "
-                        f"{sorted(adapter.config.modules_to_save)}), which this format does not hold; export it "
-                        "merged with --format diffusers.")
-    unet = model.base_model.model
-    updates, used = [], set()
-    with torch.no_grad():
-        for name, layer in unet.named_modules():
-            if not isinstance(layer, WaveFTLayer):
-                continue
-            delta = layer.get_delta_weight(model.active_adapter).float()
-            bias = None
-            if f"{name}.bias" in base_values:
-                used.add(f"{name}.bias")
-                bias = layer.get_base_layer().bias.float() - base_values[f"{name}.bias"]
-            updates.append(LayerUpdate(name, delta.contiguous(), bias if bias is not None and bias.any() else None))
-        changed = sorted(key for key in set(base_values) - used if not torch.equal(unet.get_parameter(key), base_values[key]))
-    if changed:
-        raise UserError(f"The adapter {adapter.folder} also changes tensors outside its WaveFT layers (first: "
-                        f"{changed[0]}, {len(changed)} in all; bias: {adapter.config.bias}), which this format does not "
-                        "hold; export it merged with --format diffusers, or train with bias none or waveft_only.")
-    return adapter, base_name, unet.config, updates
-
-
-def low_rank(delta: torch.Tensor, dtype: torch.dtype, rank: int | None, max_error: float | None,
-             alpha: float) -> LowRank:
-    """ΔW ≈ (alpha/r)·up·down by truncated SVD, with √S on each side (fp16 factors keep ΔW's scale in range).
-
-    `rank` fixes the rank r (capped at min(d_out, d_in)); with `max_error` r is the smallest rank whose saved factors
-    meet it, at most `rank`. Every app scales a kohya LoRA by alpha/r, so the factors carry √(r/alpha) each. A zero
-    ΔW gives rank-1 zero factors and error 0.
-    """
-    full = min(delta.shape)
-    cap = min(rank or full, full)
-    norm = torch.linalg.matrix_norm(delta).item()
-    if norm == 0:
-        return LowRank(delta.new_zeros(1, delta.shape[1]).to(dtype), delta.new_zeros(delta.shape[0], 1).to(dtype), 1, 0.0)
-    left, values, right = torch.linalg.svd(delta, full_matrices=False)
-    tail = values.double().square().flip(0).cumsum(0).flip(0)  # tail[k] = Σ_{i≥k} s_i²: the energy rank k leaves out
-    if max_error is None:
-        chosen = cap
-    else:
-        predicted = (tail / tail[0]).sqrt().tolist()[1:] + [0.0]  # predicted[r-1]: error at rank r
-        chosen = next((r for r in range(1, cap + 1) if predicted[r - 1] <= max_error), cap)
-    while True:
-        root = (values[:chosen] * (chosen / alpha)).sqrt()
-        up = (left[:, :chosen] * root).to(dtype)
-        down = (root[:, None] * right[:chosen]).to(dtype)
-        saved = (up.float() @ down.float()) * (alpha / chosen)
-        error = (torch.linalg.matrix_norm(delta - saved) / norm).item()
-        if max_error is None or error <= max_error or chosen >= cap:  # the dtype's rounding may need one more
-            return LowRank(down.contiguous(), up.contiguous(), chosen, error)
-        chosen += 1
-
-
-def _finite(tensor: torch.Tensor, what: str, dtype: str) -> torch.Tensor:
-    if not torch.isfinite(tensor).all():
-        raise UserError(f"{what} does not fit in {dtype} (its values overflow to inf); export with --dtype bf16 or fp32.")
-    return tensor
-
-
-def comfyui_tensors(updates: list[LayerUpdate], key_of, dtype: str) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for update in updates:
-        key = key_of(update.name)
-        tensors[f"{key}.diff"] = _finite(update.delta.to(DTYPES[dtype]), f"The update of {update.name}", dtype)
-        if update.bias is not None:
-            tensors[f"{key}.diff_b"] = _finite(update.bias.to(DTYPES[dtype]), f"The bias update of {update.name}", dtype)
-    return tensors
-
-
-def lora_tensors(updates: list[LayerUpdate], key_of, dtype: str, rank: int | None, max_error: float | None):
-    """(tensors, per-layer errors, per-layer ranks, alpha), keyed by kohya module key."""
-    with_bias = [update.name for update in updates if update.bias is not None]
-    if with_bias:
-        raise UserError(f"The adapter trains biases ({len(with_bias)} layers, e.g. {with_bias[0]}; bias: waveft_only), "
-                        "which kohya LoRA files cannot hold. Use --format comfyui, which keeps them (.diff_b).")
-    # One alpha for the whole file: diffusers' kohya conversion (0.42) misplaces per-module alphas when ranks differ
-    # (its alpha_pattern keys match no module), so a per-layer rank carries its own scale in the factors instead.
-    # alpha = --rank gives the usual alpha/rank = 1 at that rank; without --rank, kohya's default alpha 1.
-    alpha = float(rank) if rank is not None else 1.0
-    tensors, errors, ranks = {}, {}, {}
-    for update in updates:
-        key = key_of(update.name)
-        factors = low_rank(update.delta, DTYPES[dtype], rank, max_error, alpha)
-        _finite(factors.up, f"The LoRA factors of {update.name}", dtype)
-        _finite(factors.down, f"The LoRA factors of {update.name}", dtype)
-        tensors[f"{key}.lora_down.weight"] = factors.down
-        tensors[f"{key}.lora_up.weight"] = factors.up
-        tensors[f"{key}.alpha"] = torch.tensor(alpha)  # float32 whatever --dtype: bf16 would round e.g. 711 to 712
-        errors[key], ranks[key] = factors.error, factors.rank
-    return tensors, errors, ranks, alpha
-
-
-def waveft_settings(config) -> dict[str, Any]:
-    """The WaveFT fields of the adapter config that say what was trained (JSON-ready)."""
-    targets = config.target_modules
-    return {
-        "n_frequency": config.n_frequency,
-        "scaling": config.scaling,
-        "wavelet_family": config.wavelet_family,
-        "use_idwt": config.use_idwt,
-        "random_loc_seed": config.random_loc_seed,
-        "target_modules": targets if isinstance(targets, str) or targets is None else sorted(targets),
-        "n_frequency_pattern": dict(config.n_frequency_pattern or {}),
-        "proportional_parameters": config.proportional_parameters,
-        "bias": config.bias,
-    }
-
-
-def file_metadata(format: str, naming: str, dtype: str, base_name: str, adapter, unet_config, layers: int, *,
-                  prediction_type: str | None, lora: dict[str, Any] | None = None) -> dict[str, str]:
-    """safetensors metadata (strings only): ours under `waveft.`, plus the kohya `ss_` keys apps read."""
-    metadata = {
-        FORMAT_KEY: format,
-        "waveft.naming": naming,
-        "waveft.dtype": dtype,
-        "waveft.base_model": base_name,
-        "waveft.settings": json.dumps(waveft_settings(adapter.config), sort_keys=True),
-        "waveft.adapted_layers": str(layers),
-        "waveft.exported_by": f"waveft-train {__version__}",
-        "ss_sd_model_name": base_name,
-        "ss_network_module": NETWORK_MODULES[format],
-    }
-    if unet_config.get("addition_embed_type") == "text_time":  # SDXL-class UNet
-        metadata["ss_base_model_version"] = SDXL_VERSION
-    if format == "comfyui":
-        metadata["ss_network_args"] = json.dumps({"algo": "full"})
-    if prediction_type:
-        metadata["waveft.prediction_type"] = prediction_type
-        metadata["ss_v_parameterization"] = str(prediction_type == "v_prediction")
-    for name, value in (lora or {}).items():
-        metadata[name] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return metadata
-
-
-def export_file(
-    adapter_dir: Path | str,
-    out: Path | str,
-    *,
-    format: str,
-    base: str | None = None,
-    dtype: str = "fp16",
-    naming: str = "diffusers",
-    rank: int | None = None,
-    max_error: float | None = None,
-    force: bool = False,
-    prediction_type: str | None = None,
-) -> ExportResult:
-    """Write the adapter as one `.safetensors` file in `format` ("comfyui" or "lora") at `out`, atomically.
-
-    `prediction_type` ("epsilon" / "v_prediction"), by default what the adapter records (it records one only when it
-    differs from its base model's scheduler), goes into the metadata. Options are checked before any model loads;
-    nothing is written unless the whole file is.
-    """
-    out_path = Path(out).expanduser()
-    check_options(format, dtype, naming, rank, max_error)
-    check_target(out_path, Path(adapter_dir).expanduser(), force)
-    adapter, base_name, unet_config, updates = adapter_updates(adapter_dir, base)
-    prediction_type = prediction_type or adapter.prediction_type
-    key_of = _key_function(unet_config, naming)
-    lora_metadata, errors, ranks = None, {}, {}
-    if format == "comfyui":
-        tensors = comfyui_tensors(updates, key_of, dtype)
-    else:
-        tensors, errors, ranks, alpha = lora_tensors(updates, key_of, dtype, rank, max_error)
-        energy = {key_of(update.name): torch.linalg.matrix_norm(update.delta).item() ** 2 for update in updates}
-        total = sum(energy.values())
-        overall = math.sqrt(sum(errors[key] ** 2 * energy[key] for key in errors) / total) if total else 0.0
-        worst = max(errors, key=errors.get)
-        lora_metadata = {
-            "waveft.lora_rank": str(rank) if rank is not None else "per layer",
-            "waveft.lora_max_error": str(max_error) if max_error is not None else "none",
-            "waveft.lora_ranks": ranks,
-            "waveft.lora_errors": {key: round(value, 6) for key, value in errors.items()},
-            "waveft.lora_worst_layer": worst,
-            "waveft.lora_worst_error": f"{errors[worst]:.6f}",
-            "waveft.lora_overall_error": f"{overall:.6f}",  # ||all errors||_F / ||all ΔW||_F
-            "ss_network_dim": str(max(ranks.values())),
-            "ss_network_alpha": f"{alpha:g}",
-        }
-    metadata = file_metadata(format, naming, dtype, base_name, adapter, unet_config, len(updates),
-                             prediction_type=prediction_type, lora=lora_metadata)
-    data = save(tensors, metadata=metadata)
-    with writing(out_path, f"the {format} export"):
-        write_atomically(out_path, lambda stream: stream.write(data))
-    return ExportResult(out_path.absolute(), format, len(updates), errors, ranks)
-
-
-def _key_function(unet_config, naming: str):
-    if naming == "diffusers":
-        return kohya_key
-    try:
-        names = UNetNames(unet_config)
-    except ValueError as error:
-        raise UserError(f"--naming ldm: {error} Use --naming diffusers.") from None
-
-    def key_of(name: str) -> str:
-        try:
-            return names.kohya_key(name, "ldm")
-        except KeyError as error:
-            raise UserError(f"--naming ldm: {error.args[0]}; use --naming diffusers.") from None
-
-    return key_of
+def export_lock(out: Path) -> FolderLock:
+    """One export at a time into `out`: the lock file sits beside it (`out` itself is swapped atomically)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return FolderLock(out, what="export", lock_path=out.parent / f".{out.name}.lock")

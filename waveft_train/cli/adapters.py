@@ -147,21 +147,13 @@ def export(
     The merged UNet loads with UNet2DConditionModel.from_pretrained(OUT). Put a comfyui/lora file in ComfyUI's
     models/loras/ or A1111/Forge's models/Lora/.
     """
+    from waveft_train.adapter.export import export as export_adapter
+
+    result = export_adapter(adapter, out, format=format, base=base, dtype=dtype, naming=naming, rank=rank,
+                            max_error=max_error, force=force)
     if format == "diffusers":
-        given = [flag for flag, value in (("--rank", rank), ("--max-error", max_error), ("--naming", naming))
-                 if value is not None]
-        if given:
-            raise UserError(f"{', '.join(given)} apply to --format comfyui or lora (one .safetensors file); "
-                            "--format diffusers writes the merged UNet folder.")
-        from waveft_train.adapter.load import export_merged
-
-        written = export_merged(adapter, out, base=base, dtype=dtype, force=force)
-        typer.echo(f"Wrote the merged UNet to {written}.")
+        typer.echo(f"Wrote the merged UNet to {result.path}.")
         return
-    from waveft_train.adapter.export import export_file
-
-    result = export_file(adapter, out, format=format, base=base, dtype=dtype, naming=naming or "diffusers",
-                         rank=rank, max_error=max_error, force=force)
     if result.errors:
         typer.echo(f"{'layer':<96} {'rank':>5} {'rel. error':>10}")
         for key, error in result.errors.items():
