@@ -16,7 +16,7 @@ them back for validation sampling; their sizes and the sampling phases are measu
 Usage (from the repository root; results also go to outputs/bench/memory-<date>-<time>.json, or --json PATH):
     python -m benchmarks.memory                     # the table: 1024 px, ours/lora/reference, checkpointing on/off
     python -m benchmarks.memory --validate          # fake counts against real CPU runs (small sizes, ~10 min)
-    python -m benchmarks.memory --sweep             # the measurements waveft_train/memory.py is fitted to, and the fit
+    python -m benchmarks.memory --sweep             # the measurements waveft_train/train/memory.py is fitted to, and the fit
     python -m benchmarks.memory --fit-from FILE     # the fit again, from an earlier --sweep's JSON
     python -m benchmarks.memory --device cuda       # real runs on a GPU (torch.cuda.max_memory_allocated)
 """
@@ -197,7 +197,7 @@ def validation_worker(spec: str) -> dict:
     return result
 
 
-SWEEP = (  # ours, fake tensors: what waveft_train/memory.py's activation coefficients are fitted to
+SWEEP = (  # ours, fake tensors: what waveft_train/train/memory.py's activation coefficients are fitted to
     *(Step(latent=side, batch=batch, micro_steps=1) for side, batch in ((128, 2), (128, 1), (96, 2), (64, 2), (64, 4))),
     *(Step(latent=side, batch=2, micro_steps=1, transformer_layers=(1, 1, 1)) for side in (128, 64)),
     *(Step(latent=side, batch=2, dtype="fp32", micro_steps=1) for side in (128, 64)),
@@ -221,7 +221,7 @@ def sweep() -> dict:
 
 
 def fit(rows: list[dict]) -> dict:
-    """Least-squares fit (relative errors) of waveft_train/memory.py's COEFFICIENTS to the sweep's step peaks."""
+    """Least-squares fit (relative errors) of waveft_train/train/memory.py's COEFFICIENTS to the sweep's step peaks."""
     import numpy as np
 
     from waveft_train.train.memory import activation_features
@@ -272,7 +272,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["on", "off"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--validate", action="store_true", help="fake counts against real CPU runs (small sizes)")
-    parser.add_argument("--sweep", action="store_true", help="the settings waveft_train/memory.py is fitted to")
+    parser.add_argument("--sweep", action="store_true", help="the settings waveft_train/train/memory.py is fitted to")
     parser.add_argument("--fit-from", type=Path, metavar="JSON", help="refit to the rows of an earlier --sweep")
     parser.add_argument("--render", type=Path, metavar="JSON", help="print the tables of an earlier run again")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # a real CPU run for --validate, in its own process

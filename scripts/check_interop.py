@@ -6,7 +6,7 @@
 2. `--format lora` at several ranks: the worst, median and overall relative Frobenius errors the export records, and
    the same file read by diffusers' `load_lora_weights`: its UNet output's error relative to the adapter's effect.
 
-Usage (the README's figures: `waveft-train --config tests/data/tiny.yaml` first):
+Usage (the figures of docs/export.md: `waveft-train --config tests/data/tiny.yaml` first):
     python -m scripts.check_interop --adapter outputs/tiny/adapter --ranks 1 2 4 8 16 32
 """
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from waveft_train.cli.main import main
@@ -17,3 +20,34 @@ def run_cli(args: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# --------------------------------------------------------------------------------------------- the docs' code blocks
+REPO = Path(__file__).resolve().parents[1]
+DOC_FILES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
+
+
+def doc_code_blocks(language: str) -> list[tuple[Path, str]]:
+    """Every fenced code block of `language` in README.md and docs/*.md, as (file, code). Tests find the blocks they
+    run by what the code says, never by the prose or headings around them."""
+    return [(path, code) for path in DOC_FILES
+            for info, code in re.findall(r"^```(\w*)[^\n]*\n(.*?)^```", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+            if info == language]
+
+
+def doc_commands() -> list[tuple[Path, str]]:
+    """Every shell command of the docs' bash blocks: continuation lines joined, comments dropped, `a && b` split."""
+    commands = []
+    for path, code in doc_code_blocks("bash"):
+        for line in code.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands += [(path, part.strip()) for part in line.split("&&")]
+    return commands
+
+
+def doc_command(*fragments: str) -> str:
+    """The one documented command holding every fragment."""
+    found = {command for _, command in doc_commands() if all(fragment in command for fragment in fragments)}
+    assert len(found) == 1, f"expected one documented command with {fragments}, found {sorted(found)}"
+    return found.pop()

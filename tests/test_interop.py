@@ -15,11 +15,12 @@ biases, so every update is nonzero and every key is exercised.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import doc_commands, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -427,17 +428,11 @@ def test_tensors_outside_the_waveft_layers_are_refused(tiny_model_dir, tmp_path,
     assert not (tmp_path / "x.safetensors").exists()
 
 
-README_PATH = Path(__file__).resolve().parents[1] / "README.md"
-README_SECTION = "## Use it in ComfyUI / A1111 / Forge"
-
-
-def test_readme_section_commands_run(adapters, tmp_path, capsys):
-    """The exact export commands the README's ComfyUI/A1111/Forge section shows, with this test's paths."""
-    text = README_PATH.read_text(encoding="utf-8")
-    section = text[text.index(README_SECTION):].split("\n## ", 1)[0]
-    assert "models/loras/" in section and "models/Lora/" in section and "strength" in section
-    commands = [line.split() for line in section.splitlines() if line.startswith("waveft-train export")]
-    assert [command[command.index("--format") + 1] for command in commands] == ["comfyui", "lora", "lora"]
+def test_the_documented_app_exports_run(adapters, tmp_path, capsys):
+    """The one-file export commands the docs show for ComfyUI / A1111 / Forge, with this test's paths."""
+    commands = [shlex.split(command) for _, command in doc_commands()
+                if command.startswith("waveft-train export") and "--format" in command]
+    assert {command[command.index("--format") + 1] for command in commands} == {"comfyui", "lora"}
     for command in commands:
         args = command[1:]
         args[args.index("--adapter") + 1] = str(adapters["none"])

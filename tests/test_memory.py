@@ -1,4 +1,4 @@
-"""The memory estimate (waveft_train/memory.py) against a real training step, and its shape.
+"""The memory estimate (waveft_train/train/memory.py) against a real training step, and its shape.
 
 The real measurement: one training step of the tiny UNet with waveft-train's adapter on the CPU (real kernels,
 fp32), counting the bytes of live tensor storages at the dispatcher (benchmarks/memory_tracking.py's LiveBytes):

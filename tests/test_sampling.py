@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import doc_code_blocks, doc_command, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -36,8 +35,6 @@ SEEDS = [5, 6, 7]
 SIZE = 64  # the tiny model's own size: sample_size 32 x VAE scale factor 2
 STEPS = 2
 GUIDANCE = 5.0
-README_PATH = Path(__file__).resolve().parents[1] / "README.md"
-README_SECTION = "Use an adapter without waveft-train"
 
 
 def make_adapter(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
@@ -400,27 +397,8 @@ def test_export_and_sample_outputs_get_the_modes_of_normal_files(umask, adapter_
 # --------------------------------------------------------------------------------------------------- README
 
 
-def readme_section(path: Path = README_PATH, title: str = README_SECTION) -> str:
-    """The text of the section headed `title` (up to the next heading of the same or a higher level)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    in_fence, start, level, section = False, None, 0, []
-    for line in lines:
-        if line.startswith("```"):
-            in_fence = not in_fence
-        heading = None if in_fence else re.match(r"(#{1,6}) +(.*?)\s*$", line)
-        if heading and start is not None and len(heading.group(1)) <= level:
-            break
-        if heading and heading.group(2) == title:
-            start, level = True, len(heading.group(1))
-        elif start is not None:
-            section.append(line)
-    assert start is not None, f"{path} has no section '{title}'"
-    return "\n".join(section)
-
-
 def test_readme_snippet_runs_with_stock_peft_and_diffusers(adapter_dir, adapted, tiny_model_dir, tmp_path, capsys):
-    section = readme_section()
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    blocks = [(path, code) for path, code in doc_code_blocks("python") if '"outputs/dog/' in code]
     assert len(blocks) == 2, "one block with peft, one with the merged export"
     merged_dir = tmp_path / "unet-merged"
     substitutions = {
@@ -433,32 +411,32 @@ def test_readme_snippet_runs_with_stock_peft_and_diffusers(adapter_dir, adapted,
         '"dog.png"': repr(str(tmp_path / "dog.png")),
         '"dog-merged.png"': repr(str(tmp_path / "dog-merged.png")),
     }
+    code_text = "".join(code for _, code in blocks)
     for old in substitutions:
-        assert old in section, f"the README snippet changed: update this test ({old} is gone)"
+        assert old in code_text, f"the documented snippets changed: update this test ({old} is gone)"
 
-    # The export command the README shows, with the test's paths.
-    command = re.search(r"`waveft-train (export [^`]*)`", section).group(1)
-    for old, new in (("outputs/dog/adapter", adapter_dir), ("outputs/dog/unet-merged", merged_dir)):
-        command = command.replace(old, str(new))
-    code, _, stderr = run_cli(shlex.split(command), capsys)
+    # The merged export the docs show, with the test's paths.
+    command = doc_command("waveft-train export", "outputs/dog/unet-merged")
+    command = command.replace("outputs/dog/adapter", str(adapter_dir)).replace("outputs/dog/unet-merged", str(merged_dir))
+    code, _, stderr = run_cli(shlex.split(command)[1:], capsys)
     assert code == 0, stderr
 
-    # The sample command the README shows parses and runs (fewer steps).
-    sample_command = re.search(r"waveft-train (sample .*?--out \S+)", section, flags=re.S).group(1)
-    sample_command = sample_command.replace("\\\n", " ").replace("outputs/dog/adapter", str(adapter_dir))
+    # The sample command the docs show runs (fewer steps).
+    sample_command = doc_command("waveft-train sample", "dog-grid.png")
+    sample_command = sample_command.replace("outputs/dog/adapter", str(adapter_dir))
     sample_command = sample_command.replace("dog-grid.png", str(tmp_path / "dog-grid.png"))
-    code, _, stderr = run_cli([*shlex.split(sample_command), "--steps", str(STEPS)], capsys)
+    code, _, stderr = run_cli([*shlex.split(sample_command)[1:], "--steps", str(STEPS)], capsys)
     assert code == 0, stderr
     assert Image.open(tmp_path / "dog-grid.png").size == (8 * SIZE + COMPARE_GROUP_GAP, SIZE)
 
     unregister()  # the snippet is for users without waveft-train: peft's own WaveFT tuner loads the adapter
     try:
-        for block in blocks:
+        for path, block in blocks:
             code = block
             for old, new in substitutions.items():
                 code = code.replace(old, new)
             assert "stabilityai" not in code and "cuda" not in code
-            exec(compile(code, str(README_PATH), "exec"), {"__name__": "readme_snippet"})
+            exec(compile(code, str(path), "exec"), {"__name__": "readme_snippet"})
     finally:
         register()
 

@@ -128,7 +128,7 @@ def load_adapted_unet(
     adapter_dir: Path | str, base: str | None = None
 ) -> tuple[AdapterFiles, str, dict[str, torch.Tensor], PeftModel]:
     """The base UNet (fp32, frozen) with the adapter loaded and checked as `export` checks it, for exports of the
-    update itself rather than of the merged model (export_formats.py).
+    update itself rather than of the merged model (export_files.py).
 
     Returns (adapter, base model name, base values, model). Loading overwrites in place the base tensors the adapter
     file holds (e.g. `<module>.base_layer.bias` of `bias: waveft_only`), so their base values, keyed by the plain

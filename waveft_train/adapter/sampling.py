@@ -2,7 +2,7 @@
 
 The trainer's validation and `waveft-train sample` share `generate_grid_images` and `make_grid`, so a grid
 from a saved adapter looks exactly like the validation grid of the step that wrote it. Saved adapters (reading,
-checking, loading, exporting) are in adapters.py.
+checking, loading, exporting) are in load.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`waveft-train sample`, `export` and `evaluate`: use a saved adapter folder without a training config.
 
-cli.py registers them as Typer commands; their docstrings are the commands' help text. `evaluate` scores adapters
+cli/main.py registers them as Typer commands; their docstrings are the commands' help text. `evaluate` scores adapters
 trained on the toy model (waveft_train/toy/evaluate.py does the measuring).
 """
 

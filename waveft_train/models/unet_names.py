@@ -3,7 +3,7 @@ original Stability layout (`input_blocks.4.1…`), and the kohya keys (`lora_une
 
 Why both: ComfyUI, A1111/Forge and kohya-style tools key SDXL weights by ldm names; diffusers, peft and LyCORIS
 working on a diffusers UNet key them by diffusers names. A file meant for those apps must use names their key
-mappers find (export_formats.py says which naming it writes and why).
+mappers find (adapter/export_files.py says which naming it writes and why).
 
 The map is computed from the diffusers UNet config, not typed in for SDXL, the way ComfyUI's
 `comfy.utils.unet_to_diffusers` builds it: walk the blocks in order and count ldm's flat `input_blocks` /

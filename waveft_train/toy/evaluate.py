@@ -13,7 +13,7 @@ can be scored the way DreamBooth papers score real photos, without their proxies
   (in [0, 1]) between each subject-prompt sample and renders of the subject in the asked context;
   `class_subject_similarity` is the same for the class-prompt samples against the subject in every context (it rises
   when the class drifts toward the subject). These read the samples without the judge's class decisions, which are
-  exact on renders but miss on grainy samples (README, "Toy world").
+  exact on renders but miss on grainy samples (docs/toy-world.md).
 - `diversity`: how much the subject's position and size vary across seeds, relative to how much they vary in the
   world (1 = as varied as the world, 0 = the same layout every time); `pixel_diversity` is the mean pixel distance
   between samples of one prompt.

@@ -34,7 +34,7 @@ CONTEXTS: dict[str, str] = {"beach": "on the beach", "snow": "in the snow", "nig
 PATTERNS = ("solid", "stripes", "dots", "checks")
 # Half-widths of objects (fractions of the image side): 26-38 px wide at 64 px. Large on purpose: a pattern's bands
 # must span latent pixels (the VAE's factor is 4). At 15-27 px the model drew two-colour stripes in the wrong colours
-# (asked in words, 0-12 % right; README, "The toy world").
+# (asked in words, 0-12 % right; docs/toy-world.md).
 OBJECT_SIZES = (0.20, 0.30)
 PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked"}
 IDENTIFIER = "sks"  # the rare token DreamBooth binds a subject to; never in a pretraining caption

@@ -1,7 +1,7 @@
 """Training checkpoints: the adapter plus pickle-free training state, written atomically, newest N kept.
 
 Why this shape:
-- A checkpoint folder is an adapter folder (adapter_files.py: stock peft loads it) plus the training state
+- A checkpoint folder is an adapter folder (adapter/files.py: stock peft loads it) plus the training state
   (optimizer, LR scheduler, grad scaler, step, config fingerprint, global batch) stored without pickle: tensors in
   `training_state.safetensors`, everything else as JSON. Loading a checkpoint never runs code.
 - Every folder is written beside its final place and renamed into it (`files.atomic_folder`), so a crash or a
