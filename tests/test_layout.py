@@ -15,18 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "waveft_train"
 MAX_LINES = 400  # "a file past ~400 lines holds two ideas"
 # The package's folders from the ground up: a module may import its own folder and the folders below it, never one
-# above. `waveft_train/__init__.py` (the version) sits below everything, `__main__.py` above.
+# above.
 LAYERS = ("common", "waveft", "models", "config", "data", "adapter", "toy", "train", "cli")
 WHOLE_CONFIG_ALLOWED = {"train/run.py", "cli/main.py"}
-# Imports that stay inside functions: the CLI keeps `--help` and config errors fast; the tuner's package facade keeps
-# its torch-free `families` table (which the config validates against) importable without torch and peft.
-LAZY_ALLOWED = ("cli/", "waveft/__init__.py")
+# Imports that stay inside functions: the CLI keeps `--help` and config errors fast; the package's and the tuner's
+# facades keep `import waveft_train` and the torch-free `families` table (which the config validates against)
+# importable without torch and peft.
+LAZY_ALLOWED = ("cli/", "waveft/__init__.py", "__init__.py")
 OPTIONAL_EXTRAS = ("bitsandbytes", "tensorboard", "torch.utils.tensorboard")  # imported only when a config asks
 
 
 def modules() -> dict[str, Path]:
     return {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
             for path in PACKAGE.rglob("*.py")}
+
+
+KNOWN = set(modules())
 
 
 def imports(name: str, path: Path) -> list[tuple[str, bool]]:
@@ -39,13 +43,13 @@ def imports(name: str, path: Path) -> list[tuple[str, bool]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(alias.name, id(node) in inside) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
+        elif isinstance(node, ast.ImportFrom):  # `from A import b`: module A.b if there is one, else A itself
             base = node.module or ""
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
-            found.append((base, id(node) in inside))
-            found += [(f"{base}.{alias.name}", id(node) in inside) for alias in node.names]
+            targets = {f"{base}.{alias.name}" if f"{base}.{alias.name}" in KNOWN else base for alias in node.names}
+            found += [(target, id(node) in inside) for target in sorted(targets)]
     return found
 
 
@@ -56,10 +60,10 @@ def internal_graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> int:
+    """The package's face (`waveft_train/__init__.py`: the version and the pipeline functions) and `__main__` sit on
+    top, like the CLI."""
     parts = module.split(".")
-    if module == "waveft_train":
-        return -1
-    if parts[1] == "__main__":
+    if module == "waveft_train" or parts[1] == "__main__":
         return len(LAYERS)
     return LAYERS.index(parts[1])
 

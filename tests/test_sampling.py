@@ -399,7 +399,7 @@ def test_export_and_sample_outputs_get_the_modes_of_normal_files(umask, adapter_
 
 def test_readme_snippet_runs_with_stock_peft_and_diffusers(adapter_dir, adapted, tiny_model_dir, tmp_path, capsys):
     blocks = [(path, code) for path, code in doc_code_blocks("python") if '"outputs/dog/' in code]
-    assert len(blocks) == 2, "one block with peft, one with the merged export"
+    assert len(blocks) == 3, "one block with peft, one with the merged export, one with waveft_train.load_adapter"
     merged_dir = tmp_path / "unet-merged"
     substitutions = {
         '"stabilityai/stable-diffusion-xl-base-1.0"': repr(str(tiny_model_dir)),
@@ -410,6 +410,7 @@ def test_readme_snippet_runs_with_stock_peft_and_diffusers(adapter_dir, adapted,
         "num_inference_steps=25": f"num_inference_steps={STEPS}",
         '"dog.png"': repr(str(tmp_path / "dog.png")),
         '"dog-merged.png"': repr(str(tmp_path / "dog-merged.png")),
+        '"dog-loaded.png"': repr(str(tmp_path / "dog-loaded.png")),
     }
     code_text = "".join(code for _, code in blocks)
     for old in substitutions:

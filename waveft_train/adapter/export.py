@@ -4,6 +4,8 @@
 - `comfyui`: one `.safetensors` file of every adapted layer's full update, `lora_unet_<name>.diff`, exact; ComfyUI,
   Forge, A1111 and LyCORIS apply it as W + strength·diff (export_files.py).
 - `lora`: one kohya LoRA file, each update factored by SVD; lossy, every layer's error reported (export_files.py).
+- `waveft`: one `.safetensors` file of every layer's spectrum, locations, filters and scaling, exact and about the
+  adapter's size; ComfyUI loads it with the node in integrations/comfyui/ (export_files.py).
 
 `export()` checks the options (before any model loads) and the target (it never overwrites the adapter or anything
 that is not an earlier export of ours, and an earlier one only with `force`), then writes atomically: nothing is left
@@ -32,8 +34,8 @@ from waveft_train.common.lock import FolderLock
 from waveft_train.models.loading import DTYPES
 from waveft_train.models.unet_names import NAMINGS
 
-FORMATS = ("diffusers", "comfyui", "lora")
-FILE_FORMATS = ("comfyui", "lora")  # one .safetensors file; `diffusers` is a folder
+FORMATS = ("diffusers", "comfyui", "lora", "waveft")
+FILE_FORMATS = ("comfyui", "lora", "waveft")  # one .safetensors file; `diffusers` is a folder
 
 
 @dataclass
@@ -86,9 +88,9 @@ def check_options(format: str, dtype: str, naming: str | None, rank: int | None,
     if naming is not None and naming not in NAMINGS:
         raise UserError(f"Unknown --naming '{naming}'; allowed: {', '.join(NAMINGS)} (diffusers is read by ComfyUI, "
                         "A1111/Forge and LyCORIS; ldm is kohya's SDXL spelling).")
-    if format == "comfyui" and (rank is not None or max_error is not None):
-        raise UserError("--rank and --max-error apply to --format lora only; --format comfyui stores every layer's "
-                        "full update, exactly.")
+    if format in ("comfyui", "waveft") and (rank is not None or max_error is not None):
+        raise UserError(f"--rank and --max-error apply to --format lora only; --format {format} stores every layer's "
+                        "update exactly.")
     if format == "lora":
         if rank is None and max_error is None:
             raise UserError("--format lora needs --rank R (the same rank for every layer, e.g. --rank 32) or "

@@ -28,23 +28,25 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save
 
-from waveft_train import __version__
 from waveft_train.adapter.load import load_adapted_unet
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import write_atomically, writing
 from waveft_train.models.loading import DTYPES
 from waveft_train.models.unet_names import UNetNames, kohya_key
 from waveft_train.waveft import WaveFTLayer
+from waveft_train.waveft.transform import synthesis_filters
 
 FORMAT_KEY = "waveft.format"  # marks a file as written here: --force replaces only such files
 SDXL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version: A1111 lists a LoRA for SDXL only with an sdxl_ value
-NETWORK_MODULES = {"comfyui": "lycoris.kohya", "lora": "networks.lora"}
+NETWORK_MODULES = {"comfyui": "lycoris.kohya", "lora": "networks.lora", "waveft": "waveft"}
+WAVEFT_FORMAT_VERSION = 1  # integrations/comfyui/comfyui_waveft/waveft_format.py reads it (and refuses newer ones)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,10 @@ class LayerUpdate:
     """One adapted layer's update in float32: `delta` = scale·ΔW (d_out, d_in), `bias` = trained minus base bias."""
 
     name: str  # diffusers module path, e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q
-    delta: torch.Tensor
+    delta: torch.Tensor | None  # None when only the spectrum is exported (--format waveft)
     bias: torch.Tensor | None = None
+    layer: WaveFTLayer | None = None  # where the spectrum, its locations and the transform's settings live
+    adapter_name: str = "default"
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,9 @@ class LowRank:
     error: float  # ||ΔW - up·down||_F / ||ΔW||_F of the factors as saved
 
 
-def adapter_updates(adapter_dir: Path | str, base: str | None) -> tuple[Any, str, Any, list[LayerUpdate]]:
-    """(adapter files, base model name, UNet config, the update of every adapted layer)."""
+def adapter_updates(adapter_dir: Path | str, base: str | None, *, dense: bool = True
+                    ) -> tuple[Any, str, Any, list[LayerUpdate]]:
+    """(adapter files, base model name, UNet config, the update of every adapted layer); `dense`: with ΔW."""
     adapter, base_name, base_values, model = load_adapted_unet(adapter_dir, base)
     if adapter.config.modules_to_save:
         raise UserError(f"The adapter {adapter.folder} also trains whole modules (modules_to_save: "
@@ -77,12 +82,13 @@ def adapter_updates(adapter_dir: Path | str, base: str | None) -> tuple[Any, str
         for name, layer in unet.named_modules():
             if not isinstance(layer, WaveFTLayer):
                 continue
-            delta = layer.get_delta_weight(model.active_adapter).float()
+            delta = layer.get_delta_weight(model.active_adapter).float().contiguous() if dense else None
             bias = None
             if f"{name}.bias" in base_values:
                 used.add(f"{name}.bias")
                 bias = layer.get_base_layer().bias.float() - base_values[f"{name}.bias"]
-            updates.append(LayerUpdate(name, delta.contiguous(), bias if bias is not None and bias.any() else None))
+            updates.append(LayerUpdate(name, delta, bias if bias is not None and bias.any() else None, layer,
+                                       model.active_adapter))
         changed = sorted(key for key in set(base_values) - used if not torch.equal(unet.get_parameter(key), base_values[key]))
     if changed:
         raise UserError(f"The adapter {adapter.folder} also changes tensors outside its WaveFT layers (first: "
@@ -138,6 +144,36 @@ def comfyui_tensors(updates: list[LayerUpdate], key_of, dtype: str) -> dict[str,
     return tensors
 
 
+def waveft_layer_tensors(prefix: str, spectrum: torch.Tensor, locations: torch.Tensor, family: str | None,
+                         scaling: float, dtype: str) -> dict[str, torch.Tensor]:
+    """One layer of the single-file WaveFT format (the key list is in the ComfyUI node's waveft_format.py): the spectrum
+    in `dtype`, its locations (int16 while they fit: as many bytes as an fp32 spectrum), the reconstruction filters of
+    `family` (None: trained without the inverse DWT), the scaling and the format version."""
+    index_dtype = torch.int16 if int(locations.max()) < 2**15 else torch.int32
+    tensors = {
+        f"{prefix}.waveft_spectrum": _finite(spectrum.detach().float().cpu().to(DTYPES[dtype]),
+                                             f"The spectrum of {prefix}", dtype).contiguous(),
+        f"{prefix}.waveft_locations": locations.detach().cpu().to(index_dtype).contiguous(),
+        f"{prefix}.waveft_scaling": torch.tensor(float(scaling), dtype=torch.float32),
+        f"{prefix}.waveft_version": torch.tensor(WAVEFT_FORMAT_VERSION, dtype=torch.int32),
+    }
+    if family is not None:
+        tensors[f"{prefix}.waveft_filters"] = torch.tensor(synthesis_filters(family), dtype=torch.float32)
+    return tensors
+
+
+def waveft_tensors(updates: list[LayerUpdate], key_of, dtype: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for update in updates:
+        layer, name, key = update.layer, update.adapter_name, key_of(update.name)
+        family = layer.waveft_wavelet_family[name] if layer.waveft_use_idwt[name] else None
+        tensors.update(waveft_layer_tensors(key, layer.waveft_spectrum[name], layer.waveft_indices[name], family,
+                                            layer.waveft_scaling[name], dtype))
+        if update.bias is not None:
+            tensors[f"{key}.diff_b"] = _finite(update.bias.to(DTYPES[dtype]), f"The bias update of {update.name}", dtype)
+    return tensors
+
+
 def lora_tensors(updates: list[LayerUpdate], key_of, dtype: str, rank: int | None, max_error: float | None):
     """(tensors, per-layer errors, per-layer ranks, alpha), keyed by kohya module key."""
     with_bias = [update.name for update in updates if update.bias is not None]
@@ -187,7 +223,7 @@ def file_metadata(format: str, naming: str, dtype: str, base_name: str, adapter,
         "waveft.base_model": base_name,
         "waveft.settings": json.dumps(waveft_settings(adapter.config), sort_keys=True),
         "waveft.adapted_layers": str(layers),
-        "waveft.exported_by": f"waveft-train {__version__}",
+        "waveft.exported_by": f"waveft-train {version('waveft-train')}",
         "ss_sd_model_name": base_name,
         "ss_network_module": NETWORK_MODULES[format],
     }
@@ -206,14 +242,17 @@ def file_metadata(format: str, naming: str, dtype: str, base_name: str, adapter,
 def write_file(adapter_dir: Path | str, out_path: Path, *, format: str, base: str | None, dtype: str, naming: str,
                rank: int | None, max_error: float | None, prediction_type: str | None
                ) -> tuple[int, dict[str, float], dict[str, int]]:
-    """Write the adapter as one `.safetensors` file in `format` ("comfyui" or "lora") at `out_path`, atomically, its
-    options and target already checked (export.py). Returns (layers, each layer's LoRA error, each layer's rank)."""
-    adapter, base_name, unet_config, updates = adapter_updates(adapter_dir, base)
+    """Write the adapter as one `.safetensors` file in `format` (comfyui, lora or waveft) at `out_path`, atomically,
+    its options and target already checked (export.py). Returns (layers, each layer's LoRA error, each layer's rank)."""
+    adapter, base_name, unet_config, updates = adapter_updates(adapter_dir, base, dense=format != "waveft")
     prediction_type = prediction_type or adapter.prediction_type
     key_of = _key_function(unet_config, naming)
     lora_metadata, errors, ranks = None, {}, {}
     if format == "comfyui":
         tensors = comfyui_tensors(updates, key_of, dtype)
+    elif format == "waveft":
+        tensors = waveft_tensors(updates, key_of, dtype)
+        lora_metadata = {"waveft.format_version": str(WAVEFT_FORMAT_VERSION)}
     else:
         tensors, errors, ranks, alpha = lora_tensors(updates, key_of, dtype, rank, max_error)
         energy = {key_of(update.name): torch.linalg.matrix_norm(update.delta).item() ** 2 for update in updates}

@@ -125,7 +125,8 @@ def export(
     format: str = typer.Option(
         "diffusers", "--format", "-f", help="diffusers: the merged UNet folder. comfyui: one file of full updates "
         "(.diff) for ComfyUI, A1111/Forge and LyCORIS, exact. lora: one kohya LoRA file made by SVD (lossy; needs "
-        "--rank and/or --max-error)."
+        "--rank and/or --max-error). waveft: one small exact file (the spectra) for ComfyUI with the WaveFT node "
+        "(integrations/comfyui) and for waveft_train.load_adapter."
     ),
     rank: int | None = typer.Option(None, "--rank", help="--format lora: the rank of every layer (with "
                                        "--max-error: the largest rank used).", show_default=False),
@@ -142,7 +143,8 @@ def export(
     ),
 ) -> None:
     """Export an adapter without peft: a merged diffusers UNet (default), or one .safetensors file for ComfyUI,
-    A1111/Forge and LyCORIS (--format comfyui) or as a compact kohya LoRA (--format lora).
+    A1111/Forge and LyCORIS (--format comfyui), as a compact kohya LoRA (--format lora), or as the small exact WaveFT
+    file that ComfyUI reads with the WaveFT node (--format waveft).
 
     The merged UNet loads with UNet2DConditionModel.from_pretrained(OUT). Put a comfyui/lora file in ComfyUI's
     models/loras/ or A1111/Forge's models/Lora/.

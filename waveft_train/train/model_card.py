@@ -76,5 +76,16 @@ pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/adapter")
 {scheduler}image = pipe("{data.instance_prompt}", num_inference_steps=25).images[0]
 ```
 
-{notes}Or: `waveft-train sample --adapter path/to/this/adapter --prompt "{data.instance_prompt}" --out grid.png`.
+{notes}With waveft-train installed, in one line on the same pipeline (strength changeable between images; this also
+sets the scheduler's prediction type):
+
+```python
+import waveft_train
+
+waveft_train.load_adapter(pipe, "path/to/this/adapter", scale=1.0)  # set_adapter_scale(pipe, s), unload_adapter(pipe)
+```
+
+Or: `waveft-train sample --adapter path/to/this/adapter --prompt "{data.instance_prompt}" --out grid.png`. For ComfyUI:
+`waveft-train export --adapter path/to/this/adapter --format waveft --out this.safetensors` and the WaveFT node
+(integrations/comfyui in waveft-train's repository).
 """
