@@ -206,3 +206,41 @@ def test_load_adapter_refuses_what_it_cannot_load_exactly(adapters, pipeline, tm
     with pytest.raises(UserError, match="newer than this waveft-train reads"):
         waveft_train.load_adapter(pipeline, tmp_path / "newer.safetensors")
     assert not any(isinstance(module, WaveFTLayer) for module in pipeline.unet.modules())
+
+
+A1111_EXTENSION = REPO / "integrations" / "a1111" / "sd-webui-waveft"
+
+
+def test_the_a1111_extension_puts_waveft_first_and_applies_the_update(adapters, tmp_path, monkeypatch):
+    """The webui's Lora modules stood in for by their interface (network.NetworkModule stores the layer's tensors and
+    finalize_updown multiplies by the prompt's number); the real ones ran at development time (docs/export.md)."""
+
+    class NetworkModule:
+        def __init__(self, net, weights):
+            self.network, self.w = net, weights.w
+
+        def finalize_updown(self, updown, orig_weight, output_shape, ex_bias=None):
+            multiplier = self.network.unet_multiplier
+            return updown.reshape(output_shape) * multiplier, None if ex_bias is None else ex_bias * multiplier
+
+    full_type = object()
+    network = types.SimpleNamespace(NetworkModule=NetworkModule)
+    networks = types.SimpleNamespace(module_types=[full_type])
+    monkeypatch.setitem(sys.modules, "network", network)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    for _ in range(2):  # the webui may run scripts again on reload: the type is added once
+        spec = importlib.util.spec_from_file_location("waveft_network", A1111_EXTENSION / "scripts" / "waveft_network.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert len(networks.module_types) == 2 and networks.module_types[1] is full_type
+    waveft_type = networks.module_types[0]
+
+    diff, single = exports(adapters["bias"], tmp_path)
+    prefix = next(key for key in diff if key.endswith(".diff_b")).removesuffix(".diff_b")
+    layer_tensors = {key.removeprefix(prefix + "."): value for key, value in single.items() if key.startswith(prefix + ".")}
+    net = types.SimpleNamespace(unet_multiplier=0.5)
+    assert waveft_type.create_module(net, types.SimpleNamespace(w={"diff": diff[prefix + ".diff"]})) is None
+    module = waveft_type.create_module(net, types.SimpleNamespace(w=layer_tensors))
+    weight = torch.randn(diff[prefix + ".diff"].shape)
+    updown, bias = module.calc_updown(weight)
+    torch.testing.assert_close(updown, 0.5 * diff[prefix + ".diff"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(bias, 0.5 * diff[prefix + ".diff_b"])

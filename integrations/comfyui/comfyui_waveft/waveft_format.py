@@ -19,8 +19,8 @@ half, and the patch starts at row 2·(r mod H/2) − crop and column 2·(c mod W
 centre crop). Locations are stored rather than re-drawn from the seed: a stored index is exact on every torch
 release, and it costs as many bytes as the spectrum.
 
-Pure torch on purpose: the ComfyUI node imports it, and waveft-train's tests check it against the exact `.diff`
-export without ComfyUI.
+Pure torch on purpose: the ComfyUI node and the AUTOMATIC1111 extension (integrations/a1111, through a link to this
+file) import it, and waveft-train's tests check it against the exact `.diff` export without either app.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ class WaveFTLayerRecord:
 
 
 def read_layer(tensors: dict[str, torch.Tensor], prefix: str) -> WaveFTLayerRecord | None:
-    """The record stored under `prefix`, or None when the file holds no WaveFT layer there."""
-    names = {suffix: f"{prefix}.{suffix}" for suffix in SUFFIXES}
+    """The record stored under `prefix`, or None when the file holds no WaveFT layer there. An empty prefix reads a
+    dict keyed by the suffixes alone (AUTOMATIC1111 hands each layer's tensors over that way)."""
+    names = {suffix: f"{prefix}.{suffix}" if prefix else suffix for suffix in SUFFIXES}
     if names["waveft_spectrum"] not in tensors:
         return None
     missing = [name for suffix, name in names.items() if suffix != "waveft_filters" and name not in tensors]

@@ -1,0 +1,1 @@
+../../comfyui/comfyui_waveft/waveft_format.py
