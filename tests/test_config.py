@@ -12,15 +12,8 @@ import pytest
 import yaml
 
 from waveft_train.common.errors import UserError
-from waveft_train.config import (
-    TrainConfig,
-    WaveFTSection,
-    config_fingerprint,
-    config_from_mapping,
-    dump_config,
-    load_config,
-    starter_config_text,
-)
+from waveft_train.config import TrainConfig, WaveFTSection, config_fingerprint, config_from_mapping, dump_config, load_config
+from waveft_train.config.docs import starter_config_text
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = """\

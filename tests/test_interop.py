@@ -14,6 +14,7 @@ biases, so every update is nonzero and every key is exercised.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -167,7 +168,11 @@ def test_comfyui_file_is_fp16_by_default_with_metadata(adapters, tiny_model_dir,
         metadata = handle.metadata()
     assert metadata["waveft.format"] == "comfyui" and metadata["waveft.naming"] == "diffusers"
     assert metadata["waveft.dtype"] == "fp16"
-    assert metadata["waveft.base_model"] == str(tiny_model_dir)  # as the adapter names it
+    # The base model by its name and content, never by this machine's path (the file is made to be shared).
+    unet_weights = tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    assert metadata["waveft.base_model"] == metadata["ss_sd_model_name"] == tiny_model_dir.name
+    assert metadata["waveft.base_model_unet_sha256"] == hashlib.sha256(unet_weights.read_bytes()).hexdigest()
+    assert not [value for value in metadata.values() if str(tiny_model_dir.parent) in value]
     settings = json.loads(metadata["waveft.settings"])
     assert settings["n_frequency"] == 64 and settings["bias"] == "waveft_only" and settings["wavelet_family"] == "db1"
     assert settings["target_modules"] == sorted(TARGETS) and settings["scaling"] == 25.0

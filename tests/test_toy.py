@@ -369,6 +369,11 @@ def test_evaluate_command_writes_the_metrics(learned_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}" in printed
     assert f"described in words {metrics['described_subject_fidelity']:.2f}" in printed
+    try:  # --json prints what --out writes (the same seeds give the same samples)
+        cli.main([str(arg) for arg in args if arg not in ("--out", out)] + ["--json"])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None)
+    assert json.loads(capsys.readouterr().out) == metrics
 
 
 def test_evaluate_refuses_adapters_of_other_models_and_unknown_subjects(learned_run, tmp_path, capsys):

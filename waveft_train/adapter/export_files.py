@@ -25,6 +25,7 @@ checked as every export checks it (load.load_adapted_unet).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from safetensors.torch import save
 from waveft_train.adapter.load import load_adapted_unet
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import write_atomically, writing
+from waveft_train.common.paths import is_local
+from waveft_train.models.builtin import BUILTIN_MODELS, TOY_MODEL_NAME, toy_weights_version
 from waveft_train.models.loading import DTYPES
 from waveft_train.models.unet_names import UNetNames, kohya_key
 from waveft_train.waveft import WaveFTLayer
@@ -213,18 +216,40 @@ def waveft_settings(config) -> dict[str, Any]:
     }
 
 
+def base_model_record(base_name: str) -> dict[str, str]:
+    """How a shared file names its base model: a hub id or built-in name as it is; a local folder by its name and the
+    sha256 of its UNet weights, never by the user's absolute path (the file is meant to travel)."""
+    if base_name in BUILTIN_MODELS or not is_local(base_name):
+        record = {"waveft.base_model": base_name}
+        if base_name == TOY_MODEL_NAME:
+            record["waveft.base_model_version"] = toy_weights_version()
+        return record
+    folder = Path(base_name).expanduser()
+    weights = sorted((folder / "unet").glob("diffusion_pytorch_model*.safetensors"))
+    digest = hashlib.sha256()
+    for path in weights:
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                digest.update(block)
+    record = {"waveft.base_model": folder.resolve().name}
+    if weights:
+        record["waveft.base_model_unet_sha256"] = digest.hexdigest()
+    return record
+
+
 def file_metadata(format: str, naming: str, dtype: str, base_name: str, adapter, unet_config, layers: int, *,
                   prediction_type: str | None, lora: dict[str, Any] | None = None) -> dict[str, str]:
     """safetensors metadata (strings only): ours under `waveft.`, plus the kohya `ss_` keys apps read."""
+    base = base_model_record(base_name)
     metadata = {
         FORMAT_KEY: format,
         "waveft.naming": naming,
         "waveft.dtype": dtype,
-        "waveft.base_model": base_name,
+        **base,
         "waveft.settings": json.dumps(waveft_settings(adapter.config), sort_keys=True),
         "waveft.adapted_layers": str(layers),
         "waveft.exported_by": f"waveft-train {version('waveft-train')}",
-        "ss_sd_model_name": base_name,
+        "ss_sd_model_name": base["waveft.base_model"],
         "ss_network_module": NETWORK_MODULES[format],
     }
     if unet_config.get("addition_embed_type") == "text_time":  # SDXL-class UNet

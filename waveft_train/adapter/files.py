@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,13 +80,16 @@ def write_adapter_files(folder: Path, unet: torch.nn.Module, *, base_model_name_
 
 def save_adapter(directory: Path, unet: torch.nn.Module, *, base_model_name_or_path: str,
                  prediction_type: str | None = None, model_card: str | None = None,
-                 adapter_name: str = ADAPTER_NAME) -> Path:
+                 adapter_name: str = ADAPTER_NAME, before_landing: Callable[[Path], None] | None = None) -> Path:
     """Write a peft adapter folder atomically: an existing folder is replaced only once the new one is complete.
-    Main process only, with the unwrapped model."""
+    `before_landing(staging)` adds what must appear together with it (written into the staging folder, or beside it)
+    before the folder is renamed into place. Main process only, with the unwrapped model."""
     directory = Path(directory)
     with atomic_folder(directory) as scratch:
         write_adapter_files(scratch, unet, base_model_name_or_path=base_model_name_or_path,
                             prediction_type=prediction_type, model_card=model_card, adapter_name=adapter_name)
+        if before_landing is not None:
+            before_landing(scratch)
     return directory
 
 

@@ -52,6 +52,10 @@ def write_merged_unet(adapter_dir: Path, out: Path, *, base: str | None, dtype: 
     with atomic_folder(out) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         scheduler.save_config(staging)
+        for config_path in (staging / EXPORT_CONFIG_NAME, staging / EXPORT_SCHEDULER_NAME):
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            if config.pop("_name_or_path", None) is not None:  # where the base was loaded from: this machine's path
+                config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return layers
 
 

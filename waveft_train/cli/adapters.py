@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from waveft_train.common.errors import UserError
-from waveft_train.common.files import save_png_atomically, writing
+from waveft_train.common.files import make_folder, save_png_atomically, writing
 
 COMPARE_GROUP_GAP = 16  # white pixels between the base model's images and the adapter's in --compare-base grids
 SAMPLE_DTYPES = ("auto", "fp16", "bf16", "fp32")
@@ -53,7 +53,8 @@ def sample(
     ),
     scale: float = typer.Option(1.0, "--scale", help="Adapter strength: 0 = base model, 1 = as trained."),
     compare_base: bool = typer.Option(
-        False, "--compare-base", help="Put the base model's images for the same seeds left of the adapter's."
+        False, "--compare-base/--no-compare-base", help="Put the base model's images for the same seeds left of the "
+        "adapter's."
     ),
     base: str | None = BaseOption,
     device: str | None = typer.Option(
@@ -70,6 +71,7 @@ def sample(
     """
     from waveft_train.adapter.load import adapters_disabled, load_adapter_unet
     from waveft_train.adapter.sampling import NonFiniteImage, default_image_size, generate_grid_images, make_grid
+    from waveft_train.data.encode import warn_about_long_prompts
     from waveft_train.models.loading import build_pipeline
 
     if out.suffix.lower() != ".png":
@@ -88,10 +90,12 @@ def sample(
             raise UserError(f"{name} {value} is not a finite number; give a real number, e.g. {name} {example}.")
     run_device = _run_device(device)
     weight_dtype = _sample_dtype(dtype, run_device)
+    make_folder(out.absolute().parent, "The folder of --out")  # before minutes of sampling, not after
 
     components, unet = load_adapter_unet(adapter, base, scale=scale, dtype=weight_dtype)
     pipeline = build_pipeline(components, unet)
     pipeline.to(run_device)
+    warn_about_long_prompts([("--prompt", text) for text in prompts], pipeline.tokenizer)
     size = default_image_size(pipeline)
     seeds = list(range(seed, seed + num_images))
     options = {"steps": steps, "guidance": guidance, "height": height or size, "width": width or size}
@@ -139,7 +143,7 @@ def export(
     base: str | None = BaseOption,
     dtype: str = typer.Option("fp16", "--dtype", help="Precision of the saved weights: fp16, bf16 or fp32."),
     force: bool = typer.Option(
-        False, "--force", help="Replace an earlier export at --out (anything else is never replaced)."
+        False, "--force/--no-force", help="Replace an earlier export at --out (anything else is never replaced)."
     ),
 ) -> None:
     """Export an adapter without peft: a merged diffusers UNet (default), or one .safetensors file for ComfyUI,
@@ -238,18 +242,21 @@ def evaluate(
     guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
     base: str | None = typer.Option(None, "--base", help="The toy base model: `toy` (default) or a copy of its "
                                        "folder.", show_default=False),
+    as_json: bool = typer.Option(False, "--json/--no-json", help="Print the metrics as JSON instead of one summary "
+                                 "line."),
 ) -> None:
     """Score an adapter trained on the toy model (`model.pretrained: toy`) with the toy world's judge.
 
     Samples "a photo of sks <class> <context>" for every context and the class prompt "a photo of a <class>" with
     the adapter and with the base model (same seeds), and reports subject_fidelity, context_fidelity,
     prior_preservation and diversity (each in [0, 1]), the base model's values, the VAE's subject_fidelity_ceiling,
-    described_subject_fidelity (the base model asked for the look in words) and what was sampled, as JSON.
+    described_subject_fidelity (the base model asked for the look in words) and what was sampled. It prints one
+    summary line; --json prints every metric as JSON, --out writes them to a JSON file.
     """
     import json
 
     from waveft_train.adapter.load import read_adapter
-    from waveft_train.common.files import atomic_write_text, make_folder
+    from waveft_train.common.files import atomic_write_text
     from waveft_train.models.builtin import is_toy_model
     from waveft_train.toy.evaluate import EvalSettings, evaluate_adapter
 
@@ -281,7 +288,7 @@ def evaluate(
                                    f"{metrics['described_subject_fidelity']:.2f}"}
     summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f}{ceiling.get(key, '')})"
                         for key in keys)
-    typer.echo(f"{chosen.name}: {summary}" + (f"; wrote {out}" if out is not None else ""))
+    typer.echo(text.rstrip("\n") if as_json else f"{chosen.name}: {summary}" + (f"; wrote {out}" if out else ""))
 
 
 def _evaluation_subject(adapter: Path, subject: str | None):

@@ -8,6 +8,7 @@ becomes one readable paragraph and exit status 2; `--debug` shows the full trace
 from __future__ import annotations
 
 import errno
+import inspect
 import sys
 from pathlib import Path
 
@@ -15,18 +16,31 @@ import typer
 
 from waveft_train.common.errors import RunInterrupted, UserError
 
+
+def paragraphs(text: str | None) -> str:
+    """A docstring as help text: each paragraph one line, so the terminal wraps it (not the source's line breaks)."""
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(text or "").split("\n\n"))
+
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=False,
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="Personalize Stable Diffusion XL with WaveFT (wavelet fine-tuning) and DreamBooth prior preservation.",
+    help=paragraphs("""Personalize Stable Diffusion XL with WaveFT (wavelet fine-tuning) and DreamBooth prior
+    preservation.
+
+    Train: waveft-train train --config subject.yaml [--set train.max_steps=800] (`train` may be left out). New here?
+    waveft-train init writes a documented starter config; waveft-train train --config configs/demo.yaml runs the
+    demo."""),
 )
 
 ConfigOption = typer.Option(None, "--config", "-c", help="Training config (YAML).", show_default=False)
 SetOption = typer.Option(
     None, "--set", help="Override a config value: section.key=value (value parsed as YAML). Repeatable."
 )
+ForceOption = typer.Option(False, "--force/--no-force", help="Train into an output folder that holds a different run.")
+DebugOption = typer.Option(False, "--debug/--no-debug", help="Show full tracebacks for errors.")
 
 
 def _print_version(value: bool) -> None:
@@ -38,20 +52,37 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def train(
+def root(
     ctx: typer.Context,
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
-    force: bool = typer.Option(False, "--force", help="Train into an output folder that holds a different run."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    force: bool = ForceOption,
+    debug: bool = DebugOption,
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version."),
 ) -> None:
-    """Train a WaveFT adapter: waveft-train --config subject.yaml [--set train.max_steps=800]."""
     ctx.obj = {"debug": debug}
-    if ctx.invoked_subcommand is not None:
-        return
+    if ctx.invoked_subcommand is None:
+        _train(config, overrides, force)
+    elif config is not None or overrides or force:
+        raise UserError(f"--config, --set and --force go after the command: waveft-train {ctx.invoked_subcommand} "
+                        "--config FILE ...")
+
+
+@app.command("train", help=paragraphs("""Train (or resume) a WaveFT adapter: waveft-train train --config subject.yaml
+    [--set train.max_steps=800]. Running the same command again on the same output.dir resumes from its newest
+    checkpoint."""))
+def train(
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    force: bool = ForceOption,
+    debug: bool = DebugOption,  # read by main() before parsing; accepted here too
+) -> None:
+    _train(config, overrides, force)
+
+
+def _train(config: Path | None, overrides: list[str] | None, force: bool) -> None:
     if config is None:
-        raise UserError("No config given. Run `waveft-train --config configs/demo.yaml`, or `waveft-train init` "
+        raise UserError("No config given. Run `waveft-train train --config configs/demo.yaml`, or `waveft-train init` "
                         "to write a documented starter config; `waveft-train --help` lists every command.")
     from waveft_train.config import load_config
     from waveft_train.train.run import train_from_config
@@ -59,13 +90,12 @@ def train(
     train_from_config(load_config(config, overrides or ()), force=force)
 
 
-@app.command()
+@app.command(help=paragraphs("""Show per-layer n_frequency, trainable parameters, the LoRA rank with the same budget
+    and the GPU memory the run needs (an estimate), without loading weights."""))
 def params(
     config: Path = typer.Option(..., "--config", "-c", help="Training config (YAML)."),
     overrides: list[str] | None = SetOption,
 ) -> None:
-    """Show per-layer n_frequency, trainable parameters, the LoRA rank with the same budget and the GPU memory the
-    run needs (an estimate), without loading weights."""
     from waveft_train.config import load_config
     from waveft_train.train.params import describe_memory, describe_parameters
     from waveft_train.train.preflight import adapter_on_meta_unet
@@ -80,11 +110,11 @@ def params(
 @app.command()
 def init(
     path: Path = typer.Argument(Path("waveft.yaml"), help="Where to write the starter config."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    force: bool = typer.Option(False, "--force/--no-force", help="Overwrite an existing file."),
 ) -> None:
     """Write a documented starter config."""
     from waveft_train.common.files import atomic_write_text, make_folder
-    from waveft_train.config import starter_config_text
+    from waveft_train.config.docs import starter_config_text
 
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the path of the config file to write, e.g. {path / 'waveft.yaml'}.")
@@ -101,9 +131,8 @@ def init(
 def _register_adapter_commands() -> None:
     from waveft_train.cli.adapters import evaluate, export, sample
 
-    app.command(help=sample.__doc__)(sample)
-    app.command(help=export.__doc__)(export)
-    app.command(help=evaluate.__doc__)(evaluate)
+    for command in (sample, export, evaluate):
+        app.command(help=paragraphs(command.__doc__))(command)
 
 
 def _configure_logging(debug: bool) -> None:
@@ -126,6 +155,14 @@ def _configure_logging(debug: bool) -> None:
     # transformers announces a fallback on every run. It is not actionable, so it is not shown.
     logging.getLogger("transformers.utils.import_utils").addFilter(
         lambda record: "requires torchvision (not installed)" not in record.getMessage()
+    )
+    # A prompt past CLIP's 77 tokens: the pipelines and the tokenizer each print the dropped text (four times for
+    # SDXL's two encoders); waveft-train says it once, short (data/encode.py's warn_about_long_prompts).
+    logging.getLogger("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl").addFilter(
+        lambda record: not record.getMessage().startswith("The following part of your input was truncated")
+    )
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(
+        lambda record: "Token indices sequence length is longer than" not in record.getMessage()
     )
     # diffusers logs a model folder's missing file, then raises it; our error names it once, with what to do.
     logging.getLogger("diffusers.models.modeling_utils").addFilter(

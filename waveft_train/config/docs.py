@@ -33,6 +33,11 @@ STARTER_HEADER = """\
 """
 
 
+def starter_config_text() -> str:
+    """A documented starter config for `waveft-train init`; it loads as is (paths are placeholders)."""
+    return STARTER_PATH.read_text(encoding="utf-8")
+
+
 def _sections() -> list[tuple[str, type[BaseModel]]]:
     return [(name, field.annotation) for name, field in TrainConfig.model_fields.items()]
 

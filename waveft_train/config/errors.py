@@ -73,8 +73,38 @@ def shown(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
+# Keys users carry over from diffusers' DreamBooth scripts and kohya's sd-scripts, and what waveft-train calls them.
+PEER_NAMES = {
+    "pretrained_model_name_or_path": "model.pretrained", "pretrained_vae_model_name_or_path": "model.vae",
+    "instance_data_dir": "data.instance_dir", "train_data_dir": "data.instance_dir",
+    "dataset_name": "data.instance_dir", "image_column": "data.caption_column",
+    "flip_aug": "data.random_flip", "enable_bucket": "data.bucketing",
+    "dataloader_num_workers": "data.dataloader_workers", "max_data_loader_n_workers": "data.dataloader_workers",
+    "with_prior_preservation": "prior.enabled", "class_data_dir": "prior.class_dir", "reg_data_dir": "prior.class_dir",
+    "prior_loss_weight": "prior.loss_weight", "num_class_images": "prior.num_class_images",
+    "max_train_steps": "train.max_steps", "train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation", "unet_lr": "train.learning_rate",
+    "optimizer_type": "train.optimizer", "use_8bit_adam": "train.optimizer (adamw8bit)",
+    "checkpointing_steps": "train.checkpoint_every", "save_every_n_steps": "train.checkpoint_every",
+    "checkpoints_total_limit": "train.checkpoints_keep", "min_snr_gamma": "train.snr_gamma",
+    "v_parameterization": "train.prediction_type (v_prediction)", "log_with": "train.report_to",
+    "validation_prompt": "validation.prompts", "sample_prompts": "validation.prompts",
+    "validation_epochs": "validation.every", "validation_steps": "validation.every",
+    "sample_every_n_steps": "validation.every", "num_validation_images": "validation.num_images",
+    "output_dir": "output.dir", "rank": "waveft.n_frequency", "network_dim": "waveft.n_frequency",
+    **{name: f"{section}.{name}" for section, names in {
+        "data": ("instance_prompt", "caption_column", "resolution", "center_crop", "random_flip", "repeats"),
+        "prior": ("class_prompt",),
+        "train": ("learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "adam_beta1", "adam_beta2",
+                  "adam_weight_decay", "adam_epsilon", "max_grad_norm", "mixed_precision", "gradient_checkpointing",
+                  "seed", "cache_latents", "prediction_type", "snr_gamma", "noise_offset", "report_to"),
+    }.items() for name in names},
+}
+
+
 def unknown_key_line(root: type[BaseModel], loc: Sequence[Any]) -> str:
-    """`unknown key train.learning_rat (did you mean train.learning_rate?)` plus the allowed keys."""
+    """`unknown key train.learning_rat (did you mean train.learning_rate?)` plus the allowed keys; a key named as the
+    diffusers or kohya scripts name it gets waveft-train's name for it."""
     *parent_loc, key = loc
     parent_path, parent = field_at(root, parent_loc)
     allowed = list(without_none(parent).model_fields) if is_section(without_none(parent)) else []
@@ -82,6 +112,10 @@ def unknown_key_line(root: type[BaseModel], loc: Sequence[Any]) -> str:
     prefix = f"{parent_path}." if parent_path else ""
     what = f"key `{prefix}{key}`" if parent_path else f"section `{key}`"
     hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+    if str(key) in PEER_NAMES and PEER_NAMES[str(key)] != f"{prefix}{key}":
+        budget = " (WaveFT's budget; `waveft-train params` shows the LoRA rank it equals)" if "n_frequency" in \
+            PEER_NAMES[str(key)] else ""
+        hint = f" (waveft-train calls it `{PEER_NAMES[str(key)]}`{budget})"
     where = f"in `{parent_path}`" if parent_path else "sections"
     return f"unknown {what}{hint}; allowed {where}: {', '.join(allowed)}"
 

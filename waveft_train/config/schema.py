@@ -261,6 +261,8 @@ class TrainSection(Section):
     snr_gamma: PositiveFloat | None = doc(None, "Min-SNR-γ loss weighting (5.0 is common); null = plain MSE")
     noise_offset: NonNegativeFloat = doc(0.0, "offset noise, e.g. 0.0357")
     log_every: PositiveInt = doc(1, "steps between metrics.jsonl lines (the last step is always logged)")
+    cpu_threads: PositiveInt | None = doc(None, "torch threads when training on the CPU; null = torch's default (every "
+                                          "core). 1 keeps steps steady when another program competes for the cores")
     report_to: Literal["none", "tensorboard"] = doc("none", "`tensorboard` also logs there (`pip install "
                                                     "'waveft-train[tensorboard]'`)")
 

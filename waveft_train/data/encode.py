@@ -34,11 +34,19 @@ def warn_about_long_prompts(prompts_by_source: Sequence[tuple[str, str]], tokeni
     for prompt, names in sources.items():
         ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
         if len(ids) > limit:
-            where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            where = ", ".join(elide(name, 40) for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
+                                                                          else "")
             logging.getLogger(__name__).warning(
-                "The prompt of %s is %d tokens long; CLIP reads %d, so training (like SDXL pipelines at inference) "
-                "never sees its end: %r. Shorten it, or put what matters first.", where, len(ids), limit,
-                tokenizer.decode(ids[limit:]))
+                "The prompt of %s is %d tokens long; CLIP reads %d, so SDXL never sees its end (%r). Shorten it, or put "
+                "what matters first.", where, len(ids), limit, elide(tokenizer.decode(ids[limit:]), 60))
+
+
+def elide(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters, its middle replaced by how much was left out."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 8, 4)
+    return f"{text[:keep]}…[{len(text) - 2 * keep} chars]…{text[-keep:]}"
 
 
 @torch.no_grad()

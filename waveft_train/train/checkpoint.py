@@ -105,9 +105,11 @@ def checkpoint_record(folder: Path) -> dict[str, Any]:
 
 
 def finished_step(output_dir: Path, max_steps: int) -> int | None:
-    """The newest checkpoint's step when the run there is finished (at or past `max_steps`, summary.json written)."""
+    """The newest checkpoint's step when the run there is finished (at or past `max_steps`, with summary.json and the
+    final adapter: both are written together, so one without the other is a finish to complete)."""
     latest = find_latest_checkpoint(output_dir)
-    if latest is None or not (Path(output_dir) / "summary.json").exists():
+    done = (Path(output_dir) / "summary.json").exists() and (Path(output_dir) / "adapter" / ADAPTER_WEIGHTS).exists()
+    if latest is None or not done:
         return None
     step = checkpoint_record(latest)["step"]
     return step if step >= max_steps else None

@@ -41,3 +41,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class StepTimeWatch:
+    """One hint, once, when step times swing widely on the CPU (a step over 4× the median of the 20 before it, past
+    warm-up): another busy program on the machine slows torch's default threads far more than it slows one thread."""
+
+    def __init__(self, device: torch.device):
+        self.watching, self.times = device.type == "cpu", []
+
+    def hint(self, seconds: float) -> str | None:
+        if not self.watching:
+            return None
+        recent = sorted(self.times[-20:])
+        self.times.append(seconds)
+        if len(recent) < 20 or seconds <= 4 * recent[len(recent) // 2]:
+            return None
+        self.watching = False
+        return (f"Training steps on the CPU vary widely ({recent[len(recent) // 2]:.2f} s typical, then {seconds:.2f} s): "
+                "another program may be competing for the cores. Set train.cpu_threads: 1 (or OMP_NUM_THREADS=1) to "
+                "keep steps steady; docs/troubleshooting.md.")

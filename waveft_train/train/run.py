@@ -14,22 +14,24 @@ files; the others wait at the barrier after each write.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections import Counter
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from waveft_train.adapter.files import load_adapter_weights_into, save_adapter
+from waveft_train.adapter.files import load_adapter_weights_into
 from waveft_train.adapter.sampling import NonFiniteImage, base_and_adapter_grid
 from waveft_train.common.errors import UserError
-from waveft_train.common.files import atomic_write_text, make_folder, save_png_atomically, write_atomically, writing
+from waveft_train.common.files import atomic_write_text, make_folder, save_png_atomically, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
 from waveft_train.data.dataset import DreamBoothDataset, StepBatchSampler, collate
@@ -39,10 +41,11 @@ from waveft_train.data.prior import class_images_for_run
 from waveft_train.models.loading import DTYPES, build_pipeline, load_components
 from waveft_train.train import checkpoint
 from waveft_train.train.checkpoint import finished_step
+from waveft_train.train.finish import invocation_record, run_summary, write_final
 from waveft_train.train.launch import check_shared_folders, make_accelerator
 from waveft_train.train.loop import LoopSettings, training_steps
 from waveft_train.train.methods import TrainingMethod, WaveFT
-from waveft_train.train.metrics import MetricsLog, peak_memory_bytes
+from waveft_train.train.metrics import MetricsLog, StepTimeWatch, peak_memory_bytes
 from waveft_train.train.model_card import model_card, stock_peft_caveats
 from waveft_train.train.optim import make_lr_scheduler, make_optimizer, trainable_parameters_in_float32
 from waveft_train.train.preflight import (
@@ -72,7 +75,8 @@ class DreamBoothRun:
         self.method = method if method is not None else WaveFT(config.waveft)
         self.output_dir = Path(config.output.dir)
         self.fingerprint = config_fingerprint(config)
-        self.started = time.perf_counter()
+        self.started, self.started_at = time.perf_counter(), time.time()
+        self.invocations: list[dict] = []  # earlier invocations of this run, from the checkpoint it resumes
         self.step = 0
         self.step_seconds: list[float] = []
         self.final_loss: float | None = None
@@ -127,6 +131,9 @@ class DreamBoothRun:
         """Collective. Load and build everything; only then touch the output folder (resume or take it over)."""
         config = self.config
         self.accelerator = make_accelerator(config.train, config.model, self.output_dir)
+        if self.accelerator.device.type == "cpu" and config.train.cpu_threads:
+            torch.set_num_threads(config.train.cpu_threads)
+        self.step_times = StepTimeWatch(self.accelerator.device)
         # Made (empty, if new) once the cheap checks have passed and before the models load: a path that cannot be a
         # folder fails in seconds, and a refused run leaves no stray folders.
         make_folder(self.output_dir, "output.dir")
@@ -226,6 +233,7 @@ class DreamBoothRun:
             self.accelerator.unwrap_model(self.unet), adapter, misfit=f"The checkpoint {folder} does not fit this run's "
             "adapter", remedy="Was it trained with other waveft settings (target_modules, n_frequency, "
             "n_frequency_pattern) or for another model? Use the same settings, or another output.dir.")
+        self.invocations = list(state.get("invocations", []))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.accelerator.scaler is not None and state.get("scaler"):
@@ -256,17 +264,18 @@ class DreamBoothRun:
             conditioning=self.conditioning, settings=settings, trainable_params=self.trainable,
             start_step=self.start_step, input_dtype=input_dtype, progress=self.progress,
         )
-        for step, metrics in steps:
-            self.step, self.final_loss = step, metrics["loss"]
-            self.step_seconds.append(metrics["seconds"])
-            self._log(step, metrics)
-            if step < train.max_steps and self.stop.agreed(accelerator):
-                self.save_checkpoint(step)
-                self.stop.end_run_if_asked(accelerator, saved=step)
-            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
-                self.save_checkpoint(step)
-            if config.validation.every and step % config.validation.every == 0 and step < train.max_steps:
-                self.validate(step)
+        with closing(steps):  # an error between steps closes the progress bar, so no message lands on its line
+            for step, metrics in steps:
+                self.step, self.final_loss = step, metrics["loss"]
+                self.step_seconds.append(metrics["seconds"])
+                self._log(step, metrics)
+                if step < train.max_steps and self.stop.agreed(accelerator):
+                    self.save_checkpoint(step)
+                    self.stop.end_run_if_asked(accelerator, saved=step)
+                if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
+                    self.save_checkpoint(step)
+                if config.validation.every and step % config.validation.every == 0 and step < train.max_steps:
+                    self.validate(step)
         if self.start_step < train.max_steps:  # always: a rerun or a raised max_steps continues from here
             self.save_checkpoint(self.step)
         self.validate(self.step)  # the final grid (whenever validation prompts are set)
@@ -284,6 +293,8 @@ class DreamBoothRun:
 
     def _log(self, step: int, metrics: dict) -> None:
         train = self.config.train
+        if self.accelerator.is_main_process and (hint := self.step_times.hint(metrics["seconds"])):
+            tqdm.write(hint, file=sys.stderr)
         if self.accelerator.is_main_process and (step % train.log_every == 0 or step == train.max_steps):
             with writing(self.metrics_log.path, "the metrics log"):
                 self.metrics_log.write({"step": step, **metrics})  # the last step always: summary.json's final_loss
@@ -304,6 +315,7 @@ class DreamBoothRun:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "global_batch": self.global_batch,
+                "invocations": [*self.invocations, self._invocation()],
                 "instance_images": self.image_manifest,
             }
             try:
@@ -353,47 +365,35 @@ class DreamBoothRun:
         accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ the end
+    def _invocation(self) -> dict:
+        """This invocation's figures so far (they travel in the checkpoints, so a resumed run's summary covers all)."""
+        return invocation_record(started_at=self.started_at, start_step=self.start_step, end_step=self.step,
+                                 step_seconds=self.step_seconds, wall_seconds=time.perf_counter() - self.started,
+                                 num_processes=self.accelerator.num_processes,
+                                 peak_memory_bytes=peak_memory_bytes(self.accelerator.device))
+
     def finish(self) -> None:
-        """Collective (one barrier). The final adapter (model card, last sample grid) and summary.json."""
-        accelerator = self.accelerator
+        """Collective (one barrier). The final adapter (model card, last sample grid) and summary.json, together."""
+        accelerator, config = self.accelerator, self.config
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return
         trainable_params = sum(parameter.numel() for parameter in self.trainable)
-        adapter_dir = self._save_final_adapter(trainable_params) if self.method.saves_adapter else None
-        timed = self.step_seconds[1:] or self.step_seconds  # the first step pays for warm-up
         final_loss = self.final_loss if self.final_loss is not None else (self.metrics_log.last or {}).get("loss")
-        summary = {
-            "trainable_params": trainable_params,
-            "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size if adapter_dir else None,
-            "steps": self.step,
-            "seconds_per_step": sum(timed) / len(timed) if timed else None,
-            "peak_memory_bytes": peak_memory_bytes(accelerator.device),
-            "num_processes": accelerator.num_processes,
-            "buckets": dict(sorted(Counter(f"{width}x{height}" for height, width in self.dataset.buckets).items())),
-            "final_loss": final_loss,
-            "wall_seconds": round(time.perf_counter() - self.started, 3),
-        }
-        with writing(self.output_dir / "summary.json", "the run summary"):
-            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        samples = f", samples in {self.output_dir / 'samples'}" if self.last_samples is not None else ""
-        print(f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", flush=True)
-
-    def _save_final_adapter(self, trainable_params: int) -> Path:
-        """adapter/: weights, config, model card and the last validation grid."""
-        accelerator, config, adapter_dir = self.accelerator, self.config, self.output_dir / "adapter"
+        buckets = dict(sorted(Counter(f"{width}x{height}" for height, width in self.dataset.buckets).items()))
+        summary = run_summary([*self.invocations, self._invocation()], trainable_params=trainable_params,
+                              buckets=buckets, final_loss=final_loss)
+        saves = self.method.saves_adapter
         card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
                           prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.last_samples is not None,
-                          prediction_type=self._recorded_prediction_type())
-        with writing(adapter_dir, "the final adapter"):
-            save_adapter(adapter_dir, accelerator.unwrap_model(self.unet),
-                         base_model_name_or_path=self.components.base_model_name,
-                         prediction_type=self._recorded_prediction_type(), model_card=card)
-            if self.last_samples is not None:
-                last = self.last_samples.read_bytes()
-                write_atomically(adapter_dir / "samples.png", lambda stream: stream.write(last))
-        return adapter_dir
+                          prediction_type=self._recorded_prediction_type()) if saves else None
+        adapter_dir = write_final(self.output_dir, summary, unet=accelerator.unwrap_model(self.unet) if saves else None,
+                                  base_model_name=self.components.base_model_name,
+                                  prediction_type=self._recorded_prediction_type(), model_card=card,
+                                  last_samples=self.last_samples)
+        samples = f", samples in {self.output_dir / 'samples'}" if self.last_samples is not None else ""
+        print(f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", flush=True)
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
