@@ -325,7 +325,7 @@ def test_final_adapter_and_class_images_on_a_full_disk_name_the_path(tmp_path, c
     monkeypatch.undo()
     monkeypatch.setattr(adapter_files, "write_adapter_files", full_disk)
     code, err = run_cli(["--config", DEMO, *set_args(overrides(tmp_path / "run2", **{"train.max_steps": 1}))], capsys)
-    assert code == 2 and f"Could not write the final adapter to {tmp_path / 'run2' / 'adapter'}" in err
+    assert code == 2 and f"Could not write the final adapter and summary.json to {tmp_path / 'run2' / 'adapter'}" in err
 
 
 def test_sample_refuses_a_scale_that_turns_the_grid_black(adapter_dir, tmp_path, capsys):

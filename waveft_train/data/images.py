@@ -1,134 +1,95 @@
-"""Subject and class images: folder checks, loading via `datasets` (local folders or hub datasets), decoding.
+"""Subject and class images: folder checks, loading (local folders or hub datasets via `datasets`), notices.
 
 Why it looks like this:
-- Local folders are checked by us (`validate_image_folder`) before `datasets` or any model touches them, so a
-  missing folder, an empty one, a corrupt file, an image mode with no faithful RGB rendering, or a metadata.jsonl
-  that silently drops images (or is not UTF-8) is one readable UserError, not a traceback from inside the
-  imagefolder builder (or a crash at step 300).
-- What we change about the user's data is said, naming the file: blank captions replaced by the instance prompt,
-  images far below the training resolution (upscaled, so blurry).
+- Local folders are checked by us (`validate_image_folder`) before any model touches them, so a missing folder, an
+  empty one, a corrupt file, an image mode with no faithful RGB rendering, HEIC photos without the `heif` extra, or a
+  metadata.jsonl that names what is not a photo (or is not UTF-8) is one readable UserError, not a traceback (or a
+  crash at step 300).
+- A photo is any file Pillow opens (photos.py), whatever its extension, so a local folder is loaded from the list
+  the check made (`datasets`' imagefolder would pick files by a fixed extension list and drop .avif and .heic): what
+  we check is exactly what gets trained on, in imagefolder's order, under imagefolder's names.
+- What we change about the user's data or leave out is said once, naming the files: skipped files with the reason,
+  photos decoded reduced, multi-frame images (first frame), blank captions replaced by the instance prompt, images
+  far below the training resolution (upscaled, so blurry).
 - `image_manifest` hashes every image and caption, so a resumed run can tell that the subject photos changed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import datasets
-import numpy as np
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image
 
 from waveft_train.common.errors import UserError
-from waveft_train.common.paths import is_hidden, is_local
+from waveft_train.common.paths import is_local
+from waveft_train.data import photos
+from waveft_train.data.photos import IMAGE_EXTENSIONS, UnconvertibleImage, to_rgb
 
 logger = logging.getLogger(__name__)
 
-COMMON_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-try:  # What imagefolder picks up (a semi-private path): anything it would load, we check first.
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder as _ImageFolder
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "UnconvertibleImage", "image_manifest", "images_from_files", "load_images",
+           "manifest_changes", "to_rgb", "validate_image_folder", "warn_about_small_images"]
 
-    _IMAGEFOLDER_EXTENSIONS = frozenset(extension.lower() for extension in _ImageFolder.EXTENSIONS)
-except (ImportError, AttributeError):
-    _IMAGEFOLDER_EXTENSIONS = frozenset()
-IMAGE_EXTENSIONS = _IMAGEFOLDER_EXTENSIONS | frozenset(COMMON_IMAGE_EXTENSIONS)
-_ALLOWED_TEXT = (
-    f"Allowed image extensions: {', '.join(COMMON_IMAGE_EXTENSIONS)} (and the other formats Pillow reads); "
-    "other files such as metadata.jsonl or .txt notes are ignored."
-)
+_ALLOWED_TEXT = (f"Photos are the files Pillow reads: {', '.join(photos.COMMON_IMAGE_EXTENSIONS)} (HEIC/HEIF with "
+                 f"`{photos.HEIF_EXTRA}`) and more; other files such as metadata.jsonl or .txt notes are skipped.")
+NOTE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".md", ".yaml", ".yml", ".toml")
+NOTICE_CHARS = 300  # a notice is one line: a few names, then "… and N more"
 
 
 # ----------------------------------------------------------------------------------------------- folders
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p, folder)
+def _unreadable(path: Path, role: str, config_key: str, error: BaseException) -> UserError:
+    return UserError(
+        f"The {role} image {path} (in the folder set by {config_key}) cannot be read as an image: {error}. Every "
+        "file with an image extension in that folder is used for training; remove or replace this one."
     )
 
 
-# ----------------------------------------------------------------------------------------------- decoding
-class UnconvertibleImage(ValueError):
-    """An image whose pixels have no faithful 8-bit RGB rendering (e.g. HDR floats, negative integers)."""
-
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright 8-bit RGB, faithful to what the file shows, for every mode Pillow opens.
-
-    Pillow's own `convert("RGB")` clips high-bit-depth grayscale instead of scaling it (a 16-bit PNG comes out
-    almost all white) and truncates floats (a [0, 1] float TIFF comes out black), so those are scaled here:
-    16-bit values by 255/65535, 32-bit integers the same when they fit 16 bits, floats in [0, 1] by 255 (floats
-    already in [0, 255] as they are). Transparency is composited on white. CIELAB goes through ImageCms. What has
-    no faithful rendering (negative or over-16-bit integers, floats outside [0, 255], NaN) raises
-    `UnconvertibleImage`, which the folder check turns into a message naming the file.
-    """
-    image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        values = np.asarray(image).astype(np.int64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise UnconvertibleImage(f"its {mode} pixel values span {values.min()}..{values.max()}, beyond 16 bits")
-        gray = np.round(values * (255.0 / 65535.0)).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise UnconvertibleImage("its floating-point pixels include NaN or infinity")
-        low, high = (values.min(), values.max()) if values.size else (0.0, 1.0)
-        if low < 0 or high > 255:
-            raise UnconvertibleImage(f"its floating-point pixels span {low:g}..{high:g}, neither [0, 1] nor [0, 255] "
-                                     "(HDR or unnormalized data)")
-        scaled = values * 255.0 if high <= 1.0 else values
-        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L").convert("RGB")
-    if mode == "LAB":
-        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
-        return ImageCms.applyTransform(image, transform)
-    if mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError as error:  # a mode Pillow reads but cannot convert
-        raise UnconvertibleImage(f"Pillow cannot convert its mode {mode} to RGB ({error})") from None
+def _found_photos(folder: Path, role: str, config_key: str) -> photos.FolderPhotos:
+    """The folder's photos (photos.find_photos); image-named files Pillow cannot read, HEIC photos without the extra
+    and photos past the pixel limit are refused, naming them."""
+    found = photos.find_photos(folder)
+    for path, error in found.unreadable:
+        raise _unreadable(path, role, config_key, error)
+    if found.heif_missing:
+        raise UserError(f"The {role} image folder {folder} (set by {config_key}) holds HEIC/HEIF photos "
+                        f"({_listed(found.heif_missing)}), which Pillow reads only with pillow-heif: install it with "
+                        f"`{photos.HEIF_EXTRA}`, or convert them to JPEG or PNG.")
+    if found.too_large:
+        raise UserError(f"The {role} image folder {folder} (set by {config_key}) holds photos "
+                        f"({_listed(found.too_large)}) {photos.TOO_LARGE_ADVICE}.")
+    return found
 
 
 def _check_decodes(path: Path, role: str, config_key: str) -> None:
     """Open, verify and fully decode one file: truncated, fake or unconvertible images fail here, not mid-training."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.load()
-            to_rgb(image)
+        photos.check_photo(path)
     except UnconvertibleImage as error:
         raise UserError(
             f"The {role} image {path} (in the folder set by {config_key}) has no faithful 8-bit RGB rendering: "
             f"{error}. Convert it to an 8-bit (or 16-bit) PNG or JPEG, or remove it from the folder."
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise UserError(
-            f"The {role} image {path} (in the folder set by {config_key}) cannot be read as an image: "
-            f"{error}. Every file with an image extension in that folder is used for training; remove or "
-            "replace this one."
-        ) from None
+    except photos.READ_ERRORS as error:
+        raise _unreadable(path, role, config_key, error) from None
 
 
-def _check_metadata(folder: Path, images: list[Path], config_key: str) -> None:
-    """A metadata.jsonl must be valid and list every image: imagefolder silently drops unlisted ones."""
-    metadata = folder / "metadata.jsonl"
+def _read_metadata(folder: Path, images: list[Path], config_key: str) -> list[dict] | None:
+    """The rows of the folder's metadata.jsonl (None without one), which must be valid, name only photos and list
+    every photo: as in imagefolder, the rows (their order, any repeats) are what is trained on."""
+    metadata = folder / photos.METADATA
     if not metadata.is_file():
-        return
+        return None
+    resolved = {p.resolve() for p in images}
     listed: set[Path] = set()
+    rows = []
     for number, raw in enumerate(metadata.read_bytes().splitlines(), start=1):
         try:
             line = raw.decode("utf-8")
@@ -150,13 +111,20 @@ def _check_metadata(folder: Path, images: list[Path], config_key: str) -> None:
         if not target.is_file():
             raise UserError(f"{metadata} line {number} names {row['file_name']!r}, which is not a file in "
                             f"{folder} (the folder set by {config_key}); file_name is relative to that folder.")
+        relative = os.path.normpath(row["file_name"])
+        if target not in resolved or os.path.isabs(relative) or relative.split(os.sep)[0] == "..":
+            raise UserError(f"{metadata} line {number} names {row['file_name']!r}, which is not a photo in {folder} "
+                            f"(the folder set by {config_key}): only photos Pillow reads, not hidden, are trained on. "
+                            "Remove the line, or name a photo.")
         listed.add(target)
+        rows.append(row)
     unlisted = [p for p in images if p.resolve() not in listed]
     if unlisted:
         names = ", ".join(str(p.relative_to(folder)) for p in unlisted[:5])
         more = f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else ""
         raise UserError(f"{metadata} has no line for {len(unlisted)} image(s) in {folder} ({names}{more}); "
-                        "datasets would silently leave them out. Add a line per image or remove the images.")
+                        "they would silently be left out. Add a line per image or remove the images.")
+    return rows
 
 
 def validate_image_folder(
@@ -168,22 +136,54 @@ def validate_image_folder(
     what to fix. `allow_empty=True` suits a class folder that prior generation will create and fill: a
     missing or empty folder then returns [], but corrupt files are still reported.
     """
-    folder = Path(path).expanduser()
+    return _checked_folder(Path(path).expanduser(), config_key=config_key, role=role, allow_empty=allow_empty)[0].photos
+
+
+def _checked_folder(folder: Path, *, config_key: str, role: str,
+                    allow_empty: bool) -> tuple[photos.FolderPhotos, list[dict] | None]:
+    """The folder's photos, each checked to decode, and its metadata.jsonl rows (None without one)."""
     if not folder.exists():
         if allow_empty:
-            return []
+            return photos.FolderPhotos(), None
         raise UserError(f"The {role} image folder {folder} (set by {config_key}) does not exist. Point "
                         f"{config_key} at a folder of images. {_ALLOWED_TEXT}")
     if not folder.is_dir():
         raise UserError(f"{config_key} must be a folder of {role} images, but {folder} is a file. {_ALLOWED_TEXT}")
-    images = _image_files(folder)
-    if not images and not allow_empty:
-        raise UserError(f"The {role} image folder {folder} (set by {config_key}) contains no images. "
+    found = _found_photos(folder, role, config_key)
+    if not found.photos and not allow_empty:
+        skipped = f" It holds only files that are not photos: {_listed(found.skipped)}." if found.skipped else ""
+        raise UserError(f"The {role} image folder {folder} (set by {config_key}) contains no images.{skipped} "
                         f"{_ALLOWED_TEXT}")
-    for image_path in images:
+    for image_path in found.photos:
         _check_decodes(image_path, role, config_key)
-    _check_metadata(folder, images, config_key)
-    return images
+    return found, _read_metadata(folder, found.photos, config_key)
+
+
+def _listed(items: Sequence[str], shown: int = 4) -> str:
+    """The first few items, then how many more: a notice names files without growing past a line."""
+    more = f" … and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _notice(text: str) -> str:
+    return text if len(text) <= NOTICE_CHARS else text[:NOTICE_CHARS - 1] + "…"
+
+
+def _report(headers: Sequence[tuple[str, photos.PhotoHeader]], skipped: Sequence[str], config_key: str) -> None:
+    """One line per kind of change: the skipped files, the photos decoded reduced, the multi-frame images."""
+    if skipped:  # notes beside the photos (a license, captions, subject.json) are expected: said, not warned about
+        notes_only = all(Path(entry.rpartition(" (")[0]).suffix.lower() in NOTE_SUFFIXES for entry in skipped)
+        logger.log(logging.INFO if notes_only else logging.WARNING,
+                   _notice(f"{config_key}: {len(skipped)} file(s) skipped, not photos: {_listed(skipped)}"))
+    large = [f"{name} ({header.size[0]}x{header.size[1]})" for name, header in headers if header.large]
+    if large:
+        logger.info(_notice(f"{config_key}: {len(large)} photo(s) over {photos.LARGE_PHOTO_PIXELS / 1e6:.0f} megapixels "
+                            f"are decoded reduced, to at most {photos.REDUCED_LONG_SIDE} px on the long side: "
+                            f"{_listed(large)}"))
+    animated = [f"{name} ({header.frames} frames)" for name, header in headers if header.frames > 1]
+    if animated:
+        logger.warning(_notice(f"{config_key}: {len(animated)} image(s) hold several frames; each trains on its "
+                               f"first frame only: {_listed(animated)}"))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -199,30 +199,33 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @cached_property
+    def _files(self) -> datasets.Dataset:
+        return self.rows.cast_column(self.image_column, datasets.Image(decode=False))
+
     def image(self, index: int) -> Image.Image:
-        return self.rows[index][self.image_column]
+        """The image of a row as training sees it (photos.decode_photo): what `datasets` decodes, but without Pillow's
+        decompression-bomb guard, and reduced for photos past photos.LARGE_PHOTO_PIXELS."""
+        entry = self._files[index][self.image_column]
+        try:
+            return photos.decode_photo(entry.get("bytes") or entry["path"])
+        except photos.PhotoTooLarge as error:
+            name = entry.get("path") or f"row {index} of {self.source}"
+            raise UserError(f"The image {name} ({error}) is {photos.TOO_LARGE_ADVICE}.") from None
 
     def upright_sizes(self) -> list[tuple[int, int]]:
         """(width, height) of every image as it is shown, EXIF orientation applied, read from the headers only."""
-        sizes = []
-        for _name, data in self.encoded():
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-                    width, height = height, width
-            sizes.append((width, height))
-        return sizes
+        return [photos.upright_size(data) for _name, data in self.encoded()]
 
     def names(self) -> list[str]:
         """A name per row, for messages: the file path for local images, else "row i of <source>"."""
-        entries = self.rows.cast_column(self.image_column, datasets.Image(decode=False))[self.image_column]
+        entries = self._files[self.image_column]
         return [entry.get("path") or f"row {index} of {self.source}" for index, entry in enumerate(entries)]
 
     def encoded(self) -> list[tuple[str, bytes]]:
         """(name, file bytes) per row, without decoding."""
-        entries = self.rows.cast_column(self.image_column, datasets.Image(decode=False))[self.image_column]
         return [(name, entry.get("bytes") or Path(entry["path"]).read_bytes())
-                for name, entry in zip(self.names(), entries)]
+                for name, entry in zip(self.names(), self._files[self.image_column])]
 
 
 def image_manifest(images: ImageSet) -> dict[str, str]:
@@ -245,9 +248,8 @@ def warn_about_small_images(images: ImageSet, resolution: int, config_key: str) 
     """Name every image whose shorter side is under half of `resolution`: it is upscaled, so training sees blur."""
     for name, data in images.encoded():
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-        except (OSError, ValueError):
+            width, height = photos.upright_size(data)
+        except photos.READ_ERRORS:
             continue  # unreadable images are reported by the folder check or when decoded
         if min(width, height) * 2 < resolution:
             logger.warning("The image %s (%s) is %dx%d, far below %s: it is upscaled %.1fx to %d px and will look "
@@ -317,38 +319,66 @@ def load_images(
     role: str = "instance",
     image_column: str | None = None,
     cache_dir: str | None = None,
+    report: bool = True,
 ) -> ImageSet:
-    """Load images from a local folder (imagefolder, captions from metadata.jsonl) or a hub dataset id.
+    """Load images from a local folder (captions from its metadata.jsonl) or a hub dataset id (`split`, `cache_dir`).
 
-    Local folders are validated first (see `validate_image_folder`). A source that is not an existing path
-    and does not look like one ("./x", "/x", "~/x") is taken as a hub dataset id.
+    Local folders are validated first (see `validate_image_folder`) and loaded from the photos the check found. A
+    source that is not an existing path and does not look like one ("./x", "/x", "~/x") is taken as a hub dataset
+    id. `report` logs, once, what the loading changes: skipped files, photos decoded reduced, multi-frame images.
     """
     source_text = str(source)
     if is_local(source_text):
         folder = Path(source_text).expanduser()
-        validate_image_folder(folder, config_key=config_key, role=role)
-        shown = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # "Generating train split: 5 examples" says nothing a DreamBooth user needs
-        try:
-            rows = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, cache_dir=cache_dir)
-        except (ValueError, datasets.exceptions.DatasetsError) as error:
-            raise UserError(f"datasets could not read the {role} image folder {folder} (set by {config_key}) "
-                            f"as split {split!r}: {error}") from None
-        finally:
-            if shown:
-                datasets.enable_progress_bars()
+        found, metadata = _checked_folder(folder, config_key=config_key, role=role, allow_empty=False)
+        rows, headers, skipped = _folder_rows(folder, found.photos, metadata), found.headers, found.skipped
         source_text = str(folder)
     else:
-        rows = _load_hub(source_text, split, cache_dir)
+        rows, headers, skipped = _load_hub(source_text, split, cache_dir), None, []
     column = _image_column(rows, image_column, source_text)
     if len(rows) == 0:
         raise UserError(f"The {role} images from {source_text} (set by {config_key}) are empty. {_ALLOWED_TEXT}")
-    return ImageSet(source_text, rows, column, _prompts(rows, caption_column, default_prompt, source_text, column))
+    images = ImageSet(source_text, rows, column, _prompts(rows, caption_column, default_prompt, source_text, column))
+    if headers is None:
+        headers = _row_headers(images, role, config_key)
+    if report:
+        _report(headers, skipped, config_key)
+    return images
+
+
+def _folder_rows(folder: Path, files: list[Path], metadata: list[dict] | None) -> datasets.Dataset:
+    """The rows imagefolder would make of the folder, from the photos the check found: one per photo, sorted, or one
+    per metadata.jsonl line with its keys as columns; named by path under the resolved folder, as imagefolder names
+    them (checkpoints record photos by these names)."""
+    base = folder.resolve()
+    if metadata is None:
+        columns = {"image": [str(base / path.relative_to(folder)) for path in files]}
+    else:
+        keys = dict.fromkeys(key for row in metadata for key in row if key not in ("file_name", "image"))
+        columns = {"image": [os.path.join(base, os.path.normpath(row["file_name"])) for row in metadata],
+                   **{key: [row.get(key) for row in metadata] for key in keys}}
+    try:
+        return datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
+    except (ValueError, TypeError) as error:  # pyarrow: one key holding values of different types
+        raise UserError(f"The captions of {folder / photos.METADATA} cannot be read as a table: {error}. Give each "
+                        "key (e.g. text) one type, a string, on every line.") from None
+
+
+def _row_headers(images: ImageSet, role: str, config_key: str) -> list[tuple[str, photos.PhotoHeader]]:
+    """The header of every row of a hub dataset; rows past the pixel limit are refused here, not mid-training."""
+    headers = []
+    for name, data in images.encoded():
+        try:
+            headers.append((name, photos.read_header(data)))
+        except photos.PhotoTooLarge as error:
+            raise UserError(f"The {role} image {name} (set by {config_key}) ({error}) is "
+                            f"{photos.TOO_LARGE_ADVICE}.") from None
+        except photos.READ_ERRORS:
+            continue  # a row Pillow cannot read fails, naming it, where it is decoded
+    return headers
 
 
 def images_from_files(files: Sequence[Path], *, prompt: str, source: str) -> ImageSet:
     """An ImageSet of explicit files (e.g. the class images prior preservation chose), all with one prompt."""
     rows = datasets.Dataset.from_dict({"image": [str(path) for path in files]}).cast_column("image", datasets.Image())
     return ImageSet(source, rows, "image", tuple(prompt for _ in files))
-
-

@@ -116,9 +116,8 @@ class DreamBoothRun:
         check_optional_dependencies(config.train)
         adapter_on_meta_unet(config.model, config.waveft)  # target_modules, n_frequency against the architecture
         check_vae(config.model)
-
         self.instance_images = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
-                                           default_prompt=config.data.instance_prompt)
+                                           default_prompt=config.data.instance_prompt, report=self.is_main)
         if self.is_main:
             warn_about_small_images(self.instance_images, config.data.resolution, "data.instance_dir")
         self.image_manifest = image_manifest(self.instance_images)
