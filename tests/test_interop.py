@@ -34,8 +34,9 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TINY_LAYERS = 64  # attention linears of the tiny UNet: 16 attentions x 4
 
 
-def make_adapter(model_dir: Path, out: Path, *, bias: str = "none", seed: int = 0) -> Path:
-    """A WaveFT adapter with random spectra; with `bias` other than none, every trainable base bias is changed."""
+def make_adapter(model_dir: Path, out: Path, *, seed: int = 0, **settings) -> Path:
+    """A WaveFT adapter with random spectra (n_frequency 64 unless `settings`, WaveFTConfig fields, say otherwise);
+    with a `bias` other than none, every trainable base bias is changed."""
     from diffusers import UNet2DConditionModel
     from peft import WaveFTConfig, get_peft_model
 
@@ -43,7 +44,8 @@ def make_adapter(model_dir: Path, out: Path, *, bias: str = "none", seed: int = 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(unet, WaveFTConfig(n_frequency=64, target_modules=TARGETS, init_weights=False, bias=bias))
+        config = WaveFTConfig(**{"n_frequency": 64, "target_modules": TARGETS, "init_weights": False, **settings})
+        model = get_peft_model(unet, config)
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if parameter.requires_grad and name.endswith(".bias"):

@@ -20,38 +20,18 @@ from helpers import REPO, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_interop import make_adapter
 
 import waveft_train
 from benchmarks.file_sizes import ADAPTER, sdxl_sizes
 from waveft_train.adapter.export import export
 from waveft_train.adapter.sampling import generate_grid_images
 from waveft_train.common.errors import UserError
-from waveft_train.models.architecture import TARGETS
 from waveft_train.models.loading import build_pipeline, load_components
-from waveft_train.waveft import WaveFTLayer, register
+from waveft_train.waveft import WaveFTLayer
 
 PLUGIN = REPO / "integrations" / "comfyui" / "comfyui_waveft"
 SIZE, STEPS, PROMPT, SEED = 64, 2, "a photo of sks dog in the snow", 3
-
-
-def make_adapter(model_dir: Path, out: Path, **settings) -> Path:
-    """A WaveFT adapter of the tiny model with random spectra (and, with bias=waveft_only, changed biases)."""
-    from diffusers import UNet2DConditionModel
-    from peft import WaveFTConfig, get_peft_model
-
-    register()
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = get_peft_model(unet, WaveFTConfig(n_frequency=64, target_modules=list(TARGETS), init_weights=False,
-                                                  **settings))
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if parameter.requires_grad and name.endswith(".bias"):
-                    parameter.add_(torch.randn_like(parameter) * 0.1)
-    model.peft_config["default"].base_model_name_or_path = str(model_dir)
-    model.save_pretrained(out, save_embedding_layers=False)
-    return out
 
 
 def import_node(monkeypatch, *, inside_comfyui: bool):
