@@ -256,13 +256,30 @@ def test_bf16_autocast_is_close_to_float32(path, weight_dtype):
     weight = ours.base_layer.weight.detach().to(weight_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         actual = waveft_linear(x, weight, ours.base_layer.bias, adapters_of(ours), path=path)
-    assert actual.dtype == torch.float32  # the input's dtype, as in peft
+    assert actual.dtype == torch.bfloat16  # the autocast dtype, as the frozen nn.Linear returns
     actual.backward(grad)
     spectrum_grad = ours.waveft_spectrum["default"].grad
     assert spectrum_grad.dtype == torch.float32
     assert relative_error(actual, expected) < 2e-2
     assert relative_error(spectrum_grad, expected_ds) < 2e-2
     assert torch.equal(ours.base_layer.weight.detach().to(weight_dtype), weight)  # restored
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("tokens", [3, 300])  # the factorized and the merged path
+def test_an_adapter_at_zero_is_the_base_layer_under_bf16_autocast(tokens, training):
+    """Dtype and values: the base layer's behaviour is the contract (peft's reference returns the input's dtype)."""
+    _, ours = pair("db1", True, shape=(64, 72), n=200)
+    torch.nn.init.zeros_(ours.waveft_spectrum["default"])
+    base = ours.base_layer
+    ours.train(training)
+    x = torch.randn(tokens, 72, requires_grad=training)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = base(x), ours(x)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(actual, expected)
+    without = ours(x)  # no autocast: the input's dtype, as before
+    assert without.dtype == torch.float32 and torch.equal(without, base(x))
 
 
 # ---- the pieces --------------------------------------------------------------------------------------------------

@@ -276,15 +276,16 @@ def waveft_linear(
     adapters: Sequence[Adapter],
     path: str = AUTO,
 ) -> torch.Tensor:
-    """Apply a (d_out, d_in) weight plus WaveFT adapters to `x` (…, d_in); the output has `x`'s dtype.
-
-    Under autocast the matmuls run in the autocast dtype; otherwise `x` is cast to the weight's dtype, as the
-    frozen base layer would require. `path` forces "merged" or "factorized" (tests, benchmarks); "auto" chooses by
+    """Apply a (d_out, d_in) weight plus WaveFT adapters to `x` (…, d_in), returning what the frozen base layer
+    would: under autocast the matmuls run in, and the output has, the autocast dtype (as `nn.Linear`'s does, so an
+    adapter at zero leaves the model's dtypes as they were); otherwise `x` is cast to the weight's dtype for the
+    matmuls and the output has `x`'s dtype. `path` forces "merged" or "factorized" (tests, benchmarks); "auto" chooses by
     shape (`choose_path`).
     """
     out_features, in_features = weight.shape
     device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
     x2d = _cast(x.reshape(-1, in_features), dtype)
     transforms = tuple(transform for _, transform, _ in adapters)
     if path == AUTO:
@@ -297,4 +298,4 @@ def waveft_linear(
     spectra = [spectrum for spectrum, _, _ in adapters]
     with torch.autocast(device_type, enabled=False):
         y = _WaveFTLinear.apply(x2d, weight, _cast(bias, dtype) if bias is not None else None, plan, *spectra)
-    return _cast(y.reshape(*x.shape[:-1], out_features), x.dtype)
+    return _cast(y.reshape(*x.shape[:-1], out_features), dtype if autocast else x.dtype)

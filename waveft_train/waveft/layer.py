@@ -9,8 +9,9 @@ Differences from peft's reference, all deliberate:
   and are never re-copied per call.
 - The spectrum is created in the base layer's floating dtype, as peft creates adapter weights; peft's
   `autocast_adapter_dtype=True` (the default of get_peft_model, PeftModel.from_pretrained, add_adapter and
-  load_adapter) then upcasts fp16/bf16 spectra to float32, and `False` leaves them in the base dtype. The output
-  has the input's dtype.
+  load_adapter) then upcasts fp16/bf16 spectra to float32, and `False` leaves them in the base dtype.
+- The output's dtype is the base layer's: the autocast dtype under autocast (peft's reference returns the input's,
+  so with it an adapter at zero turns the blocks' residual stream float32), else the input's.
 - `bias="waveft_only"` is peft's generic `<method>_only`: it trains the existing biases of the adapted layers
   (saved as `<module>.base_layer.bias`); the layer itself adds no bias.
 """
