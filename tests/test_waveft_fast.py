@@ -282,6 +282,25 @@ def test_an_adapter_at_zero_is_the_base_layer_under_bf16_autocast(tokens, traini
     assert without.dtype == torch.float32 and torch.equal(without, base(x))
 
 
+def test_the_layer_compiles_without_graph_breaks_and_matches_eager(monkeypatch):
+    """torch.compile sees the whole layer step (both paths) as one graph; inductor's result is eager's."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool in the test process
+    _, ours = pair("db1", True, shape=(40, 48), n=150)
+    for tokens in (3, 100):  # the factorized and the merged path
+        assert torch._dynamo.explain(ours)(torch.randn(tokens, 48)).graph_break_count == 0
+    x = torch.randn(3, 48, requires_grad=True)
+    grad = torch.randn(3, 40)
+    ours(x).backward(grad)
+    expected = ours.waveft_spectrum["default"].grad.clone(), x.grad.clone()
+    ours.waveft_spectrum["default"].grad, x.grad = None, None
+    torch._dynamo.reset()
+    torch.compile(ours, backend="inductor")(x).backward(grad)
+    torch.testing.assert_close(ours.waveft_spectrum["default"].grad, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, expected[1], rtol=1e-5, atol=1e-6)
+
+
 # ---- the pieces --------------------------------------------------------------------------------------------------
 
 
