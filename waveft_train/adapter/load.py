@@ -137,7 +137,13 @@ def load_adapted_unet(
     adapter = read_adapter(adapter_dir)
     base_name = base_model_of(adapter, base)
     unet = load_unet(base_name, dtype=torch.float32)
+    base_values = replaced_base_values(unet, adapter)
+    return adapter, base_name, base_values, inject(unet, adapter, base_name, 1.0)
+
+
+def replaced_base_values(unet: torch.nn.Module, adapter: AdapterFiles) -> dict[str, torch.Tensor]:
+    """Copies of the base tensors that loading `adapter` will overwrite in place (e.g. `<module>.base_layer.bias` of
+    `bias: waveft_only`), keyed by the plain UNet's parameter names: take them before `inject`."""
     plain = unet.state_dict()
     names = {key.removeprefix("base_model.model.").replace(".base_layer.", ".") for key in adapter.shapes}
-    base_values = {name: plain[name].detach().clone() for name in names if name in plain}
-    return adapter, base_name, base_values, inject(unet, adapter, base_name, 1.0)
+    return {name: plain[name].detach().clone() for name in names if name in plain}

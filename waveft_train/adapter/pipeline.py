@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from waveft_train.adapter.export_files import FORMAT_KEY, WAVEFT_FORMAT_VERSION
 from waveft_train.adapter.files import AdapterFiles, read_adapter
-from waveft_train.adapter.load import inject, scheduler_for
+from waveft_train.adapter.load import inject, replaced_base_values, scheduler_for
 from waveft_train.common.errors import UserError
 from waveft_train.models.unet_names import UNetNames, kohya_key
 from waveft_train.waveft import WaveFTLayer
@@ -61,9 +61,7 @@ def load_adapter(pipe, path: str | Path, *, scale: float = 1.0) -> None:
         raise UserError("The pipeline already holds a WaveFT adapter; waveft_train.unload_adapter(pipe) first.")
     path = Path(path).expanduser()
     adapter = _read_single_file(path, unet) if path.is_file() else read_adapter(path)
-    plain = unet.state_dict()
-    replaced = {key.removeprefix("base_model.model.").replace(".base_layer.", "."): None for key in adapter.shapes}
-    base_biases = {name: plain[name].detach().clone() for name in replaced if name in plain}
+    base_biases = replaced_base_values(unet, adapter)
     model = inject(unet, adapter, "the pipeline's model", 1.0)
     scalings = {(id(layer), name): value for layer in unet.modules() if isinstance(layer, WaveFTLayer)
                 for name, value in layer.waveft_scaling.items()}
