@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import warnings
 from collections import Counter
@@ -26,26 +25,24 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from waveft_train.adapter.files import load_adapter_weights_into
-from waveft_train.adapter.sampling import NonFiniteImage, base_and_adapter_grid
 from waveft_train.common.errors import UserError
-from waveft_train.common.files import atomic_write_text, make_folder, save_png_atomically, writing
+from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
 from waveft_train.data.dataset import DreamBoothDataset, StepBatchSampler, collate
 from waveft_train.data.encode import Conditioning, warn_about_long_prompts
 from waveft_train.data.images import image_manifest, images_from_files, load_images, warn_about_small_images
 from waveft_train.data.prior import class_images_for_run
-from waveft_train.models.loading import DTYPES, build_pipeline, load_components
+from waveft_train.models.loading import DTYPES, load_components
 from waveft_train.train import checkpoint
 from waveft_train.train.checkpoint import finished_step
 from waveft_train.train.finish import invocation_record, run_summary, write_final
 from waveft_train.train.launch import check_shared_folders, make_accelerator
 from waveft_train.train.loop import LoopSettings, training_steps
 from waveft_train.train.methods import TrainingMethod, WaveFT
-from waveft_train.train.metrics import MetricsLog, StepTimeWatch, peak_memory_bytes
+from waveft_train.train.metrics import peak_memory_bytes
 from waveft_train.train.model_card import model_card, stock_peft_caveats
 from waveft_train.train.optim import make_lr_scheduler, make_optimizer, trainable_parameters_in_float32
 from waveft_train.train.preflight import (
@@ -57,7 +54,9 @@ from waveft_train.train.preflight import (
     holds_other_run,
     validate_inputs,
 )
+from waveft_train.train.reporting import RunReport
 from waveft_train.train.stopping import GracefulStop
+from waveft_train.train.validation import ValidationGrids
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +79,8 @@ class DreamBoothRun:
         self.step = 0
         self.step_seconds: list[float] = []
         self.final_loss: float | None = None
-        self.base_samples: list | None = None  # the base model's validation images: the same at every step
-        self.last_samples: Path | None = None
+        self.grids = ValidationGrids(config.validation, config.validation_resolution(), self.output_dir / "samples",
+                                     progress=progress)
         self.lock = None
         self.is_main = int(os.environ.get("RANK", "0")) == 0  # before accelerate starts: the launcher's global rank
         train = config.train  # the run's global batch: what a resumed run (on any layout) must keep
@@ -132,7 +131,6 @@ class DreamBoothRun:
         self.accelerator = make_accelerator(config.train, config.model, self.output_dir)
         if self.accelerator.device.type == "cpu" and config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
-        self.step_times = StepTimeWatch(self.accelerator.device)
         # Made (empty, if new) once the cheap checks have passed and before the models load: a path that cannot be a
         # folder fails in seconds, and a refused run leaves no stray folders.
         make_folder(self.output_dir, "output.dir")
@@ -171,10 +169,7 @@ class DreamBoothRun:
         if self.accelerator.is_main_process:
             with writing(self.output_dir / "config.yaml", "the run's resolved config"):
                 atomic_write_text(self.output_dir / "config.yaml", dump_config(config))
-            with writing(self.output_dir / "metrics.jsonl", "the metrics log"):
-                self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", self.start_step)
-            if config.train.report_to == "tensorboard":
-                self.accelerator.init_trackers("waveft-train")
+            self.report = RunReport(self.output_dir, self.start_step, config.train, self.accelerator)
         self.accelerator.wait_for_everyone()
 
     def _setup_data(self) -> None:
@@ -291,14 +286,8 @@ class DreamBoothRun:
                           num_workers=self.config.data.dataloader_workers)
 
     def _log(self, step: int, metrics: dict) -> None:
-        train = self.config.train
-        if self.accelerator.is_main_process and (hint := self.step_times.hint(metrics["seconds"])):
-            tqdm.write(hint, file=sys.stderr)
-        if self.accelerator.is_main_process and (step % train.log_every == 0 or step == train.max_steps):
-            with writing(self.metrics_log.path, "the metrics log"):
-                self.metrics_log.write({"step": step, **metrics})  # the last step always: summary.json's final_loss
-            if train.report_to == "tensorboard":
-                self.accelerator.log({name: value for name, value in metrics.items() if value is not None}, step=step)
+        if self.accelerator.is_main_process:
+            self.report.step(step, metrics)
 
     def save_checkpoint(self, step: int) -> None:
         """Collective. Adapter + training state under checkpoints/step-NNNNNN, written atomically by the main process."""
@@ -339,29 +328,11 @@ class DreamBoothRun:
 
     def validate(self, step: int) -> None:
         """Collective. samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, same seeds."""
-        config, accelerator = self.config, self.accelerator
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process and config.validation.prompts:
-            unet = accelerator.unwrap_model(self.unet)
-            unet.eval()
-            seeds = [config.validation.seed + i for i in range(config.validation.num_images)]
-            size = config.validation_resolution()
-            try:
-                with self.conditioning.lent_to_pipeline(), torch.no_grad():
-                    pipeline = build_pipeline(self.components, unet=unet, prediction_type=self.prediction_type)
-                    grid, self.base_samples = base_and_adapter_grid(
-                        pipeline, unet, config.validation.prompts, seeds, base_rows=self.base_samples,
-                        steps=config.validation.steps, guidance=config.validation.guidance, height=size, width=size,
-                        progress=self.progress)
-            except NonFiniteImage as error:
-                logger.warning("No validation grid at step %d: %s (the adapter or the sampling settings drive the "
-                               "model out of range).", step, error)
-            else:
-                self.last_samples = self.output_dir / "samples" / f"step-{step:06d}.png"
-                with writing(self.last_samples, "the validation grid"):
-                    save_png_atomically(grid, self.last_samples)
-            unet.train()
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process and self.config.validation.prompts:
+            self.grids.draw(step, self.components, self.accelerator.unwrap_model(self.unet), self.conditioning,
+                            self.prediction_type)
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ the end
     def _invocation(self) -> dict:
@@ -378,20 +349,20 @@ class DreamBoothRun:
         if not accelerator.is_main_process:
             return
         trainable_params = sum(parameter.numel() for parameter in self.trainable)
-        final_loss = self.final_loss if self.final_loss is not None else (self.metrics_log.last or {}).get("loss")
+        final_loss = self.final_loss if self.final_loss is not None else (self.report.last_logged or {}).get("loss")
         buckets = dict(sorted(Counter(f"{width}x{height}" for height, width in self.dataset.buckets).items()))
         summary = run_summary([*self.invocations, self._invocation()], trainable_params=trainable_params,
                               buckets=buckets, final_loss=final_loss)
         saves = self.method.saves_adapter
         card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
                           prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
-                          trainable_params=trainable_params, steps=self.step, has_samples=self.last_samples is not None,
+                          trainable_params=trainable_params, steps=self.step, has_samples=self.grids.last is not None,
                           prediction_type=self._recorded_prediction_type()) if saves else None
         adapter_dir = write_final(self.output_dir, summary, unet=accelerator.unwrap_model(self.unet) if saves else None,
                                   base_model_name=self.components.base_model_name,
                                   prediction_type=self._recorded_prediction_type(), model_card=card,
-                                  last_samples=self.last_samples)
-        samples = f", samples in {self.output_dir / 'samples'}" if self.last_samples is not None else ""
+                                  last_samples=self.grids.last)
+        samples = f", samples in {self.output_dir / 'samples'}" if self.grids.last is not None else ""
         print(f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", flush=True)
 
     def cleanup(self) -> None:
