@@ -16,7 +16,9 @@ PACKAGE = REPO / "waveft_train"
 MAX_LINES = 400  # "a file past ~400 lines holds two ideas"
 # The package's folders from the ground up: a module may import its own folder and the folders below it, never one
 # above.
-LAYERS = ("common", "waveft", "models", "config", "data", "adapter", "toy", "train", "cli")
+# evaluation/ (the scores of adapters) sits above adapter/ (it loads and samples them) and below toy/ (the toy judge's
+# evaluation shares its sampling and its colour measure of class drift).
+LAYERS = ("common", "waveft", "models", "config", "data", "adapter", "evaluation", "toy", "train", "cli")
 WHOLE_CONFIG_ALLOWED = {"train/run.py", "cli/main.py"}
 # Imports that stay inside functions: the CLI keeps `--help` and config errors fast; the package's and the tuner's
 # facades keep `import waveft_train` and the torch-free `families` table (which the config validates against)

@@ -14,6 +14,9 @@ can be scored the way DreamBooth papers score real photos, without their proxies
   `class_subject_similarity` is the same for the class-prompt samples against the subject in every context (it rises
   when the class drifts toward the subject). These read the samples without the judge's class decisions, which are
   exact on renders but miss on grainy samples (docs/toy-world.md).
+- `class_colour_similarity`: the palette overlap (evaluation/colour.py: chroma-weighted hue histograms, intersected)
+  of the class-prompt samples with the subject's instance photos. It rises when the class slides toward the
+  subject's colours, which the judge's exact reading and its shape-weighted embedding both miss.
 - `diversity`: how much the subject's position and size vary across seeds, relative to how much they vary in the
   world (1 = as varied as the world, 0 = the same layout every time); `pixel_diversity` is the mean pixel distance
   between samples of one prompt.
@@ -42,11 +45,12 @@ import torch
 import yaml
 
 from waveft_train.adapter.load import adapters_disabled, load_adapter_unet
-from waveft_train.adapter.sampling import default_image_size
+from waveft_train.evaluation.colour import colour_histogram, palette_overlap
+from waveft_train.evaluation.sampling import Samples, sample, to_pil
 from waveft_train.models.loading import build_pipeline
 from waveft_train.toy.judge import embed_images, judge_images, load_judge, round_trip
 from waveft_train.toy.subjects import SUBJECT_FILE, Subject, get_subject
-from waveft_train.toy.world import CONTEXTS, caption, render, sample_scene
+from waveft_train.toy.world import CONTEXTS, caption, render, render_image, sample_scene
 
 
 @dataclass(frozen=True)
@@ -60,30 +64,6 @@ class EvalSettings:
     steps: int = 25
     guidance: float = 5.0
     batch_size: int = 16
-
-
-@dataclass
-class Samples:
-    """Images (N, 3, H, W) in [0, 1] with the prompt and seed of each."""
-
-    images: object
-    prompts: list[str]
-    seeds: list[int]
-
-
-def sample(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
-           batch_size: int = 16) -> Samples:
-    """Batched sampling; image i starts from the noise of a CPU generator seeded with seeds[i]."""
-    size = default_image_size(pipeline)
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        stop = start + batch_size
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[start:stop]]
-        with torch.no_grad():
-            out = pipeline(prompt=list(prompts[start:stop]), num_inference_steps=steps, guidance_scale=guidance,
-                           height=size, width=size, generator=generators, output_type="pt")
-        chunks.append(out.images.float().cpu().clamp(0, 1))
-    return Samples(torch.cat(chunks), list(prompts), [int(seed) for seed in seeds])
 
 
 def prompt_accuracy(pipeline, judge, combinations: Sequence[tuple[str, str, str]], seeds: int,
@@ -169,6 +149,11 @@ def described_fidelity(pipeline, subject: Subject, judge, settings: EvalSettings
     return float(sum(shows_subject(subject, judge_images(judge, samples.images))) / len(prompts))
 
 
+def subject_palette(subject: Subject):
+    """The colours of the subject's instance photos, rendered as `write_instance_photos` renders them."""
+    return colour_histogram([render_image(scene) for scene in subject.scenes()])
+
+
 def shows_subject(subject: Subject, verdicts) -> list[bool]:
     """Per verdict: whether the judge saw exactly the subject (its class, pattern and colours)."""
     look = {"shape": subject.shape, "pattern": subject.pattern, "colours": subject.colours}
@@ -215,6 +200,8 @@ def scores(subject: Subject, judge, subject_samples: Samples, class_samples: Sam
         "subject_similarity": float(np.mean(subject_similarity)),
         "class_subject_similarity": float(np.mean(class_similarity)),
         "class_prompt_subject_rate": sum(class_shows) / len(class_shows),
+        "class_colour_similarity": palette_overlap(colour_histogram(to_pil(class_samples.images)),
+                                                   subject_palette(subject)),
         "diversity": min(1.0, float(np.mean(layout_spread))) if layout_spread else 0.0,
         "pixel_diversity": min(1.0, float(np.mean(pixel_spread))) if pixel_spread else 0.0,
         "class_shape_fidelity": sum(v.shape == subject.shape for v in class_verdicts) / len(class_verdicts),
