@@ -22,6 +22,29 @@ def run_cli(args: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def fast_overrides(output_dir: Path, class_dir: Path, **extra) -> list[str]:
+    """tests/data/tiny.yaml's `--set` overrides that shrink its run to seconds: 32 px, 4 steps, tiny validation."""
+    values = {
+        "output.dir": output_dir,
+        "prior.class_dir": class_dir,
+        "prior.num_class_images": 2,
+        "prior.generation_steps": 2,
+        "prior.generation_batch_size": 2,
+        "data.resolution": 32,
+        "train.max_steps": 4,
+        "train.gradient_accumulation": 1,
+        "train.checkpoint_every": 2,
+        "train.checkpoints_keep": 2,
+        "validation.every": 2,
+        "validation.num_images": 1,
+        "validation.steps": 2,
+        "validation.prompts": "[a photo of sks toy]",
+        "waveft.n_frequency": 128,
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
 # --------------------------------------------------------------------------------------------- the docs' code blocks
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))

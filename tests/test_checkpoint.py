@@ -245,6 +245,19 @@ def test_keep_last_n_prunes_oldest_and_stale_temp_folders(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "all")] == ["step-000010", "step-000020", "step-000030"]
 
 
+def test_pruning_keeps_the_checkpoint_the_run_s_scores_name_best(tmp_path):
+    """`--checkpoint best` loads the folder evaluation.json names; keep-last-N must not delete it."""
+    for step in (1, 2):
+        save_step(tmp_path, step, keep=2)
+    (tmp_path / "evaluation.json").write_text(json.dumps({"best": {"step": 2, "checkpoint": "checkpoints/step-000002"}}))
+    for step in (3, 4, 5):
+        save_step(tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000004", "step-000005"]
+    (tmp_path / "evaluation.json").write_text("{not json")  # unreadable scores protect nothing and break nothing
+    save_step(tmp_path, 6, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000005", "step-000006"]
+
+
 def test_find_latest_skips_temp_and_incomplete_checkpoints(tmp_path):
     assert find_latest_checkpoint(tmp_path) is None
     good = save_step(tmp_path, 10)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fast_overrides
 from safetensors.torch import load_file
 
 from waveft_train.config import load_config
@@ -16,29 +17,6 @@ from waveft_train.train.model_card import model_card, stock_peft_caveats
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests" / "data" / "tiny.yaml"
-
-
-def fast_overrides(output_dir: Path, class_dir: Path, **extra) -> list[str]:
-    """The demo config, shrunk to seconds: 32 px, 4 steps, tiny validation."""
-    values = {
-        "output.dir": output_dir,
-        "prior.class_dir": class_dir,
-        "prior.num_class_images": 2,
-        "prior.generation_steps": 2,
-        "prior.generation_batch_size": 2,
-        "data.resolution": 32,
-        "train.max_steps": 4,
-        "train.gradient_accumulation": 1,
-        "train.checkpoint_every": 2,
-        "train.checkpoints_keep": 2,
-        "validation.every": 2,
-        "validation.num_images": 1,
-        "validation.steps": 2,
-        "validation.prompts": "[a photo of sks toy]",
-        "waveft.n_frequency": 128,
-        **extra,
-    }
-    return [f"{key}={value}" for key, value in values.items()]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""`waveft-train sample`, `export` and `evaluate`: use a saved adapter folder without a training config.
+"""`waveft-train sample` and `export`: use a saved adapter folder (or a run's checkpoint) without a training config.
 
-cli/main.py registers them as Typer commands; their docstrings are the commands' help text. `evaluate` scores adapters
-trained on the toy model (waveft_train/toy/evaluate.py does the measuring).
+cli/main.py registers them as Typer commands; their docstrings are the commands' help text. `evaluate` is in
+cli/evaluate.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,17 @@ COMPARE_GROUP_GAP = 16  # white pixels between the base model's images and the a
 SAMPLE_DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 AdapterOption = typer.Option(
-    ...,
+    None,
     "--adapter",
     "-a",
-    help="Adapter folder (adapter_config.json + adapter_model.safetensors), e.g. outputs/dog/adapter.",
+    help="Adapter folder (adapter_config.json + adapter_model.safetensors), e.g. outputs/dog/adapter. Or use --run.",
+    show_default=False,
 )
+RunOption = typer.Option(None, "--run", help="A run's output folder (output.dir): use its adapter named by "
+                         "--checkpoint instead of --adapter.", show_default=False)
+CheckpointOption = typer.Option(
+    None, "--checkpoint", help="With --run: best (the checkpoint `waveft-train evaluate --run` named best), final (the "
+    "run's adapter/, the default) or a step number such as 400.", show_default=False)
 BaseOption = typer.Option(
     None,
     "--base",
@@ -32,8 +38,24 @@ BaseOption = typer.Option(
 )
 
 
+def chosen_adapter(adapter: Path | None, run: Path | None, checkpoint: str | None) -> Path:
+    """The adapter folder of --adapter, or of --run with --checkpoint (best, final or a step)."""
+    from waveft_train.train.scoring import run_adapter
+
+    if adapter is not None and (run is not None or checkpoint is not None):
+        raise UserError("--adapter names the adapter folder itself; --run with --checkpoint picks one of a run's "
+                        "adapters. Pass one or the other, e.g. --run outputs/dog --checkpoint best.")
+    if adapter is not None:
+        return adapter
+    if run is None:
+        raise UserError("--checkpoint picks an adapter of a run: pass the run's folder too, e.g. --run outputs/dog "
+                        "--checkpoint best." if checkpoint is not None else "Which adapter? Pass --adapter "
+                        "outputs/dog/adapter, or --run outputs/dog --checkpoint best.")
+    return run_adapter(run, checkpoint or "final")
+
+
 def sample(
-    adapter: Path = AdapterOption,
+    adapter: Path | None = AdapterOption,
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the grid (.png)."),
     prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt (one grid row). Repeatable."),
     prompts_file: Path | None = typer.Option(
@@ -63,6 +85,8 @@ def sample(
     ),
     dtype: str = typer.Option("auto", "--dtype", help="UNet/text encoder precision: auto (fp16 on GPU, fp32 on CPU), "
                               "fp16, bf16 or fp32."),
+    run: Path | None = RunOption,
+    checkpoint: str | None = CheckpointOption,
 ) -> None:
     """Make an image grid from a saved adapter: one row per prompt, one column per seed.
 
@@ -88,6 +112,7 @@ def sample(
     for name, value, example in (("--scale", scale, "1.0"), ("--guidance", guidance, "5.0")):
         if not math.isfinite(value):
             raise UserError(f"{name} {value} is not a finite number; give a real number, e.g. {name} {example}.")
+    adapter = chosen_adapter(adapter, run, checkpoint)
     run_device = _run_device(device)
     weight_dtype = _sample_dtype(dtype, run_device)
     make_folder(out.absolute().parent, "The folder of --out")  # before minutes of sampling, not after
@@ -122,7 +147,7 @@ def sample(
 
 
 def export(
-    adapter: Path = AdapterOption,
+    adapter: Path | None = AdapterOption,
     out: Path = typer.Option(
         ..., "--out", "-o", help="Where to write: a folder (--format diffusers) or a .safetensors file (comfyui, lora)."
     ),
@@ -145,6 +170,8 @@ def export(
     force: bool = typer.Option(
         False, "--force/--no-force", help="Replace an earlier export at --out (anything else is never replaced)."
     ),
+    run: Path | None = RunOption,
+    checkpoint: str | None = CheckpointOption,
 ) -> None:
     """Export an adapter without peft: a merged diffusers UNet (default), or one .safetensors file for ComfyUI,
     A1111/Forge and LyCORIS (--format comfyui), as a compact kohya LoRA (--format lora), or as the small exact WaveFT
@@ -155,6 +182,7 @@ def export(
     """
     from waveft_train.adapter.export import export as export_adapter
 
+    adapter = chosen_adapter(adapter, run, checkpoint)
     result = export_adapter(adapter, out, format=format, base=base, dtype=dtype, naming=naming, rank=rank,
                             max_error=max_error, force=force)
     if format == "diffusers":
@@ -224,86 +252,3 @@ def _sample_dtype(name: str, device: str):
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return DTYPES[name]
-
-
-def evaluate(
-    adapter: Path = AdapterOption,
-    out: Path | None = typer.Option(None, "--out", "-o", help="Write the metrics here (.json); default: print only.",
-                                       show_default=False),
-    subject: str | None = typer.Option(
-        None, "--subject", help="The subject: a built-in name (striped_ball, ...) or a folder with subject.json. "
-        "Default: the one whose photos the adapter's run trained on (its config.yaml's data.instance_dir).",
-        show_default=False),
-    seeds: int = typer.Option(4, "--seeds", min=2, help="Samples per context for the subject prompt."),
-    class_seeds: int = typer.Option(8, "--class-seeds", min=1, help="Samples of the class prompt."),
-    first_seed: int = typer.Option(1000, "--first-seed", min=0, help="Seeds are first_seed, first_seed + 1, ...: "
-                                   "another value draws another set of samples (one set's reading varies a lot)."),
-    steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps per sample."),
-    guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
-    base: str | None = typer.Option(None, "--base", help="The toy base model: `toy` (default) or a copy of its "
-                                       "folder.", show_default=False),
-    as_json: bool = typer.Option(False, "--json/--no-json", help="Print the metrics as JSON instead of one summary "
-                                 "line."),
-) -> None:
-    """Score an adapter trained on the toy model (`model.pretrained: toy`) with the toy world's judge.
-
-    Samples "a photo of sks <class> <context>" for every context and the class prompt "a photo of a <class>" with
-    the adapter and with the base model (same seeds), and reports subject_fidelity, context_fidelity,
-    prior_preservation and diversity (each in [0, 1]), the base model's values, the VAE's subject_fidelity_ceiling,
-    described_subject_fidelity (the base model asked for the look in words) and what was sampled. It prints one
-    summary line; --json prints every metric as JSON, --out writes them to a JSON file.
-    """
-    import json
-
-    from waveft_train.adapter.load import read_adapter
-    from waveft_train.common.files import atomic_write_text
-    from waveft_train.models.builtin import is_toy_model
-    from waveft_train.toy.evaluate import EvalSettings, evaluate_adapter
-
-    if out is not None and out.suffix.lower() != ".json":
-        raise UserError(f"--out {out} must end with .json (the metrics are written as JSON).")
-    if not math.isfinite(guidance):
-        raise UserError(f"--guidance {guidance} is not a finite number; give a real number, e.g. --guidance 5.0.")
-    files = read_adapter(adapter)
-    base_name = base or files.config.base_model_name_or_path or ""
-    if not is_toy_model(base_name):
-        raise UserError(
-            f"`waveft-train evaluate` measures adapters trained on the toy model, but {adapter} was trained on "
-            f"'{base_name or 'an unnamed base model'}'. Its judge only knows the toy world's scenes; train with "
-            "model.pretrained: toy (as configs/demo.yaml does), or pass --base toy if the adapter's base is a copy "
-            "of the toy model."
-        )
-    chosen = _evaluation_subject(adapter, subject)
-    if out is not None:
-        make_folder(out.absolute().parent, "The folder of --out")
-    settings = EvalSettings(seeds=seeds, class_seeds=class_seeds, first_seed=first_seed, steps=steps,
-                            guidance=guidance)
-    metrics = evaluate_adapter(adapter, subject=chosen, base=base, settings=settings)
-    text = json.dumps(metrics, indent=2) + "\n"
-    if out is not None:
-        atomic_write_text(out, text)
-    keys = ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation",
-            "class_subject_similarity", "diversity")
-    ceiling = {"subject_fidelity": f", VAE ceiling {metrics['subject_fidelity_ceiling']:.2f}, described in words "
-                                   f"{metrics['described_subject_fidelity']:.2f}"}
-    summary = ", ".join(f"{key} {metrics[key]:.2f} (base {metrics['base'][key]:.2f}{ceiling.get(key, '')})"
-                        for key in keys)
-    typer.echo(text.rstrip("\n") if as_json else f"{chosen.name}: {summary}" + (f"; wrote {out}" if out else ""))
-
-
-def _evaluation_subject(adapter: Path, subject: str | None):
-    from waveft_train.toy.evaluate import subject_of_adapter
-    from waveft_train.toy.subjects import SUBJECTS, get_subject
-
-    names = ", ".join(SUBJECTS)
-    if subject is None:
-        try:
-            return subject_of_adapter(adapter)
-        except LookupError as error:
-            raise UserError(f"Cannot tell which subject {adapter} was trained on: {error}. Pass --subject with a "
-                            f"built-in subject ({names}) or a folder of toy subject photos holding subject.json.") from None
-    try:
-        return get_subject(subject)
-    except (OSError, KeyError, TypeError, ValueError) as error:
-        raise UserError(f"--subject {subject} is neither a built-in subject ({names}) nor a folder (or file) with a "
-                        f"readable subject.json ({type(error).__name__}: {error}).") from None

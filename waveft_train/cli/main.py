@@ -1,8 +1,9 @@
 """The `waveft-train` command line (Typer).
 
 `waveft-train --config FILE` trains (also `python -m waveft_train` and `accelerate launch -m waveft_train`);
-`params`, `init`, `sample`, `export` and `evaluate` (toy-model adapters) are subcommands. A `UserError` anywhere
-becomes one readable paragraph and exit status 2; `--debug` shows the full traceback instead.
+`params`, `init`, `sample`, `export` and `evaluate` (scores an adapter, or ranks a run's checkpoints) are
+subcommands. A `UserError` anywhere becomes one readable paragraph and exit status 2; `--debug` shows the full
+traceback instead.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def init(
 
 
 def _register_adapter_commands() -> None:
-    from waveft_train.cli.adapters import evaluate, export, sample
+    from waveft_train.cli.adapters import export, sample
+    from waveft_train.cli.evaluate import evaluate
 
     for command in (sample, export, evaluate):
         app.command(help=paragraphs(command.__doc__))(command)

@@ -51,6 +51,7 @@ CHECKPOINT_PATTERN = re.compile(r"step-(\d{6,})")
 TENSOR, NDARRAY, TUPLE, DICT = "__tensor__", "__ndarray__", "__tuple__", "__dict__"
 MARKERS = frozenset({TENSOR, NDARRAY, TUPLE, DICT})
 REQUIRED_STATE = ("step", "fingerprint", "optimizer", "lr_scheduler")  # what resuming reads from every checkpoint
+EVALUATION_SUMMARY = "evaluation.json"  # names the run's best checkpoint (train/scoring.py), which pruning keeps
 
 # ------------------------------------------------------------------------------------ checkpoints
 
@@ -189,7 +190,8 @@ def _incomplete_reason(folder: Path) -> str | None:
 
 
 def _prune(output_dir: Path, keep: int | None, just_written: Path) -> None:
-    """Delete complete checkpoints beyond the newest `keep`, and temp folders left by crashed writes."""
+    """Delete complete checkpoints beyond the newest `keep` (never the best one evaluation.json names, which
+    `--checkpoint best` loads), and temp folders left by crashed writes."""
     root = checkpoints_dir(output_dir)
     for entry in root.iterdir():
         if entry.is_dir() and is_leftover(entry.name):
@@ -197,9 +199,19 @@ def _prune(output_dir: Path, keep: int | None, just_written: Path) -> None:
     if keep is None:
         return
     complete = list_checkpoints(output_dir)
+    best = _best_checkpoint(output_dir)
     for folder in complete[:-keep]:
-        if folder != just_written:
+        if folder not in (just_written, best):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _best_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint folder the run's evaluation.json names best, if any."""
+    try:
+        named = json.loads((Path(output_dir) / EVALUATION_SUMMARY).read_text(encoding="utf-8"))["best"]["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(output_dir) / named if isinstance(named, str) else None
 
 
 # ------------------------------------------------------------------------------------ training state

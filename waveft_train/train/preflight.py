@@ -33,7 +33,8 @@ from waveft_train.data.images import validate_image_folder
 from waveft_train.models.loading import ALLOWED_MODELS, first_line, offline_note, resolve_pretrained, resolve_vae
 from waveft_train.train.checkpoint import why_not_continue
 
-RUN_OUTPUTS = ("checkpoints", "samples", "adapter", "metrics.jsonl", "summary.json")  # what a run writes
+RUN_OUTPUTS = ("checkpoints", "samples", "adapter", "metrics.jsonl", "summary.json", "evaluation.jsonl",
+               "evaluation.json")  # what a run writes
 
 
 def holds_other_run(output_dir: Path, fingerprint: str, *, force: bool) -> bool:

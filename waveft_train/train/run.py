@@ -55,6 +55,7 @@ from waveft_train.train.preflight import (
     validate_inputs,
 )
 from waveft_train.train.reporting import RunReport
+from waveft_train.train.scoring import ValidationScores
 from waveft_train.train.stopping import GracefulStop
 from waveft_train.train.validation import ValidationGrids
 
@@ -81,6 +82,8 @@ class DreamBoothRun:
         self.final_loss: float | None = None
         self.grids = ValidationGrids(config.validation, config.validation_resolution(), self.output_dir / "samples",
                                      progress=progress)
+        self.scores = ValidationScores(config.validation, config.data, config.prior, self.output_dir,
+                                       config.train.max_steps) if config.validation.evaluate else None
         self.lock = None
         self.is_main = int(os.environ.get("RANK", "0")) == 0  # before accelerate starts: the launcher's global rank
         train = config.train  # the run's global batch: what a resumed run (on any layout) must keep
@@ -332,6 +335,9 @@ class DreamBoothRun:
         if self.accelerator.is_main_process and self.config.validation.prompts:
             self.grids.draw(step, self.components, self.accelerator.unwrap_model(self.unet), self.conditioning,
                             self.prediction_type)
+        if self.accelerator.is_main_process and self.scores is not None and self.method.saves_adapter:
+            self.scores.score(step, self.components, self.accelerator.unwrap_model(self.unet), self.conditioning,
+                              self.prediction_type)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ the end
