@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 from waveft_train.models.builtin import toy_model_dir
 from waveft_train.toy.subjects import DEMO_SUBJECT, SUBJECTS, get_subject, write_instance_photos
@@ -318,13 +320,14 @@ E2E_STEPS = 100
 
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory) -> Path:
-    """A short WaveFT run on the demo subject through the real trainer (batch 4, no prior, no validation: about 20 s)."""
+    """A short WaveFT run on the demo subject through the real trainer (batch 4, no prior, no validation, a checkpoint
+    half way: about 20 s)."""
     from waveft_train.config import load_config
     from waveft_train.train import run
 
     output_dir = tmp_path_factory.mktemp("toy-run") / "run"
     overrides = {"output.dir": output_dir, "prior.enabled": False, "validation.every": 0, "validation.prompts": "[]",
-                 "train.max_steps": E2E_STEPS, "train.batch_size": 4, "train.checkpoint_every": 0,
+                 "train.max_steps": E2E_STEPS, "train.batch_size": 4, "train.checkpoint_every": E2E_STEPS // 2,
                  "train.learning_rate": 5e-4}
     config = load_config(DEMO, [f"{key}={value}" for key, value in overrides.items()])
     return run.train_from_config(config, progress=False)
@@ -345,7 +348,7 @@ def test_a_short_run_learns_the_subject(learned_run):
     # misses read orange where red belongs).
     assert metrics["subject_fidelity"] >= metrics["base"]["subject_fidelity"] + 0.375, metrics["judgements"]
     for key in ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation", "diversity",
-                "subject_fidelity_ceiling", "described_subject_fidelity"):
+                "subject_fidelity_ceiling", "described_subject_fidelity", "class_colour_similarity"):
         assert 0.0 <= metrics[key] <= 1.0
     # Asked for the look in words, the base model draws it at times; asked for "sks ball", never.
     assert metrics["described_subject_fidelity"] > metrics["base"]["subject_fidelity"]
@@ -377,15 +380,13 @@ def test_evaluate_command_writes_the_metrics(learned_run, tmp_path, capsys):
 
 
 def test_evaluate_refuses_adapters_of_other_models_and_unknown_subjects(learned_run, tmp_path, capsys):
-    import shutil
-
     from waveft_train.cli import main as cli
 
     adapter = tmp_path / "adapter"
     shutil.copytree(learned_run / "adapter", adapter)
     for args, fragment in (
         (["--subject", "no_such_subject"], "neither a built-in subject"),
-        (["--base", "tiny"], "measures adapters trained on the toy model"),
+        (["--base", "tiny"], "--instance-dir"),  # not the toy model: DINO/CLIP, which need the photos and prompts
         (["--out", tmp_path / "metrics.txt"], "must end with .json"),
         ([], "Cannot tell which subject"),  # a copied adapter has no run config.yaml beside it
     ):
@@ -393,3 +394,23 @@ def test_evaluate_refuses_adapters_of_other_models_and_unknown_subjects(learned_
             cli.main(["evaluate", "--adapter", str(adapter), *[str(arg) for arg in args]])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err, err
+
+
+def test_evaluate_run_ranks_the_checkpoints_of_a_toy_run(learned_run, tmp_path, capsys):
+    """`evaluate --run outputs/demo` on the CI's toy run: every checkpoint judged, ranked, the best named."""
+    run_dir = tmp_path / "run"  # evaluate writes evaluation.json(l) into the run folder
+    shutil.copytree(learned_run, run_dir)
+    code, out, err = run_cli(["evaluate", "--run", run_dir, "--seeds", 2, "--class-seeds", 2, "--steps", 4], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (run_dir / "evaluation.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["checkpoint"]) for r in records] == [(E2E_STEPS // 2, "checkpoints/step-000050"),
+                                                               (E2E_STEPS, "adapter")]
+    summary = json.loads((run_dir / "evaluation.json").read_text())
+    assert summary["settings"]["metrics"] == "toy judge" and summary["settings"]["subject"] == DEMO_SUBJECT
+    assert summary["best"]["score"] == max(r["score"] for r in records)
+    assert f"Best: {summary['best']['checkpoint']}" in out
+    for record in records:
+        scores = record["scores"]
+        assert scores["prompt_fidelity"] == scores["context_fidelity"]
+        assert 0 <= scores["class_colour_similarity"] <= 1 and 0 <= scores["base_class_colour_similarity"] <= 1
+        assert scores["subject_gain"] == pytest.approx(scores["subject_similarity"] - scores["base_subject_similarity"])
