@@ -17,7 +17,7 @@ import yaml
 
 from waveft_train.cli.adapters import _run_device, _sample_dtype
 from waveft_train.common.errors import UserError
-from waveft_train.common.files import make_folder
+from waveft_train.common.files import atomic_write_text, make_folder
 
 SUMMARY_KEYS = {  # what the one-line summary shows, per kind of metrics
     "toy": ("subject_similarity", "subject_fidelity", "context_fidelity", "prior_preservation",
@@ -105,8 +105,6 @@ def evaluate(
         metrics = _score_adapter(adapter, plan, chosen, base=base, device=device, dtype=dtype, as_json=as_json)
     text = json.dumps(metrics, indent=2) + "\n"
     if out is not None:
-        from waveft_train.common.files import atomic_write_text
-
         atomic_write_text(out, text)
     if as_json:
         typer.echo(text.rstrip("\n"))

@@ -67,7 +67,8 @@ class DreamBoothScorer:
 
     def __init__(self, models: MetricModels, photos: list[Image.Image], prompts: DreamBoothPrompts, plan: EvalPlan):
         self.models, self.prompts, self.plan = models, prompts, plan
-        self.references = References.of(models, photos)
+        with models.on_device():
+            self.references = References.of(models, photos)
         self.photos = len(photos)
         self.base: dict[str, float] | None = None
 
@@ -86,8 +87,9 @@ class DreamBoothScorer:
         options = {"steps": plan.steps, "guidance": plan.guidance, "batch_size": plan.batch_size}
         subject = sample(pipeline, subject_prompts, seeds * len(prompts.contexts), **options)
         klass = sample(pipeline, [prompts.class_prompt] * len(class_seeds), class_seeds, **options)
-        return dreambooth_scores(self.models, self.references, prompts, to_pil(subject.images), to_pil(klass.images),
-                                 plan.seeds)
+        with self.models.on_device():  # after sampling: the metric models never share the device with the pipeline
+            return dreambooth_scores(self.models, self.references, prompts, to_pil(subject.images),
+                                     to_pil(klass.images), plan.seeds)
 
     def describe(self) -> dict:
         return {"metrics": self.kind, "models": dict(self.models.names), "instance_photos": self.photos,
