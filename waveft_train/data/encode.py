@@ -182,9 +182,10 @@ class Conditioning:
         embeds, pooled = self.prompts(batch["prompts"])
         time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
         return UNetInputs(
-            latents=latents.to(self.device),
-            prompt_embeds=embeds.to(self.device),
-            pooled=pooled.to(self.device),
-            time_ids=time_ids.to(self.device),
+            # non_blocking: from pageable host memory it is safe, and the step does not wait for the device
+            latents=latents.to(self.device, non_blocking=True),
+            prompt_embeds=embeds.to(self.device, non_blocking=True),
+            pooled=pooled.to(self.device, non_blocking=True),
+            time_ids=time_ids.to(self.device, non_blocking=True),
             num_instance=batch["num_instance"],
         )

@@ -259,7 +259,8 @@ class DreamBoothRun:
             start_step=self.start_step, input_dtype=input_dtype, progress=self.progress,
         )
         with closing(steps):  # an error between steps closes the progress bar, so no message lands on its line
-            for step, metrics in steps:
+            for step, step_metrics in steps:
+                metrics = step_metrics.read()  # the step's one wait for the device; raises if it diverged
                 self.step, self.final_loss = step, metrics["loss"]
                 self.step_seconds.append(metrics["seconds"])
                 self._log(step, metrics)
