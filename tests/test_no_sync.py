@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from scripts.sync_check import train_with_step_guard
 from waveft_train.config import load_config
-from waveft_train.train import loop, run
+from waveft_train.train import loop
 
 REPO = Path(__file__).resolve().parents[1]
 # Operators whose result on the host depends on a device value: each waits for the device to finish.
@@ -39,11 +40,10 @@ class SyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_training_steps_make_no_syncing_call(tmp_path, tiny_model_dir, monkeypatch):
-    real_steps = run.training_steps
+def test_training_steps_make_no_syncing_call(tmp_path, tiny_model_dir):
     recorders = []
 
-    def recorded_steps(**kwargs):
+    def recording(kwargs):
         optimizer = kwargs["optimizer"].optimizer
 
         def optimizer_step_count(name, args):
@@ -51,18 +51,9 @@ def test_training_steps_make_no_syncing_call(tmp_path, tiny_model_dir, monkeypat
             counts = [state["step"] for state in optimizer.state.values() if "step" in state]
             return name == "_local_scalar_dense" and any(args[0] is count for count in counts)
 
-        steps = real_steps(**kwargs)
-        while True:
-            recorder = SyncRecorder(optimizer_step_count)
-            recorders.append(recorder)
-            with recorder:
-                try:
-                    item = next(steps)  # one whole step, and the batches it draws
-                except StopIteration:
-                    return
-            yield item  # the run reads the step's metrics out here, after the step
+        recorders.append(SyncRecorder(optimizer_step_count))
+        return recorders[-1]
 
-    monkeypatch.setattr(run, "training_steps", recorded_steps)
     output_dir = tmp_path / "run"
     overrides = {"output.dir": output_dir, "prior.class_dir": tmp_path / "class", "prior.num_class_images": 2,
                  "prior.generation_steps": 2, "data.resolution": 32, "train.max_steps": 3,
@@ -70,7 +61,7 @@ def test_training_steps_make_no_syncing_call(tmp_path, tiny_model_dir, monkeypat
                  "validation.every": 0, "validation.prompts": "[]", "waveft.n_frequency": 64,
                  "train.snr_gamma": 5.0, "train.noise_offset": 0.05}
     config = load_config(REPO / "tests" / "data" / "tiny.yaml", [f"{key}={value}" for key, value in overrides.items()])
-    run.train_from_config(config, progress=False)
+    train_with_step_guard(config, recording)
 
     assert len(recorders) == 4 and all(recorder.seen > 1000 for recorder in recorders[:3])  # it did record the steps
     assert [recorder.calls for recorder in recorders] == [[], [], [], []]

@@ -88,6 +88,7 @@ PEER_NAMES = {
     "checkpointing_steps": "train.checkpoint_every", "save_every_n_steps": "train.checkpoint_every",
     "checkpoints_total_limit": "train.checkpoints_keep", "min_snr_gamma": "train.snr_gamma",
     "v_parameterization": "train.prediction_type (v_prediction)", "log_with": "train.report_to",
+    "torch_compile": "train.compile", "enable_torch_compile": "train.compile",
     "validation_prompt": "validation.prompts", "sample_prompts": "validation.prompts",
     "validation_epochs": "validation.every", "validation_steps": "validation.every",
     "sample_every_n_steps": "validation.every", "num_validation_images": "validation.num_images",

@@ -225,7 +225,7 @@ NOT_IN_FINGERPRINT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     # gradient_accumulation are left out because only their product with the number of processes, the global
     # batch, shapes the run: checkpoints record it, and a resume on another layout must keep it (train/run.py checks).
     "train": ("max_steps", "checkpoint_every", "checkpoints_keep", "log_every", "report_to", "gradient_checkpointing",
-              "batch_size", "gradient_accumulation", "cpu_threads")})
+              "batch_size", "gradient_accumulation", "cpu_threads", "compile")})
 
 
 def config_fingerprint(config: TrainConfig) -> str:

@@ -205,6 +205,8 @@ class DreamBoothRun:
             # differs only in a one-time sync at start, and our buffers are equal on every process anyway.
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
             self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        if train.compile:  # training steps only: validation samples through the unwrapped, eager UNet
+            self.unet = torch.compile(self.unet)
 
     def _resume(self) -> int:
         """Load the newest checkpoint that loads (damaged ones are named and skipped); the step to continue from."""
