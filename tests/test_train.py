@@ -227,6 +227,24 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, class_dir, monkey
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.usefixtures("trains_on_the_cpu")
+def test_txt_captions_train_the_same_adapter_as_the_same_captions_in_metadata_jsonl(tmp_path, class_dir):
+    from helpers import SUBJECT_PHOTOS, captioned_subject
+
+    from waveft_train.data.images import load_images
+
+    captions = {name: f"a photo of sks toy, stripes, view {number}" for number, name in enumerate(SUBJECT_PHOTOS)}
+    folders = [captioned_subject(tmp_path / "txt", captions=captions),
+               captioned_subject(tmp_path / "metadata", metadata=captions)]
+    assert load_images(folders[0], caption_column="text", default_prompt="p").prompts == tuple(captions.values())
+    adapters = [load_file(train(tmp_path / f"run-{folder.name}", class_dir, **{
+        "data.instance_dir": folder, "data.caption_column": "text", "train.max_steps": 2, "validation.every": 0,
+        "validation.prompts": "[]"}) / "adapter" / "adapter_model.safetensors") for folder in folders]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])  # bit for bit
+    assert max(tensor.abs().max().item() for tensor in adapters[0].values()) > 0  # it trained
+
+
 def test_output_dir_with_another_run_is_refused_unless_forced(tmp_path, class_dir):
     from waveft_train.common.errors import UserError
 

@@ -188,8 +188,16 @@ class DataSection(Section):
                             min_length=1)
     instance_prompt: Prompt = doc(..., "rare token + class noun, e.g. `a photo of sks dog` (not blank)",
                                   example="a photo of sks dog")
-    caption_column: str | None = doc(None, "per-image captions from a dataset column or the folder's metadata.jsonl; "
-                                     "null = instance_prompt for every image")
+    caption_column: str | None = doc(None, "per-photo captions: a key of the folder's metadata.jsonl (`text` by "
+                                     "convention), where a `.txt` file beside a photo (photo.txt for photo.jpg) counts "
+                                     "too, or a hub dataset's column; null = instance_prompt for every photo")
+    caption_dropout: UnitInterval = doc(0.0, "share of subject examples trained with no caption (the unconditional "
+                                        "input guidance samples against), e.g. 0.1; drawn from train.seed and each "
+                                        "example's place in the run")
+    shuffle_tags: bool = doc(False, "tag-style captions (`sks dog, sitting, grass`): shuffle each example's "
+                             "comma-separated tags, the first data.keep_tags staying in place")
+    keep_tags: NonNegativeInt = doc(0, "leading tags that stay in place when data.shuffle_tags shuffles (1 keeps a "
+                                    "trigger tag first)")
     resolution: Resolution = doc(1024, "training size in pixels (multiple of 8): the side of the square bucket; "
                                  "other buckets have about as many pixels")
     bucketing: bool = doc(True, "train each photo at the aspect-ratio bucket nearest its shape (SDXL's ~1 MP list "
@@ -198,6 +206,13 @@ class DataSection(Section):
     random_flip: bool = doc(True, "random horizontal flips (turn off for text or asymmetric subjects)")
     repeats: PositiveInt = doc(1, "each instance image appears this many times per epoch")
     dataloader_workers: NonNegativeInt = doc(0, "DataLoader worker processes that load images")
+
+    @model_validator(mode="after")
+    def _keep_tags_needs_shuffling(self) -> DataSection:
+        if self.keep_tags and not self.shuffle_tags:
+            raise ValueError(f"data.keep_tags is {self.keep_tags} but data.shuffle_tags is false, so no tag moves and "
+                             "keep_tags would change nothing; set data.shuffle_tags: true, or data.keep_tags: 0")
+        return self
 
 
 class PriorSection(Section):

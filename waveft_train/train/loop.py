@@ -4,17 +4,17 @@ It knows no YAML and no file layout: the run (`run.py`) hands it prepared object
 already starts at the resume point, and `training_steps` yields after every optimizer step, so the run logs,
 checkpoints and validates between steps in plain sight.
 
-A run is a function of its config and its global batch (batch_size × processes × accumulation), not of how that
-batch is split: every random draw belongs to an example, keyed by the example's position in the run (the k-th
-example drawn), and the loss is the mean over the global batch whatever the split (each process scales its sum
-by processes / global batch; DDP then averages the processes' gradients). Each DreamBooth item (an instance
-example and its class example) goes through the UNet as its own forward and backward: batched kernels round
-differently for different batch sizes, and Adam turns such rounding in near-zero gradients into visible
-differences, so one item per pass is what makes every layout compute the same numbers. So 1 process with batch 2,
-2 processes with batch 1, or accumulation 2 train the same adapter to float rounding (bit for bit on CPU), and a
-resumed run, on any layout with the same global batch, draws exactly the noise and timesteps an uninterrupted one
-would. `batch_size` is therefore how many items a step takes per process, not a kernel batch: it costs nothing
-in memory beyond one item.
+A run is a function of its config and its global batch (batch_size × processes × accumulation), not of how that batch
+is split: every random draw belongs to an example, keyed by the example's position in the run (the k-th example drawn:
+its noise, its timestep, and through the conditioning its caption's dropout and tag order), and the loss is the mean
+over the global batch whatever the split (each process scales its sum by processes / global batch; DDP then averages
+the processes' gradients). Each DreamBooth item (an instance example and its class example) goes through the UNet as
+its own forward and backward: batched kernels round differently for different batch sizes, and Adam turns such
+rounding in near-zero gradients into visible differences, so one item per pass is what makes every layout compute the
+same numbers. So 1 process with batch 2, 2 processes with batch 1, or accumulation 2 train the same adapter to float
+rounding (bit for bit on CPU), and a resumed run, on any layout with the same global batch, draws exactly the noise
+and timesteps an uninterrupted one would. `batch_size` is therefore how many items a step takes per process, not a
+kernel batch: it costs nothing in memory beyond one item.
 """
 
 from __future__ import annotations
@@ -192,11 +192,12 @@ def training_steps(
             sums = torch.zeros(2, device=accelerator.device)  # summed instance and class losses
             global_batch = 0
             for micro in range(accumulation):
-                inputs = conditioning(next(batches))
-                local = inputs.num_instance
+                batch = next(batches)
+                local = batch["num_instance"]
                 global_micro = local * processes  # every process draws the same number of examples
                 global_batch = global_micro * accumulation
                 first = (step * accumulation + micro) * global_micro + accelerator.process_index * local
+                inputs = conditioning(batch, first_position=first)  # the run positions key the captions, too
                 for index in range(local):
                     item = inputs.item(index)
                     generators = batch_generators(settings.seed, first + index, 1, prior_weight is not None)

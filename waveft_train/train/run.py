@@ -31,6 +31,7 @@ from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
+from waveft_train.data.caption_variation import CaptionVariation
 from waveft_train.data.dataset import DreamBoothDataset, StepBatchSampler, collate
 from waveft_train.data.encode import Conditioning, warn_about_long_prompts
 from waveft_train.data.images import image_manifest, images_from_files, load_images, warn_about_small_images
@@ -187,7 +188,8 @@ class DreamBoothRun:
             num_class_images=prior.num_class_images if prior.enabled else None, bucketing=data.bucketing,
         )
         self.conditioning = Conditioning(self.components, self.dataset, device=self.accelerator.device,
-                                         cache_latents=self.config.train.cache_latents, progress=self.progress and main)
+                                         cache_latents=self.config.train.cache_latents, progress=self.progress and main,
+                                         captions=CaptionVariation.of(data, self.config.train.seed))
 
     def _setup_adapter(self) -> None:
         """The method's trainable parameters on the UNet (WaveFT unless another method was given), optimizer, LR
