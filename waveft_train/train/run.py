@@ -207,7 +207,8 @@ class DreamBoothRun:
             # differs only in a one-time sync at start, and our buffers are equal on every process anyway.
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
             self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
-        if train.compile:  # training steps only: validation samples through the unwrapped, eager UNet
+        self.bare_unet = unet  # without the DDP or compile wrapper: what is saved, loaded and sampled
+        if train.compile:  # training steps only: validation samples through the bare, eager UNet
             self.unet = torch.compile(self.unet)
 
     def _resume(self) -> int:
@@ -228,7 +229,7 @@ class DreamBoothRun:
             raise UserError(f"The checkpoint {folder} was written by a run with a different config; use another "
                             "output.dir, or --force to start this run from scratch there.")
         load_adapter_weights_into(
-            self.accelerator.unwrap_model(self.unet), adapter, misfit=f"The checkpoint {folder} does not fit this run's "
+            self.bare_unet, adapter, misfit=f"The checkpoint {folder} does not fit this run's "
             "adapter", remedy="Was it trained with other waveft settings (target_modules, n_frequency, "
             "n_frequency_pattern) or for another model? Use the same settings, or another output.dir.")
         self.invocations = list(state.get("invocations", []))
@@ -313,7 +314,7 @@ class DreamBoothRun:
             }
             try:
                 checkpoint.save_checkpoint(
-                    self.output_dir, step, unet=accelerator.unwrap_model(self.unet),
+                    self.output_dir, step, unet=self.bare_unet,
                     base_model_name_or_path=self.components.base_model_name, training_state=state,
                     keep=self.config.train.checkpoints_keep, prediction_type=self._recorded_prediction_type(),
                 )
@@ -335,7 +336,7 @@ class DreamBoothRun:
         """Collective. samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, same seeds."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process and self.config.validation.prompts:
-            self.grids.draw(step, self.components, self.accelerator.unwrap_model(self.unet), self.conditioning,
+            self.grids.draw(step, self.components, self.bare_unet, self.conditioning,
                             self.prediction_type)
         self.accelerator.wait_for_everyone()
 
@@ -363,7 +364,7 @@ class DreamBoothRun:
                           prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.grids.last is not None,
                           prediction_type=self._recorded_prediction_type()) if saves else None
-        adapter_dir = write_final(self.output_dir, summary, unet=accelerator.unwrap_model(self.unet) if saves else None,
+        adapter_dir = write_final(self.output_dir, summary, unet=self.bare_unet if saves else None,
                                   base_model_name=self.components.base_model_name,
                                   prediction_type=self._recorded_prediction_type(), model_card=card,
                                   last_samples=self.grids.last)
