@@ -21,10 +21,12 @@ from PIL import Image
 from test_train import DEMO, fast_overrides
 
 from waveft_train.cli import main as cli
-from waveft_train.config import load_config
+from waveft_train.common.errors import UserError
+from waveft_train.config import TrainSection, load_config
 from waveft_train.train import run
 from waveft_train.train.charts import SMOOTHING
 from waveft_train.train.report_html import MAX_INLINE_WIDTH, write_report
+from waveft_train.train.reporting import start_trackers
 
 PROMPTS = ["a photo of sks toy", "a toy on the beach"]
 
@@ -196,6 +198,20 @@ def test_tensorboard_gets_the_scalars_and_the_grids(tracked_run):
     for image in images:
         assert np.array_equal(pixels(Image.open(io.BytesIO(image.encoded_image_string))),
                               pixels(Image.open(grids[image.step])))
+
+
+def test_a_wandb_that_cannot_start_is_one_paragraph_with_what_to_do(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    for variable in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    train = TrainSection(report_to="wandb")
+    with pytest.raises(UserError) as error:
+        start_trackers(Accelerator(log_with=train.report_to, project_dir=tmp_path), train, tmp_path, {})
+    assert "train.report_to: wandb could not start a W&B run" in str(error.value)
+    assert "`wandb login`" in str(error.value) and "WANDB_MODE=offline" in str(error.value)
 
 
 def wandb_records(path: Path):
