@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import wandb
 from PIL import Image
 from test_train import DEMO, fast_overrides
 
@@ -47,6 +48,7 @@ def tracked_run(tmp_path_factory) -> tuple[Path, str]:
             patch.setenv(variable, str(root / variable.lower()))
         with redirect_stdout(printed):
             output_dir = run.train_from_config(load_config(DEMO, overrides), progress=False)
+        wandb.teardown()  # W&B keeps its settings (offline mode included) process-wide until torn down
     return output_dir, printed.getvalue()
 
 
@@ -208,6 +210,7 @@ def test_a_wandb_that_cannot_start_is_one_paragraph_with_what_to_do(tmp_path, mo
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     train = TrainSection(report_to="wandb")
+    wandb.teardown()  # W&B reads its settings again from here
     with pytest.raises(UserError) as error:
         start_trackers(Accelerator(log_with=train.report_to, project_dir=tmp_path), train, tmp_path, {})
     assert "train.report_to: wandb could not start a W&B run" in str(error.value)
