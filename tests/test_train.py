@@ -59,7 +59,7 @@ def test_demo_end_to_end_writes_exactly_the_layout(tmp_path, class_dir, tiny_mod
     output_dir = train(tmp_path / "run", class_dir)
     checkpoint_files = {"adapter_config.json", "adapter_model.safetensors", "training_state.json", "training_state.safetensors"}
     assert files_under(output_dir) == {
-        "config.yaml", "metrics.jsonl", "summary.json",
+        "config.yaml", "metrics.jsonl", "summary.json", "report.html",
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md", "adapter/samples.png",
         "samples/step-000002.png", "samples/step-000004.png",
         *{f"checkpoints/step-000002/{name}" for name in checkpoint_files},

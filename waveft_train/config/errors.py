@@ -92,6 +92,7 @@ PEER_NAMES = {
     "checkpoints_total_limit": "train.checkpoints_keep", "min_snr_gamma": "train.snr_gamma",
     "v_parameterization": "train.prediction_type (v_prediction)", "log_with": "train.report_to",
     "torch_compile": "train.compile", "enable_torch_compile": "train.compile",
+    "tracker_project_name": "train.tracker_project",
     "validation_prompt": "validation.prompts", "sample_prompts": "validation.prompts",
     "validation_epochs": "validation.every", "validation_steps": "validation.every",
     "sample_every_n_steps": "validation.every", "num_validation_images": "validation.num_images",
@@ -102,7 +103,8 @@ PEER_NAMES = {
         "prior": ("class_prompt",),
         "train": ("learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "adam_beta1", "adam_beta2",
                   "adam_weight_decay", "adam_epsilon", "max_grad_norm", "mixed_precision", "gradient_checkpointing",
-                  "seed", "cache_latents", "prediction_type", "snr_gamma", "noise_offset", "report_to"),
+                  "seed", "cache_latents", "prediction_type", "snr_gamma", "noise_offset", "report_to",
+                  "tracker_run_name"),
     }.items() for name in names},
 }
 

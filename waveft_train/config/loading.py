@@ -224,8 +224,9 @@ NOT_IN_FINGERPRINT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     # max_steps is left out so that raising it extends a finished run instead of refusing it. batch_size and
     # gradient_accumulation are left out because only their product with the number of processes, the global
     # batch, shapes the run: checkpoints record it, and a resume on another layout must keep it (train/run.py checks).
-    "train": ("max_steps", "checkpoint_every", "checkpoints_keep", "log_every", "report_to", "gradient_checkpointing",
-              "batch_size", "gradient_accumulation", "cpu_threads", "compile")})
+    "train": ("max_steps", "checkpoint_every", "checkpoints_keep", "log_every", "report_to", "tracker_project",
+              "tracker_run_name", "gradient_checkpointing", "batch_size", "gradient_accumulation", "cpu_threads",
+              "compile")})
 
 
 # Keys added after runs were made: left out while at their default, so that a run started before them (whose

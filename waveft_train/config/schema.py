@@ -36,6 +36,8 @@ UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # diffusers' get_scheduler passes num_warmup_steps to every scheduler but "constant", which ignores it.
 WARMUP_SCHEDULERS: tuple[str, ...] = tuple(name for name in get_args(LrScheduler) if name != "constant")
+Tracker = Literal["tensorboard", "wandb"]  # accelerate's names for them
+TRACKERS: tuple[str, ...] = get_args(Tracker)
 
 
 def _not_blank(value: str) -> str:
@@ -281,14 +283,34 @@ class TrainSection(Section):
     log_every: PositiveInt = doc(1, "steps between metrics.jsonl lines (the last step is always logged)")
     cpu_threads: PositiveInt | None = doc(None, "torch threads when training on the CPU; null = torch's default (every "
                                           "core). 1 keeps steps steady when another program competes for the cores")
-    report_to: Literal["none", "tensorboard"] = doc("none", "`tensorboard` also logs there (`pip install "
-                                                    "'waveft-train[tensorboard]'`)")
+    report_to: list[Tracker] = doc(
+        "none", "trackers that also get the metrics and the validation grids: `none`, `tensorboard`, `wandb`, or a list "
+        "such as `[tensorboard, wandb]` (`pip install 'waveft-train[tensorboard]'`, `'waveft-train[wandb]'`)",
+        validate_default=True)
+    tracker_project: str = doc("waveft-train", "the W&B project; TensorBoard writes to the folder of this name in "
+                               "output.dir", min_length=1)
+    tracker_run_name: str | None = doc(None, "the run's name in W&B; null = the name of output.dir's folder")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _bare_no(cls, value: Any) -> Any:
         """YAML reads a bare `no` as false; that is what the user meant."""
         return "no" if value is False else value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        """One name or a list; `none` (or null) is no tracker. Unknown names get the list of known ones."""
+        if value is None:
+            return []
+        names = [value] if isinstance(value, str) else value
+        allowed = f"allowed: none, {', '.join(TRACKERS)}, or a list of them such as [tensorboard, wandb]"
+        if not isinstance(names, list):
+            raise ValueError(f"got {value!r}; {allowed}")
+        unknown = [name for name in names if name not in (*TRACKERS, "none")]
+        if unknown:
+            raise ValueError(f"unknown tracker {', '.join(map(repr, unknown))}; {allowed}")
+        return list(dict.fromkeys(name for name in names if name != "none"))
 
     @model_validator(mode="after")
     def _warmup_needs_a_warmup_scheduler(self) -> TrainSection:

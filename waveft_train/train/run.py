@@ -80,6 +80,7 @@ class DreamBoothRun:
         self.step = 0
         self.step_seconds: list[float] = []
         self.final_loss: float | None = None
+        self.last_words: list[str] = []  # what the main process prints once the run has ended
         self.grids = ValidationGrids(config.validation, config.validation_resolution(), self.output_dir / "samples",
                                      progress=progress)
         self.lock = None
@@ -170,7 +171,8 @@ class DreamBoothRun:
         if self.accelerator.is_main_process:
             with writing(self.output_dir / "config.yaml", "the run's resolved config"):
                 atomic_write_text(self.output_dir / "config.yaml", dump_config(config))
-            self.report = RunReport(self.output_dir, self.start_step, config.train, self.accelerator)
+            self.report = RunReport(self.output_dir, self.start_step, config.train, self.accelerator,
+                                    settings=config.model_dump(mode="json"))
         self.accelerator.wait_for_everyone()
 
     def _setup_data(self) -> None:
@@ -336,8 +338,8 @@ class DreamBoothRun:
         """Collective. samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, same seeds."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process and self.config.validation.prompts:
-            self.grids.draw(step, self.components, self.bare_unet, self.conditioning,
-                            self.prediction_type)
+            grid = self.grids.draw(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
+            self.report.validation(step, grid)  # the trackers get the grid; report.html is rewritten
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ the end
@@ -369,7 +371,10 @@ class DreamBoothRun:
                                   prediction_type=self._recorded_prediction_type(), model_card=card,
                                   last_samples=self.grids.last)
         samples = f", samples in {self.output_dir / 'samples'}" if self.grids.last is not None else ""
-        print(f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", flush=True)
+        report = self.report.finish()
+        self.last_words = [f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", f"Report: {report}"]
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
+        self.accelerator.end_training()  # the trackers' closing words (W&B's summary) come before ours
+        if self.last_words:
+            print("\n".join(self.last_words), flush=True)
