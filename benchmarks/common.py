@@ -60,6 +60,20 @@ def sampled_kernel(kernel: str):
         functional.sampled_products = original
 
 
+@contextmanager
+def launch_light_path(forced: bool = True):
+    """Force ours onto (or off) the launch-light path of accelerators while inside, on any device: its operations
+    can then be counted on the CPU."""
+    from waveft_train.waveft import functional
+
+    original = functional.launch_light
+    functional.launch_light = lambda device: forced
+    try:
+        yield
+    finally:
+        functional.launch_light = original
+
+
 # ---- timing --------------------------------------------------------------------------------------------------------
 
 

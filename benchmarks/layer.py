@@ -51,6 +51,7 @@ from benchmarks.common import (
     waveft_config,
     write_results,
 )
+from waveft_train.train.optim import trainable_parameters_in_float32
 from waveft_train.waveft.functional import choose_path, sampled_products, waveft_linear
 
 SHAPES = {
@@ -124,13 +125,16 @@ class Setup:
 
 def build(shape: tuple[int, int, int], methods, device: str, args) -> Setup:
     tokens, in_features, out_features = shape
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bf16 = getattr(args, "bf16", False) or device == "cuda"  # bf16 weights and inputs under bf16 autocast
+    dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
     base = nn.Linear(in_features, out_features, bias=False).to(device, dtype).requires_grad_(False)
     modules = {method: wrap(method, base, args.n_frequency, args.family).to(device) for method in methods}
+    for module in modules.values():  # as the trainer keeps them (train/optim.py): autocast runs them in bf16
+        trainable_parameters_in_float32(module)
     x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, out_features, device=device, dtype=dtype)
-    return Setup(x=x, grad=grad, modules=modules, autocast=device == "cuda")
+    return Setup(x=x, grad=grad, modules=modules, autocast=bf16)
 
 
 def summarize(times: dict[str, list[float]], reference_method: str = "frozen") -> dict[str, dict]:

@@ -4,12 +4,14 @@ On a GPU a layer step at SDXL's shapes is a fraction of a millisecond of arithme
 without the profiler) against the kernels' own time says whether a method is bound by its kernels or by launching
 them; the operator and kernel counts say how many launches each method costs. The same three shapes and methods as
 benchmarks.layer, plus ours with the spectrum gradient's sampled product forced to each kernel ("ours-csr":
-torch.sparse.sampled_addmm, the CPU default; "ours-gather": the default elsewhere; "ours-dense": one full product,
-then a gather).
+torch.sparse.sampled_addmm, the CPU default; "ours-gather": chunked gathers; "ours-dense": one full product, then a
+gather), and "ours-light": ours with the launch-light path of accelerators forced (functional.launch_light: one token
+chunk and the dense kernel), so that its operations are counted on the CPU as they run on a GPU.
 
 Usage (from the repository root; results also go to outputs/bench/profile-<date>-<time>.json, or --json PATH):
     python -m benchmarks.profile --device cuda      # bf16 weights and inputs under bf16 autocast
     python -m benchmarks.profile --device cpu       # fp32 (device time is then CPU time)
+    python -m benchmarks.profile --device cpu --bf16 --methods lora ours-light   # the GPU's operations, counted
 """
 
 from __future__ import annotations
@@ -18,21 +20,32 @@ import argparse
 import os
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import layer
-from benchmarks.common import add_json_argument, command_line, machine, sampled_kernel, synchronize, write_results
+from benchmarks.common import (
+    add_json_argument,
+    command_line,
+    launch_light_path,
+    machine,
+    sampled_kernel,
+    synchronize,
+    write_results,
+)
 from waveft_train.waveft import functional
 
-METHODS = ("frozen", "lora", "ours", "ours-gather", "ours-csr", "ours-dense")
+METHODS = ("frozen", "lora", "ours", "ours-light", "ours-gather", "ours-csr", "ours-dense")
 
 
 def measure(setup: layer.Setup, method: str, steps: int, device: str) -> dict:
     module_name = "ours" if method.startswith("ours") else method
-    kernel = method.partition("-")[2] or functional.AUTO
-    with sampled_kernel(kernel):
+    variant = method.partition("-")[2]
+    light = launch_light_path() if variant == "light" else nullcontext()
+    kernel = functional.AUTO if variant in ("", "light") else variant
+    with light, sampled_kernel(kernel):
         for _ in range(3):  # warm-up: lazy initializations, caches
             setup.step(module_name)
         walls = []
@@ -72,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="profiled steps per method and shape")
     parser.add_argument("--n-frequency", type=int, default=2592)
     parser.add_argument("--family", default="db1")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and inputs under bf16 autocast (always "
+                        "on cuda): what the GPU runs, counted on the CPU")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     add_json_argument(parser, "profile")
     return parser.parse_args(argv)
@@ -81,7 +96,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {"machine": machine(args.device), "command": command_line("benchmarks.profile", argv), "shapes": {}}
-    print(f"# {results['machine']}; n_frequency={args.n_frequency}, {args.family}, {args.steps} steps", flush=True)
+    precision = "bf16 autocast" if args.bf16 or args.device == "cuda" else "fp32"
+    results["precision"] = precision
+    print(f"# {results['machine']}; n_frequency={args.n_frequency}, {args.family}, {precision}, {args.steps} steps",
+          flush=True)
     modules = sorted({"ours" if m.startswith("ours") else m for m in args.methods})
     for name, shape in layer.SHAPES.items():
         setup = layer.build(shape, modules, args.device, args)

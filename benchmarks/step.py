@@ -171,11 +171,17 @@ def train_step(unet: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, a
 
 
 def time_steps(unet, methods: Methods, names, batch, args) -> dict[str, list[float]]:
+    """Per method, the step times of interleaved rounds; with --compile also `args.first_step_seconds` (the first
+    warm-up step, which compiles)."""
     times = {m: [] for m in names}
+    args.first_step_seconds = {}
     for method in names:
         methods.install(method)
-        for _ in range(args.warmup):
+        for warmup in range(args.warmup):
+            start = time.perf_counter()
             train_step(unet, batch, methods.optimizers[method], args.autocast)
+            if warmup == 0:
+                args.first_step_seconds[method] = round(time.perf_counter() - start, 1)
     for round_index in range(args.rounds):
         wait_until_quiet(args.quiet_wait)
         for method in round_order(names, round_index):
@@ -223,6 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--transformer-layers", type=int, nargs=3, metavar="N", help="reduce SDXL's (1, 2, 10)")
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS", help="see benchmarks/layer.py")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (as train.compile does); "
+                        "warm-up needs 2 steps or more (the first one compiles)")
     parser.add_argument("--sampled-kernel", default="auto", choices=["auto", "gather", "csr", "dense"],
                         help="force ours' spectrum-gradient kernel (benchmarks.profile compares them per layer)")
     add_json_argument(parser, "step")
@@ -257,12 +265,18 @@ def measure(args, argv) -> dict:
         + ("bf16 weights under bf16 autocast" if args.autocast else "fp32")
         + f", {len(methods.targets)} adapted linears, WaveFT n_frequency={args.n_frequency} ({args.family}), "
         f"LoRA rank {methods.lora_rank}"
-        + (f", ours' spectrum gradient by the {args.sampled_kernel} kernel" if args.sampled_kernel != "auto" else ""),
+        + (f", ours' spectrum gradient by the {args.sampled_kernel} kernel" if args.sampled_kernel != "auto" else "")
+        + (", torch.compile (inductor)" if args.compile else ", eager"),
         "build_seconds": round(time.perf_counter() - started, 1),
     }
     print(f"# {results['machine']}\n# {description}; {results['setup']}", flush=True)
-    times = time_steps(unet, methods, list(args.methods), batch, args)
-    summary = {m: {"median_s": round(statistics.median(times[m]), 3)} for m in args.methods}
+    runner = unet
+    if args.compile:  # one compiled UNet; swapping a method's layers in recompiles once, in its first warm-up step
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(args.methods))
+        runner = torch.compile(unet)
+    times = time_steps(runner, methods, list(args.methods), batch, args)
+    summary = {m: {"median_s": round(statistics.median(times[m]), 3),
+                   "first_step_s": args.first_step_seconds[m]} for m in args.methods}
     for method in args.methods:
         for other in ("lora", "reference"):
             if other in times and other != method:
@@ -271,7 +285,7 @@ def measure(args, argv) -> dict:
         if args.device == "cpu":
             return_freed_memory_to_system()
         for method in args.methods:
-            peak = step_peak_bytes(unet, methods, method, batch, args)
+            peak = step_peak_bytes(runner, methods, method, batch, args)
             resident = methods.resident_bytes(method)
             summary[method].update(
                 adapter_resident_MiB=round(resident / 2**20, 1),

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# GPU check for the fast WaveFT training path (issue 3), the memory table (issue 14) and the trainer on a GPU: one
-# command, one CUDA GPU, about 5 minutes (the parts' limits add up to 9).
+# GPU check (issues 3, 14, 35): the fast WaveFT training path against LoRA and peft's reference, eager and compiled,
+# the memory table, and a training step that never waits for the device. One command, one CUDA GPU, under 8 minutes
+# (the parts' limits add up to 8 min 50 s; a part that runs out of time is named and the rest still run).
 #
 #   1. benchmarks.layer --check: ours vs peft's reference on the GPU (fp32 to 1e-4, and ours under bf16 autocast), the
 #      sampled-product kernels timed there (gather / csr = torch.sparse.sampled_addmm / dense), then the three SDXL
 #      attention shapes: frozen, reference, LoRA and ours interleaved, bf16 weights under bf16 autocast.
-#   2. The demo (configs/demo.yaml) as a GPU user runs it: bf16 weights, bf16 mixed precision, through accelerate on
-#      the GPU; then `evaluate` (the judge's metrics) and `sample` on the GPU (its default fp16) with --compare-base.
-#   3. benchmarks.step: one full training step of the SDXL-base UNet architecture (random weights), 128x128 latents,
+#   2. benchmarks.step: one full training step of the SDXL-base UNet architecture (random weights), 128x128 latents,
 #      batch 2, bf16 weights under bf16 autocast: ours vs reference vs LoRA, interleaved, with peak memory.
-#   4. benchmarks.memory --device cuda: the memory table of BENCHMARKS.md §3 measured for real
-#      (torch.cuda.max_memory_allocated, plus the allocator's reserve and the CUDA context) for ours and LoRA.
-#   5. benchmarks.profile --device cuda: per layer step, wall time against the GPU's busy time and kernels launched.
+#   3. The same step under torch.compile (what train.compile does): ours vs LoRA, and the first step's seconds
+#      (compilation included).
+#   4. benchmarks.memory --device cuda: the recipe's training step (BENCHMARKS.md §3) measured for real for ours and
+#      LoRA.
+#   5. scripts.sync_check: three steps of the real trainer on the toy model with torch.cuda.set_sync_debug_mode
+#      ("error") around each step.
+#   6. benchmarks.profile --device cuda: per layer step, wall time against the GPU's busy time and kernels launched.
 #
 # A part that fails or runs out of time does not stop the others (a GPU is lent rarely); the script then exits 1 and
-# names it. Everything printed goes to gpu_check.log; with the JSON files and two grids that is 8 files, what the lent
-# machine hands back at most. BENCHMARKS.md §6 has the first run's figures (an H200, 252 s without part 5).
+# names it. Everything printed goes to gpu_check.log, every part's JSON into gpu_check.json (and its own file).
 #
 # Usage: scripts/gpu_check.sh [output folder, default: $OUT or gpu_check_out]   (PYTHON=... to choose the interpreter)
 set -uo pipefail
@@ -23,7 +25,6 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5  # fewer bar lines (the training bar still prints every step)
 export PYTHON=${PYTHON:-python}
 export OUT_DIR=${1:-${OUT:-gpu_check_out}}
-export WORK=$(mktemp -d)  # the demo's run folder and class images (large; not copied back)
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 : > "$LOG"
@@ -48,27 +49,27 @@ print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.v
 
 part layer 60 "$PYTHON" -m benchmarks.layer --device cuda --check --rounds 30 --json "$OUT_DIR/layer_cuda.json"
 
-demo() {
-  "$PYTHON" -m waveft_train --config configs/demo.yaml --set model.dtype=bf16 --set train.mixed_precision=bf16 \
-      --set output.dir="$WORK/demo" --set prior.class_dir="$WORK/class-images" || return 1
-  cat "$WORK/demo/summary.json"
-  cp "$WORK/demo/samples/$(ls "$WORK/demo/samples" | tail -1)" "$OUT_DIR/demo_grid.png" || return 1
-  "$PYTHON" -m waveft_train evaluate --adapter "$WORK/demo/adapter" --out "$OUT_DIR/demo_metrics.json" || return 1
-  "$PYTHON" -m waveft_train sample --adapter "$WORK/demo/adapter" --device cuda --compare-base -n 4 \
-      -p "a photo of sks ball on the beach" -p "a photo of sks ball in the snow" -p "a photo of a ball" \
-      --out "$OUT_DIR/demo_sample_fp16.png"
-}
-export -f demo
-part demo 180 bash -c demo
-
 part step 90 "$PYTHON" -m benchmarks.step --model sdxl --device cuda --latent 128 --batch 2 --rounds 5 --warmup 2 \
     --json "$OUT_DIR/step_sdxl_cuda.json"
 
+part step_compiled 210 "$PYTHON" -m benchmarks.step --model sdxl --device cuda --latent 128 --batch 2 --rounds 5 \
+    --warmup 2 --compile --methods ours lora --no-memory --json "$OUT_DIR/step_sdxl_cuda_compiled.json"
+
 part memory 120 "$PYTHON" -m benchmarks.memory --device cuda --methods ours lora --json "$OUT_DIR/memory_cuda.json"
 
-part profile 60 "$PYTHON" -m benchmarks.profile --device cuda --json "$OUT_DIR/profile_cuda.json"
+part sync 60 "$PYTHON" -m scripts.sync_check --steps 3
 
-rm -rf "$WORK"
+part profile 60 "$PYTHON" -m benchmarks.profile --device cuda --methods frozen lora ours ours-gather ours-csr \
+    --json "$OUT_DIR/profile_cuda.json"
+
+"$PYTHON" - "$OUT_DIR" <<'PY'  # the parts' JSON files in one
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+parts = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("*.json")) if path.name != "gpu_check.json"}
+(out / "gpu_check.json").write_text(json.dumps(parts, indent=2) + "\n")
+PY
+
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: FAILED: ${failed[*]}; results in $OUT_DIR" | tee -a "$LOG"
   exit 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,23 @@ def doc_command(*fragments: str) -> str:
     found = {command for _, command in doc_commands() if all(fragment in command for fragment in fragments)}
     assert len(found) == 1, f"expected one documented command with {fragments}, found {sorted(found)}"
     return found.pop()
+
+
+# --------------------------------------------------------------------------------------------- captioned subjects
+SUBJECT = REPO / "tests" / "data" / "subject"
+SUBJECT_PHOTOS = tuple(sorted(path.name for path in SUBJECT.glob("*.png")))
+
+
+def captioned_subject(folder: Path, captions: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
+                      photos: tuple[str, ...] = SUBJECT_PHOTOS) -> Path:
+    """A copy of the tests' subject photos (and their LICENSE.txt, which captions nothing) in a new `folder`: a `.txt`
+    caption beside each photo named in `captions`, and a metadata.jsonl with a `text` per photo named in `metadata`."""
+    folder.mkdir(parents=True)
+    for name in (*photos, "LICENSE.txt"):
+        shutil.copy(SUBJECT / name, folder / name)
+    for name, caption in (captions or {}).items():
+        (folder / name).with_suffix(".txt").write_text(caption, encoding="utf-8")
+    if metadata is not None:
+        (folder / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": name, "text": text}) + "\n" for name, text in metadata.items()))
+    return folder

@@ -182,6 +182,13 @@ def test_missing_optional_optimizer_is_named(tmp_path, capsys):
                       "bitsandbytes", "waveft-train[bnb]", "adamw")
 
 
+def test_missing_tracker_package_is_named_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importlib's find_spec now says wandb is not installed
+    expect_user_error(["--config", write_config(tmp_path), "--set", "train.report_to=[tensorboard, wandb]"], capsys,
+                      "train.report_to: wandb needs the wandb package", "pip install 'waveft-train[wandb]'",
+                      "or set train.report_to: [tensorboard]")
+
+
 def test_out_of_memory_is_one_paragraph_with_what_to_change(tmp_path, capsys, monkeypatch):
     import torch
 

@@ -213,6 +213,10 @@ def test_section_of_the_wrong_type(tmp_path: Path) -> None:
      "train.lr_warmup_steps is 50 but train.lr_scheduler 'constant' has no warmup (the steps would be ignored); "
      "use a scheduler with warmup (constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial), "
      "or set train.lr_warmup_steps: 0"),
+    ("train:\n  report_to: wandbb\n", "`train.report_to`: unknown tracker 'wandbb'; allowed: none, tensorboard, wandb, "
+     "or a list of them such as [tensorboard, wandb]"),
+    ("train:\n  report_to: [tensorboard, mlflow]\n", "`train.report_to`: unknown tracker 'mlflow'"),
+    ("train:\n  report_to: {wandb: true}\n", "`train.report_to`: got {'wandb': True}; allowed: none, tensorboard"),
     ("train:\n  max_steps: true\n", "`train.max_steps`: got True (bool), expected a valid integer"),
     ("train:\n  learning_rate: false\n", "`train.learning_rate`: got False (bool), expected a valid number"),
     ("train:\n  max_grad_norm: true\n", "`train.max_grad_norm`: got True (bool), expected a number or null"),
@@ -460,6 +464,16 @@ def test_config_from_mapping_checks_folders_as_the_working_directory_reads_them(
 # ------------------------------------------------------------------------------------ dump, fingerprint
 
 
+@pytest.mark.parametrize(("value", "trackers"), [
+    ("none", []), ("null", []), ("tensorboard", ["tensorboard"]), ("wandb", ["wandb"]),
+    ("[tensorboard, wandb]", ["tensorboard", "wandb"]), ("[wandb, wandb, none]", ["wandb"]), ("[]", []),
+])
+def test_report_to_takes_one_tracker_or_a_list(tmp_path: Path, value: str, trackers: list[str]) -> None:
+    config = load_config(write(tmp_path, MINIMAL), [f"train.report_to={value}"])
+    assert config.train.report_to == trackers
+    assert load_config(write(tmp_path, dump_config(config), "config.yaml")) == config  # the resolved config reloads
+
+
 def test_dump_then_load_round_trips(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL), ["waveft.target_modules=.*attn.*to_(q|v)",
                                                      "train.adam_epsilon=1e-7", "validation.prompts=[ä photo]"])
@@ -477,6 +491,7 @@ def test_fingerprint_tracks_training_fields_only(tmp_path: Path) -> None:
     for same in ("validation.every=7", "output.dir=elsewhere", "train.checkpoint_every=5", "train.log_every=9",
                  "train.max_steps=800",  # raising max_steps extends a run rather than starting another
                  "train.batch_size=2", "train.gradient_accumulation=2",  # only the global batch counts (checkpoints)
+                 "train.report_to=[tensorboard, wandb]", "train.tracker_project=dogs", "train.tracker_run_name=try-2",
                  "waveft.target_modules=[to_k,to_q,to_v,to_out.0]"):
         assert config_fingerprint(load_config(path, [same])) == base, same
     for different in ("train.learning_rate=2e-4", "waveft.n_frequency=100", "train.seed=1",

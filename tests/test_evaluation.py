@@ -197,7 +197,7 @@ def test_training_with_validation_evaluate_scores_each_validation_step(scored_ru
 def test_evaluate_run_ranks_every_checkpoint_and_names_the_best(scored_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(scored_run, run_dir)
-    for name in ("evaluation.json", "evaluation.jsonl"):
+    for name in ("evaluation.json", "evaluation.jsonl", "report.html"):
         (run_dir / name).unlink()
     code, _, err = run_cli(["sample", "--run", run_dir, "--checkpoint", "best", "-p", "a photo of sks toy", "-o",
                             tmp_path / "g.png"], capsys)
@@ -212,6 +212,7 @@ def test_evaluate_run_ranks_every_checkpoint_and_names_the_best(scored_run, tmp_
     best = json.loads((run_dir / "evaluation.json").read_text())["best"]
     assert best["score"] == max(r["score"] for r in records)
     assert f"Best: {best['checkpoint']} (step {best['step']}" in out and "<- best" in out
+    assert "evaluation.jsonl" in (run_dir / "report.html").read_text()  # the report shows the new scores
     assert json.loads((run_dir / "evaluation.json").read_text())["settings"]["contexts"] == ["on the beach",
                                                                                             "in the snow"]
 

@@ -24,7 +24,8 @@ WHOLE_CONFIG_ALLOWED = {"train/run.py", "cli/main.py"}
 # facades keep `import waveft_train` and the torch-free `families` table (which the config validates against)
 # importable without torch and peft.
 LAZY_ALLOWED = ("cli/", "waveft/__init__.py", "__init__.py")
-OPTIONAL_EXTRAS = ("bitsandbytes", "tensorboard", "torch.utils.tensorboard")  # imported only when a config asks
+# imported only when a config asks, or (matplotlib) where a report draws its charts
+OPTIONAL_EXTRAS = ("bitsandbytes", "tensorboard", "torch.utils.tensorboard", "wandb", "matplotlib")
 
 
 def modules() -> dict[str, Path]:

@@ -131,6 +131,7 @@ def test_the_estimate_reproduces_the_gpu_measurement():
         ({"gradient_checkpointing": True}, {"gradient_checkpointing": False}),
         ({"optimizer": "adamw8bit"}, {"optimizer": "adamw"}),
         ({"cache_latents": True}, {"cache_latents": False}),
+        ({"text_encoders_in_training": False}, {"text_encoders_in_training": True}),  # data.shuffle_tags
         ({"weight_dtype": "bf16", "mixed_precision": "bf16"}, {"weight_dtype": "fp32", "mixed_precision": "no"}),
     ],
 )

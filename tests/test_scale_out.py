@@ -133,6 +133,35 @@ def test_a_different_global_batch_is_refused_on_resume(reference, class_dir, tmp
                               progress=False)
 
 
+def test_caption_dropout_and_tag_shuffling_keep_one_adapter_on_any_layout_and_across_a_resume(class_dir, tmp_path):
+    """2 processes for 2 steps, resumed on 1 process with batch 2 for 2 more, against 1 process with batch 2 throughout:
+    the captions each example trains with (dropped, tags reordered) come from the seed and its place in the run."""
+    from helpers import SUBJECT_PHOTOS, captioned_subject
+
+    from waveft_train.data.caption_variation import CaptionVariation
+
+    tags = {name: f"sks toy, ball, stripes, grass {number}, daylight, close-up"
+            for number, name in enumerate(SUBJECT_PHOTOS)}
+    captions = {"data.instance_dir": captioned_subject(tmp_path / "subject", captions=tags),
+                "data.caption_column": "text", "data.caption_dropout": 0.3, "data.shuffle_tags": "true",
+                "data.keep_tags": 1}
+    variation = CaptionVariation(seed=0, dropout=0.3, shuffle_tags=True, keep_tags=1)  # tiny.yaml's train.seed: 0
+    drawn = [variation.caption_for(tags[SUBJECT_PHOTOS[0]], position) for position in range(8)]  # 4 steps × 2
+    assert None in drawn and len({caption for caption in drawn if caption is not None}) > 1  # both really happen
+
+    reference_dir = tmp_path / "one-process"
+    run.train_from_config(load_config(DEMO, overrides(reference_dir, class_dir, **captions, **{"train.batch_size": 2})),
+                          progress=False)
+    output_dir = tmp_path / "two-then-one"
+    first = subprocess.run([*launch(2), *set_args(overrides(output_dir, class_dir, **captions, **{"train.max_steps": 2}))],
+                           env=environment(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run.train_from_config(load_config(DEMO, overrides(output_dir, class_dir, **captions, **{"train.batch_size": 2})),
+                          progress=False)
+    ours, theirs = (load_file(folder / "adapter" / "adapter_model.safetensors") for folder in (output_dir, reference_dir))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)  # bit for bit
+
+
 def test_two_machines_over_loopback_match_one_process(reference, class_dir, tmp_path):
     output_dir = tmp_path / "run"
     port = free_port()

@@ -37,7 +37,7 @@ def test_demo_end_to_end_writes_exactly_the_layout(tmp_path, class_dir, tiny_mod
     output_dir = train(tmp_path / "run", class_dir)
     checkpoint_files = {"adapter_config.json", "adapter_model.safetensors", "training_state.json", "training_state.safetensors"}
     assert files_under(output_dir) == {
-        "config.yaml", "metrics.jsonl", "summary.json",
+        "config.yaml", "metrics.jsonl", "summary.json", "report.html",
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md", "adapter/samples.png",
         "samples/step-000002.png", "samples/step-000004.png",
         *{f"checkpoints/step-000002/{name}" for name in checkpoint_files},
@@ -203,6 +203,24 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, class_dir, monkey
         torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=1e-5)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.usefixtures("trains_on_the_cpu")
+def test_txt_captions_train_the_same_adapter_as_the_same_captions_in_metadata_jsonl(tmp_path, class_dir):
+    from helpers import SUBJECT_PHOTOS, captioned_subject
+
+    from waveft_train.data.images import load_images
+
+    captions = {name: f"a photo of sks toy, stripes, view {number}" for number, name in enumerate(SUBJECT_PHOTOS)}
+    folders = [captioned_subject(tmp_path / "txt", captions=captions),
+               captioned_subject(tmp_path / "metadata", metadata=captions)]
+    assert load_images(folders[0], caption_column="text", default_prompt="p").prompts == tuple(captions.values())
+    adapters = [load_file(train(tmp_path / f"run-{folder.name}", class_dir, **{
+        "data.instance_dir": folder, "data.caption_column": "text", "train.max_steps": 2, "validation.every": 0,
+        "validation.prompts": "[]"}) / "adapter" / "adapter_model.safetensors") for folder in folders]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])  # bit for bit
+    assert max(tensor.abs().max().item() for tensor in adapters[0].values()) > 0  # it trained
 
 
 def test_output_dir_with_another_run_is_refused_unless_forced(tmp_path, class_dir):
@@ -432,3 +450,27 @@ def test_waveft_only_trains_the_adapted_layers_biases_and_stock_peft_loads_them(
         before = base(*inputs, **kwargs).sample
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
     assert (outputs[0] - before).abs().max() > 1e-6
+
+
+def test_train_compile_runs_training_steps_through_one_graph_and_validation_eagerly(tmp_path, class_dir, monkeypatch):
+    """train.compile: the loop's UNet calls go through torch.compile (traced by dynamo here with a counting eager
+    backend; inductor's code generation takes minutes on the CPU), as one graph (no graph break anywhere in the
+    adapted UNet), compiled once for one latent size; validation samples through the eager UNet; the adapter is the
+    eager run's."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=counting_backend))
+    settings = {"data.bucketing": False, "train.max_steps": 3, "validation.every": 0, "train.checkpoint_every": 0}
+    compiled = train(tmp_path / "compiled", class_dir, **{"train.compile": True, **settings})
+    assert len(graphs) == 1  # one graph, made at the first step: no graph break, no recompilation, none for sampling
+    assert (compiled / "samples" / "step-000003.png").exists()
+    eager = train(tmp_path / "eager", class_dir, **settings)
+    ours, theirs = (load_file(folder / "adapter" / "adapter_model.safetensors") for folder in (compiled, eager))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6)

@@ -364,6 +364,28 @@ def test_compile_friendly_fallbacks_match_reference(path, monkeypatch):
     assert_matches_reference(reference, ours, torch.randn(30, 72), path)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("path", PATHS)
+def test_the_launch_light_path_of_accelerators_matches_reference(path, family, monkeypatch):
+    """Accelerators take the spectrum gradient in one token chunk with the dense sampled product
+    (functional.launch_light); forced on the CPU here, over more tokens than a (shrunk) CPU chunk holds."""
+    reference, ours = pair(*FAMILIES[family], shape=(64, 72), n=200)
+    monkeypatch.setattr(functional, "MAX_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(functional, "MIN_CHUNK_TOKENS", 16)
+    calls = []
+    original = functional.sampled_products
+    monkeypatch.setattr(functional, "sampled_products", lambda rows_t, cols_t, transform, *args: calls.append(
+        (rows_t.shape[1], functional.auto_kernel(transform, rows_t))) or original(rows_t, cols_t, transform, *args))
+    x = torch.randn(2, 40, 72)
+    assert_matches_reference(reference, ours, x, path)
+    assert calls == [(16, "csr")] * 5  # the CPU path: token chunks, the sparse kernel
+    calls.clear()
+    reference.waveft_spectrum["default"].grad = ours.waveft_spectrum["default"].grad = None
+    monkeypatch.setattr(functional, "launch_light", lambda device: True)
+    assert_matches_reference(reference, ours, x.detach().clone(), path)
+    assert calls == [(80, "dense")]  # one chunk of all 80 tokens, one dense product
+
+
 def test_a_trained_layer_can_be_deep_copied_and_pickled():
     """The sampling pattern cached by a backward is a sparse tensor, which deepcopy (e.g. EMA copies) and pickle
     cannot handle: it must not travel with the module."""

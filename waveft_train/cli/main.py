@@ -1,8 +1,8 @@
 """The `waveft-train` command line (Typer).
 
 `waveft-train --config FILE` trains (also `python -m waveft_train` and `accelerate launch -m waveft_train`);
-`params`, `init`, `sample`, `export` and `evaluate` (scores an adapter, or ranks a run's checkpoints) are
-subcommands. A `UserError` anywhere becomes one readable paragraph and exit status 2; `--debug` shows the full
+`params`, `init`, `report`, `sample`, `export` and `evaluate` (scores an adapter, or ranks a run's checkpoints)
+are subcommands. A `UserError` anywhere becomes one readable paragraph and exit status 2; `--debug` shows the full
 traceback instead.
 """
 
@@ -127,6 +127,17 @@ def init(
     except OSError as error:
         raise UserError(f"Cannot write {path}: {error.strerror or error}. Choose a path you can write to.") from None
     typer.echo(f"Wrote {path}. Edit data.instance_dir and the prompts, then: waveft-train --config {path}")
+
+
+@app.command(help=paragraphs("""Rebuild a run's report.html from its files (metrics.jsonl, samples/, config.yaml,
+    summary.json, evaluation.jsonl): for a run from before reports, after installing matplotlib, or after scoring its
+    checkpoints."""))
+def report(
+    output_dir: Path = typer.Argument(..., help="A run's output folder (its output.dir).", show_default=False),
+) -> None:
+    from waveft_train.train.report_html import write_report
+
+    typer.echo(f"Wrote {write_report(output_dir)}")
 
 
 def _register_adapter_commands() -> None:

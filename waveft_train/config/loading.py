@@ -224,21 +224,39 @@ NOT_IN_FINGERPRINT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     # max_steps is left out so that raising it extends a finished run instead of refusing it. batch_size and
     # gradient_accumulation are left out because only their product with the number of processes, the global
     # batch, shapes the run: checkpoints record it, and a resume on another layout must keep it (train/run.py checks).
-    "train": ("max_steps", "checkpoint_every", "checkpoints_keep", "log_every", "report_to", "gradient_checkpointing",
-              "batch_size", "gradient_accumulation", "cpu_threads")})
+    "train": ("max_steps", "checkpoint_every", "checkpoints_keep", "log_every", "report_to", "tracker_project",
+              "tracker_run_name", "gradient_checkpointing", "batch_size", "gradient_accumulation", "cpu_threads",
+              "compile")})
 
 
-def config_fingerprint(config: TrainConfig) -> str:
-    """Stable hash of what shapes the trained weights; resuming into an output dir whose fingerprint
-    differs would mix two runs. Validation, output and checkpoint/logging cadence are left out."""
+# Keys added after runs were made: left out while at their default, so that a run started before them (whose
+# checkpoints hold the fingerprint without them) still resumes; set to anything else, they count like any other key.
+LEFT_OUT_AT_DEFAULT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    "data": ("caption_dropout", "shuffle_tags", "keep_tags")})
+
+
+def fingerprint_fields(config: TrainConfig) -> dict[str, Any]:
+    """What `config_fingerprint` hashes: the config without validation, output, NOT_IN_FINGERPRINT and the keys of
+    LEFT_OUT_AT_DEFAULT at their defaults."""
     dumped = config.model_dump(mode="json", exclude={"validation", "output"})
     for section, keys in NOT_IN_FINGERPRINT.items():
         for key in keys:
             dumped[section].pop(key)
+    for section, keys in LEFT_OUT_AT_DEFAULT.items():
+        fields = type(getattr(config, section)).model_fields
+        for key in keys:
+            if dumped[section][key] == fields[key].default:
+                dumped[section].pop(key)
     dumped["waveft"] = config.waveft.peft_kwargs()
     if isinstance(dumped["waveft"]["target_modules"], list):
         dumped["waveft"]["target_modules"] = sorted(dumped["waveft"]["target_modules"])
     if not config.prior.enabled:
         dumped["prior"] = {"enabled": False}
-    text = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+    return dumped
+
+
+def config_fingerprint(config: TrainConfig) -> str:
+    """Stable hash of what shapes the trained weights; resuming into an output dir whose fingerprint
+    differs would mix two runs. Validation, output and checkpoint/logging cadence are left out."""
+    text = json.dumps(fingerprint_fields(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -36,6 +36,8 @@ UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # diffusers' get_scheduler passes num_warmup_steps to every scheduler but "constant", which ignores it.
 WARMUP_SCHEDULERS: tuple[str, ...] = tuple(name for name in get_args(LrScheduler) if name != "constant")
+Tracker = Literal["tensorboard", "wandb"]  # accelerate's names for them
+TRACKERS: tuple[str, ...] = get_args(Tracker)
 
 
 def _not_blank(value: str) -> str:
@@ -192,8 +194,16 @@ class DataSection(Section):
                             min_length=1)
     instance_prompt: Prompt = doc(..., "rare token + class noun, e.g. `a photo of sks dog` (not blank)",
                                   example="a photo of sks dog")
-    caption_column: str | None = doc(None, "per-image captions from a dataset column or the folder's metadata.jsonl; "
-                                     "null = instance_prompt for every image")
+    caption_column: str | None = doc(None, "per-photo captions: a key of the folder's metadata.jsonl (`text` by "
+                                     "convention), where a `.txt` file beside a photo (photo.txt for photo.jpg) counts "
+                                     "too, or a hub dataset's column; null = instance_prompt for every photo")
+    caption_dropout: UnitInterval = doc(0.0, "share of subject examples trained with no caption (the unconditional "
+                                        "input guidance samples against), e.g. 0.1; drawn from train.seed and each "
+                                        "example's place in the run")
+    shuffle_tags: bool = doc(False, "tag-style captions (`sks dog, sitting, grass`): shuffle each example's "
+                             "comma-separated tags, the first data.keep_tags staying in place")
+    keep_tags: NonNegativeInt = doc(0, "leading tags that stay in place when data.shuffle_tags shuffles (1 keeps a "
+                                    "trigger tag first)")
     resolution: Resolution = doc(1024, "training size in pixels (multiple of 8): the side of the square bucket; "
                                  "other buckets have about as many pixels")
     bucketing: bool = doc(True, "train each photo at the aspect-ratio bucket nearest its shape (SDXL's ~1 MP list "
@@ -202,6 +212,13 @@ class DataSection(Section):
     random_flip: bool = doc(True, "random horizontal flips (turn off for text or asymmetric subjects)")
     repeats: PositiveInt = doc(1, "each instance image appears this many times per epoch")
     dataloader_workers: NonNegativeInt = doc(0, "DataLoader worker processes that load images")
+
+    @model_validator(mode="after")
+    def _keep_tags_needs_shuffling(self) -> DataSection:
+        if self.keep_tags and not self.shuffle_tags:
+            raise ValueError(f"data.keep_tags is {self.keep_tags} but data.shuffle_tags is false, so no tag moves and "
+                             "keep_tags would change nothing; set data.shuffle_tags: true, or data.keep_tags: 0")
+        return self
 
 
 class PriorSection(Section):
@@ -255,6 +272,9 @@ class TrainSection(Section):
                                                          "needs a GPU (on the CPU fp32 weights then train in fp32 and "
                                                          "half-precision weights are refused)")
     gradient_checkpointing: bool = doc(True, "recompute activations in backward: much less memory, ~20 % slower")
+    compile: bool = doc(False, "torch.compile the UNet for training (inductor): a few minutes of start-up for SDXL, "
+                        "then fewer kernel launches per step on a GPU (docs/memory.md); validation and class images "
+                        "run eagerly")
     seed: NonNegativeInt = doc(42, "seeds data order, augmentation, noise and timesteps (a resumed run draws the same)")
     checkpoint_every: NonNegativeInt = doc(100, "steps between resumable checkpoints; 0 = only the final state")
     checkpoints_keep: PositiveInt | None = doc(3, "newest checkpoints kept; null = all (the final state is always "
@@ -267,14 +287,34 @@ class TrainSection(Section):
     log_every: PositiveInt = doc(1, "steps between metrics.jsonl lines (the last step is always logged)")
     cpu_threads: PositiveInt | None = doc(None, "torch threads when training on the CPU; null = torch's default (every "
                                           "core). 1 keeps steps steady when another program competes for the cores")
-    report_to: Literal["none", "tensorboard"] = doc("none", "`tensorboard` also logs there (`pip install "
-                                                    "'waveft-train[tensorboard]'`)")
+    report_to: list[Tracker] = doc(
+        "none", "trackers that also get the metrics and the validation grids: `none`, `tensorboard`, `wandb`, or a list "
+        "such as `[tensorboard, wandb]` (`pip install 'waveft-train[tensorboard]'`, `'waveft-train[wandb]'`)",
+        validate_default=True)
+    tracker_project: str = doc("waveft-train", "the W&B project; TensorBoard writes to the folder of this name in "
+                               "output.dir", min_length=1)
+    tracker_run_name: str | None = doc(None, "the run's name in W&B; null = the name of output.dir's folder")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _bare_no(cls, value: Any) -> Any:
         """YAML reads a bare `no` as false; that is what the user meant."""
         return "no" if value is False else value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        """One name or a list; `none` (or null) is no tracker. Unknown names get the list of known ones."""
+        if value is None:
+            return []
+        names = [value] if isinstance(value, str) else value
+        allowed = f"allowed: none, {', '.join(TRACKERS)}, or a list of them such as [tensorboard, wandb]"
+        if not isinstance(names, list):
+            raise ValueError(f"got {value!r}; {allowed}")
+        unknown = [name for name in names if name not in (*TRACKERS, "none")]
+        if unknown:
+            raise ValueError(f"unknown tracker {', '.join(map(repr, unknown))}; {allowed}")
+        return list(dict.fromkeys(name for name in names if name != "none"))
 
     @model_validator(mode="after")
     def _warmup_needs_a_warmup_scheduler(self) -> TrainSection:

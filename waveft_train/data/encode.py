@@ -11,6 +11,7 @@ VAE live (on the device only while they work), and what the loop's examples are.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from waveft_train.data.caption_variation import CaptionVariation
 
 
 def warn_about_long_prompts(prompts_by_source: Sequence[tuple[str, str]], tokenizer) -> None:
@@ -80,7 +83,15 @@ def encode_latents(vae, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 class PromptCache:
-    """Embeddings of every prompt the run uses, computed once; lookups stack them per batch."""
+    """Embeddings of every prompt the run uses, computed once; lookups stack them per batch.
+
+    The prompts given up front (every caption and the class prompt) are encoded together. Any other prompt (a caption
+    with its tags shuffled) is encoded on its own when first asked for, by the text encoders wherever they are, and the
+    newest `VARIANTS_KEPT` of those are kept: encoded alone, a prompt gets the same embedding whenever and wherever it
+    is first asked for (a resumed run, another process). None is no prompt: zeros, SDXL's unconditional input.
+    """
+
+    VARIANTS_KEPT = 256  # ~160 MB of SDXL embeddings; shuffled tags of a short caption repeat, of a long one rarely
 
     def __init__(self, prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence, batch_size: int = 8):
         unique = sorted(set(prompts))
@@ -91,13 +102,28 @@ class PromptCache:
             embeds.append(e.float().cpu())
             pooled.append(p.float().cpu())
         self.embeds, self.pooled = torch.cat(embeds), torch.cat(pooled)
+        self._tokenizers, self._text_encoders = tokenizers, text_encoders
+        self._variants: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
+    def _one(self, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompt is None:
+            return torch.zeros_like(self.embeds[0]), torch.zeros_like(self.pooled[0])
+        if prompt in self._index:
+            return self.embeds[self._index[prompt]], self.pooled[self._index[prompt]]
+        if prompt not in self._variants:
+            embeds, pooled = encode_prompts([prompt], self._tokenizers, self._text_encoders)
+            self._variants[prompt] = (embeds[0].float().cpu(), pooled[0].float().cpu())
+            if len(self._variants) > self.VARIANTS_KEPT:
+                self._variants.popitem(last=False)
+        self._variants.move_to_end(prompt)
+        return self._variants[prompt]
+
+    def __call__(self, prompts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        if all(prompt in self._index for prompt in prompts):  # every prompt encoded up front: one gather
             rows = torch.tensor([self._index[prompt] for prompt in prompts])
-        except KeyError as missing:
-            raise KeyError(f"prompt {missing} was not encoded up front") from None
-        return self.embeds[rows], self.pooled[rows]
+            return self.embeds[rows], self.pooled[rows]
+        embeds, pooled = zip(*(self._one(prompt) for prompt in prompts))
+        return torch.stack(embeds), torch.stack(pooled)
 
 
 class LatentCache(torch.utils.data.Dataset):
@@ -146,11 +172,18 @@ class Conditioning:
     every example is VAE-encoded once and `examples` is that cache, so the VAE leaves the device too; otherwise
     `examples` is the dataset itself and the VAE encodes each batch on the device. `lent_to_pipeline()` brings
     every module to the device for sampling (validation) and puts each back where training keeps it.
+
+    `captions` (caption_variation.py) varies each subject example's caption by its position in the run, which the
+    loop passes with every batch: dropped captions are zeros, shuffled tags are encoded as they come, so with
+    `shuffle_tags` the text encoders stay on the device.
     """
 
-    def __init__(self, components, dataset, *, device: torch.device, cache_latents: bool, progress: bool = True):
+    def __init__(self, components, dataset, *, device: torch.device, cache_latents: bool, progress: bool = True,
+                 captions: CaptionVariation | None = None):
         self.components, self.device = components, device
         self.cache_latents = cache_latents
+        self.captions = captions if captions is not None and captions.varies else None
+        self.encodes_while_training = self.captions is not None and self.captions.shuffle_tags
         prompts = list(dataset.instance_images.prompts)
         if dataset.class_images is not None:
             prompts += list(dataset.class_images.prompts)
@@ -161,9 +194,10 @@ class Conditioning:
         self._park()
 
     def _park(self) -> None:
-        """Where the frozen modules live during training: only a VAE that still encodes stays on the device."""
-        self.components.text_encoder.to("cpu")
-        self.components.text_encoder_2.to("cpu")
+        """Where the frozen modules live during training: only a VAE that still encodes, and text encoders that still
+        encode (shuffled tags), stay on the device."""
+        self.components.text_encoder.to(self.device if self.encodes_while_training else "cpu")
+        self.components.text_encoder_2.to(self.device if self.encodes_while_training else "cpu")
         self.components.vae.to("cpu" if self.cache_latents else self.device)
 
     @contextmanager
@@ -176,15 +210,22 @@ class Conditioning:
         finally:
             self._park()
 
-    def __call__(self, batch: dict[str, Any]) -> UNetInputs:
+    def __call__(self, batch: dict[str, Any], first_position: int = 0) -> UNetInputs:
+        """UNet inputs of a collated batch whose first instance example is example `first_position` of the run."""
         images = batch["images"]
         latents = images if self.cache_latents else encode_latents(self.components.vae, images)
-        embeds, pooled = self.prompts(batch["prompts"])
+        prompts = batch["prompts"]
+        if self.captions is not None:
+            count = batch["num_instance"]
+            prompts = [self.captions.caption_for(prompt, first_position + index)
+                       for index, prompt in enumerate(prompts[:count])] + list(prompts[count:])
+        embeds, pooled = self.prompts(prompts)
         time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
         return UNetInputs(
-            latents=latents.to(self.device),
-            prompt_embeds=embeds.to(self.device),
-            pooled=pooled.to(self.device),
-            time_ids=time_ids.to(self.device),
+            # non_blocking: from pageable host memory it is safe, and the step does not wait for the device
+            latents=latents.to(self.device, non_blocking=True),
+            prompt_embeds=embeds.to(self.device, non_blocking=True),
+            pooled=pooled.to(self.device, non_blocking=True),
+            time_ids=time_ids.to(self.device, non_blocking=True),
             num_instance=batch["num_instance"],
         )

@@ -11,7 +11,8 @@ Why it looks like this:
 - What we change about the user's data or leave out is said once, naming the files: skipped files with the reason,
   photos decoded reduced, multi-frame images (first frame), blank captions replaced by the instance prompt, images
   far below the training resolution (upscaled, so blurry).
-- `image_manifest` hashes every image and caption, so a resumed run can tell that the subject photos changed.
+- `image_manifest` hashes every image and caption (from metadata.jsonl or a .txt file), so a resumed run can tell
+  that the subject photos or their captions changed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from PIL import Image
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_local
 from waveft_train.data import photos
+from waveft_train.data.caption_files import merge_caption_files
 from waveft_train.data.photos import IMAGE_EXTENSIONS, UnconvertibleImage, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -288,9 +290,9 @@ def _prompts(rows: datasets.Dataset, caption_column: str | None, default_prompt:
     if caption_column not in rows.column_names:
         raise UserError(
             f"The caption column {caption_column!r} does not exist in {source}; available columns: "
-            f"{rows.column_names}. For a local folder, captions come from a metadata.jsonl with a "
-            f"\"file_name\" key and a {caption_column!r} key per image; or set the caption column to null "
-            "to use the prompt from the config for every image."
+            f"{rows.column_names}. For a local folder, captions come from a .txt file beside each photo (photo.txt "
+            f"for photo.jpg) or a metadata.jsonl with a \"file_name\" key and a {caption_column!r} key per image; "
+            "or set the caption column to null to use the prompt from the config for every image."
         )
     prompts, blank = [], []
     for row_number, caption in enumerate(rows[caption_column]):
@@ -321,7 +323,8 @@ def load_images(
     cache_dir: str | None = None,
     report: bool = True,
 ) -> ImageSet:
-    """Load images from a local folder (captions from its metadata.jsonl) or a hub dataset id (`split`, `cache_dir`).
+    """Load images from a local folder (captions: its .txt files and metadata.jsonl, by caption_files.py's rule) or a
+    hub dataset id (`split`, `cache_dir`).
 
     Local folders are validated first (see `validate_image_folder`) and loaded from the photos the check found. A
     source that is not an existing path and does not look like one ("./x", "/x", "~/x") is taken as a hub dataset
@@ -331,7 +334,11 @@ def load_images(
     if is_local(source_text):
         folder = Path(source_text).expanduser()
         found, metadata = _checked_folder(folder, config_key=config_key, role=role, allow_empty=False)
-        rows, headers, skipped = _folder_rows(folder, found.photos, metadata), found.headers, found.skipped
+        columns = _folder_columns(folder, found.photos, metadata)
+        caption_files = merge_caption_files(columns, folder, caption_column, default_prompt=default_prompt,
+                                            config_key=config_key, report=report)
+        rows, headers = _as_rows(columns, folder), found.headers
+        skipped = [entry for entry in found.skipped if entry.rpartition(" (")[0] not in caption_files]
         source_text = str(folder)
     else:
         rows, headers, skipped = _load_hub(source_text, split, cache_dir), None, []
@@ -346,17 +353,19 @@ def load_images(
     return images
 
 
-def _folder_rows(folder: Path, files: list[Path], metadata: list[dict] | None) -> datasets.Dataset:
+def _folder_columns(folder: Path, files: list[Path], metadata: list[dict] | None) -> dict[str, list]:
     """The rows imagefolder would make of the folder, from the photos the check found: one per photo, sorted, or one
     per metadata.jsonl line with its keys as columns; named by path under the resolved folder, as imagefolder names
     them (checkpoints record photos by these names)."""
     base = folder.resolve()
     if metadata is None:
-        columns = {"image": [str(base / path.relative_to(folder)) for path in files]}
-    else:
-        keys = dict.fromkeys(key for row in metadata for key in row if key not in ("file_name", "image"))
-        columns = {"image": [os.path.join(base, os.path.normpath(row["file_name"])) for row in metadata],
-                   **{key: [row.get(key) for row in metadata] for key in keys}}
+        return {"image": [str(base / path.relative_to(folder)) for path in files]}
+    keys = dict.fromkeys(key for row in metadata for key in row if key not in ("file_name", "image"))
+    return {"image": [os.path.join(base, os.path.normpath(row["file_name"])) for row in metadata],
+            **{key: [row.get(key) for row in metadata] for key in keys}}
+
+
+def _as_rows(columns: dict[str, list], folder: Path) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
     except (ValueError, TypeError) as error:  # pyarrow: one key holding values of different types

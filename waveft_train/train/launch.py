@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def make_accelerator(train: TrainSection, model: ModelSection, output_dir: Path):
     accelerator = Accelerator(
         mixed_precision=train.mixed_precision,
-        log_with="tensorboard" if train.report_to == "tensorboard" else None,
+        log_with=list(train.report_to) or None,
         project_dir=str(output_dir),
         kwargs_handlers=[
             # The adapter's index tensors are buffers; they never change, so DDP need not re-send them each step.

@@ -4,21 +4,22 @@ It knows no YAML and no file layout: the run (`run.py`) hands it prepared object
 already starts at the resume point, and `training_steps` yields after every optimizer step, so the run logs,
 checkpoints and validates between steps in plain sight.
 
-A run is a function of its config and its global batch (batch_size × processes × accumulation), not of how that
-batch is split: every random draw belongs to an example, keyed by the example's position in the run (the k-th
-example drawn), and the loss is the mean over the global batch whatever the split (each process scales its sum
-by processes / global batch; DDP then averages the processes' gradients). Each DreamBooth item (an instance
-example and its class example) goes through the UNet as its own forward and backward: batched kernels round
-differently for different batch sizes, and Adam turns such rounding in near-zero gradients into visible
-differences, so one item per pass is what makes every layout compute the same numbers. So 1 process with batch 2,
-2 processes with batch 1, or accumulation 2 train the same adapter to float rounding (bit for bit on CPU), and a
-resumed run, on any layout with the same global batch, draws exactly the noise and timesteps an uninterrupted one
-would. `batch_size` is therefore how many items a step takes per process, not a kernel batch: it costs nothing
-in memory beyond one item.
+A run is a function of its config and its global batch (batch_size × processes × accumulation), not of how that batch
+is split: every random draw belongs to an example, keyed by the example's position in the run (the k-th example drawn:
+its noise, its timestep, and through the conditioning its caption's dropout and tag order), and the loss is the mean
+over the global batch whatever the split (each process scales its sum by processes / global batch; DDP then averages
+the processes' gradients). Each DreamBooth item (an instance example and its class example) goes through the UNet as
+its own forward and backward: batched kernels round differently for different batch sizes, and Adam turns such
+rounding in near-zero gradients into visible differences, so one item per pass is what makes every layout compute the
+same numbers. So 1 process with batch 2, 2 processes with batch 1, or accumulation 2 train the same adapter to float
+rounding (bit for bit on CPU), and a resumed run, on any layout with the same global batch, draws exactly the noise
+and timesteps an uninterrupted one would. `batch_size` is therefore how many items a step takes per process, not a
+kernel batch: it costs nothing in memory beyond one item.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -90,9 +91,9 @@ def diffusion_loss(
     if settings.noise_offset:
         noise = noise + settings.noise_offset * torch.stack([torch.randn((channels, 1, 1), generator=g)
                                                              for g in generators])
-    noise = noise.to(device)
+    noise = noise.to(device, non_blocking=True)  # from pageable memory: safe, and no wait for the device
     steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]).to(device)
+    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]).to(device, non_blocking=True)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(
         noisy.to(input_dtype),
@@ -116,6 +117,42 @@ def diffusion_loss(
     return instance, prior
 
 
+class StepMetrics:
+    """One optimizer step's figures, left on the device until `read()`: the step itself never waits for the device
+    (no `.item()`, no device-to-host copy), so CUDA graphs and torch.compile can capture it whole. Reading waits,
+    once, for the step to finish, and raises `TrainingDiverged` when a loss or the gradient norm was not finite
+    (the same on every process: the losses are reduced over processes, the norm is of DDP's averaged gradients).
+
+    A non-finite step has already been applied when it is read; the run reads every step before it writes anything,
+    so no checkpoint ever holds it.
+    """
+
+    def __init__(self, step: int, losses: torch.Tensor, grad_norm: torch.Tensor, *, check_grad_norm: bool,
+                 prior_weight: float | None, lr: float, started: float, on_read=None):
+        self.step, self.losses, self.grad_norm, self.check_grad_norm = step, losses, grad_norm, check_grad_norm
+        self.prior_weight, self.lr, self.started, self.on_read = prior_weight, lr, started, on_read
+        self._values: dict[str, float | None] | None = None
+
+    def read(self) -> dict[str, float | None]:
+        """loss, instance_loss, prior_loss, lr, grad_norm and seconds (the step's start until its end was read)."""
+        if self._values is not None:
+            return self._values
+        *losses, grad_norm = torch.cat([self.losses, torch.as_tensor(self.grad_norm, dtype=torch.float32,
+                                                                     device=self.losses.device).reshape(1)]).tolist()
+        instance_loss, prior_loss = losses
+        weight = self.prior_weight
+        loss = instance_loss + (weight * prior_loss if weight is not None else 0.0)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(_diverged_message(self.step, "loss", loss))
+        if self.check_grad_norm and not math.isfinite(grad_norm):
+            raise TrainingDiverged(_diverged_message(self.step, "gradient norm", grad_norm))
+        self._values = {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss if weight is not None
+                        else None, "lr": self.lr, "grad_norm": grad_norm, "seconds": time.perf_counter() - self.started}
+        if self.on_read is not None:
+            self.on_read(self._values)
+        return self._values
+
+
 def training_steps(
     *,
     accelerator,
@@ -130,32 +167,37 @@ def training_steps(
     start_step: int,
     input_dtype: torch.dtype,
     progress: bool = True,
-) -> Iterator[tuple[int, dict[str, float]]]:
-    """Run optimizer steps start_step+1 … max_steps, yielding (step, metrics) after each one.
+) -> Iterator[tuple[int, StepMetrics]]:
+    """Run optimizer steps start_step+1 … max_steps, yielding (step, its StepMetrics) after each one is queued.
 
-    Collective: every process iterates in lockstep (gradients sync in backward; the finiteness check and the
-    metrics are reduced across processes every step).
+    Collective: every process iterates in lockstep (gradients sync in backward, the losses are reduced every step).
+    The caller reads each step's metrics before it writes anything (that read is the step's only wait for the
+    device, and where a diverged step is caught).
     """
     accumulation = settings.gradient_accumulation
     processes = accelerator.num_processes
     bar = tqdm(
         total=settings.max_steps, initial=start_step, desc="training", disable=not (progress and accelerator.is_main_process)
     )
+
+    def show(values: dict) -> None:
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", s_per_step=f"{values['seconds']:.2f}")
+
     unet.train()
     step = start_step
     prior_weight = settings.prior_loss_weight
     try:
         while step < settings.max_steps:
             started = time.perf_counter()
-            sums = {"instance": torch.zeros((), device=accelerator.device),
-                    "class": torch.zeros((), device=accelerator.device)}
+            sums = torch.zeros(2, device=accelerator.device)  # summed instance and class losses
             global_batch = 0
             for micro in range(accumulation):
-                inputs = conditioning(next(batches))
-                local = inputs.num_instance
+                batch = next(batches)
+                local = batch["num_instance"]
                 global_micro = local * processes  # every process draws the same number of examples
                 global_batch = global_micro * accumulation
                 first = (step * accumulation + micro) * global_micro + accelerator.process_index * local
+                inputs = conditioning(batch, first_position=first)  # the run positions key the captions, too
                 for index in range(local):
                     item = inputs.item(index)
                     generators = batch_generators(settings.seed, first + index, 1, prior_weight is not None)
@@ -163,44 +205,26 @@ def training_steps(
                     with nullcontext() if syncing else accelerator.no_sync(unet):
                         instance, prior = diffusion_loss(unet, noise_scheduler, item, generators, settings, input_dtype)
                         total = instance.sum() + (prior_weight * prior.sum() if prior is not None else 0.0)
-                        if not _finite_everywhere(accelerator, total):  # every process stops together, none hangs
-                            raise TrainingDiverged(_diverged_message(step + 1, "loss", total.item()))
                         # DDP averages gradients over processes: scaling by processes / global batch makes the
                         # result the gradient of the mean over the global batch, whatever the split.
                         accelerator.backward(total * (processes / global_batch))
-                    sums["instance"] += instance.detach().sum()
+                    sums[0] += instance.detach().sum()
                     if prior is not None:
-                        sums["class"] += prior.detach().sum()
+                        sums[1] += prior.detach().sum()
 
             grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm or float("inf"))
-            if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                raise TrainingDiverged(_diverged_message(step + 1, "gradient norm", float(grad_norm)))
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-
-            totals = torch.stack([sums["instance"], sums["class"]]).reshape(2)
-            if processes > 1:
-                totals = accelerator.reduce(totals, reduction="sum")
-            instance_loss, prior_loss = (totals / global_batch).tolist()
-            loss = instance_loss + (prior_weight * prior_loss if prior_weight is not None else 0.0)
-            seconds = time.perf_counter() - started
-            metrics = {"loss": loss, "instance_loss": instance_loss,
-                       "prior_loss": prior_loss if prior_weight is not None else None,
-                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "seconds": seconds}
+            if processes > 1:  # a non-finite loss on any process makes every process's sum non-finite
+                sums = accelerator.reduce(sums, reduction="sum")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", s_per_step=f"{seconds:.2f}")
-            yield step, metrics
+            yield step, StepMetrics(step, sums / global_batch, grad_norm, check_grad_norm=accelerator.scaler is None,
+                                    prior_weight=prior_weight, lr=lr_scheduler.get_last_lr()[0], started=started,
+                                    on_read=show)
     finally:
         bar.close()
-
-
-def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if accelerator.num_processes > 1:
-        finite = accelerator.gather(finite)
-    return bool(finite.min() > 0)
 
 
 def _diverged_message(step: int, what: str, value: float) -> str:

@@ -3,10 +3,10 @@
 What a process keeps on the device: the frozen UNet weights; the adapter (trainable parameters in float32 and its
 buffers: ~300 KiB of index tensors per layer for waveft-train's tuner); their gradients; AdamW's two float32 moments
 (8-bit Adam: one byte each); the activations of one micro-batch (batch_size latents, doubled by prior preservation),
-which gradient checkpointing trades for compute; and the VAE when latents are not cached. The text encoders are
-parked on the CPU once the prompts are encoded. Validation sampling brings them and the VAE back beside the UNet and
-the training state, and a first run with prior preservation generates its class images with the base pipeline;
-`peak` is the largest of those phases.
+which gradient checkpointing trades for compute; and the VAE when latents are not cached. The text encoders are parked
+on the CPU once the prompts are encoded (unless data.shuffle_tags makes captions to encode at every step). Validation
+sampling brings them and the VAE back beside the UNet and the training state, and a first run with prior preservation
+generates its class images with the base pipeline; `peak` is the largest of those phases.
 
 Activations: per latent token of a level and per channel, a resnet keeps `res` bytes (input and output channels),
 a transformer block `block`, everything else `other` (a transformer's norm and projections, the samplers, conv_in
@@ -148,12 +148,14 @@ def estimate_training_memory(
     text_encoder_params: int = SDXL_TEXT_ENCODER_PARAMS,
     vae_params: int = SDXL_VAE_PARAMS,
     vae_dtype: str = "fp32",
+    text_encoders_in_training: bool = False,
 ) -> dict[str, int]:
     """Device bytes of a run's parts and phases, per process. Defaults: SDXL-base's encoders and VAE (fp32, as
     force_upcast keeps it; "bf16" for an fp16-fix VAE) and the paper's recipe. The sizes come from the adapted UNet
     on the meta device (`sizes_of`). Returns unet_weights, adapter, gradients, optimizer_state, activations,
     library_workspaces (CUDA's, in every phase), training_step, text_encoders, vae, validation_sampling and
-    class_image_generation (0 when off), and peak."""
+    class_image_generation (0 when off), and peak. `text_encoders_in_training`: they stay beside the UNet to encode
+    captions as they come (data.shuffle_tags)."""
     side = resolution // vae_scale_factor
     precision = "fp32" if weight_dtype == "fp32" and mixed_precision == "no" else "half"
     pixels, vae_width = resolution * resolution, BYTES[vae_dtype]
@@ -164,7 +166,7 @@ def estimate_training_memory(
     parts = {"unet_weights": weights, "adapter": trainable_params * 4 + adapter_buffer_bytes,
              "gradients": trainable_params * 4, "optimizer_state": trainable_params * (2 if optimizer == "adamw8bit" else 8),
              "activations": activations}  # fmt: skip
-    training = sum(parts.values()) + LIBRARY_WORKSPACES
+    training = sum(parts.values()) + LIBRARY_WORKSPACES + (text_encoders if text_encoders_in_training else 0)
     if not cache_latents:  # the VAE stays and encodes each batch (instance and class images) before the UNet runs
         encode = VAE_PER_PIXEL["encode"] * vae_width * pixels * batch_size * (2 if prior else 1)
         training += vae + max(0, int(encode) - activations)

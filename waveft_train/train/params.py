@@ -46,7 +46,7 @@ def describe_memory(model: ModelSection, data: DataSection, prior: PriorSection,
         validation=bool(validation.prompts), generate_class_images=prior.enabled,
         generation_batch_size=prior.generation_batch_size, vae_scale_factor=sizes["vae_scale_factor"],
         text_encoder_params=sizes["text_encoder_params"], vae_params=sizes["vae_params"],
-        vae_dtype="fp32" if sizes["vae_force_upcast"] else weight,
+        vae_dtype="fp32" if sizes["vae_force_upcast"] else weight, text_encoders_in_training=data.shuffle_tags,
     )
 
     def gib(value: int) -> str:

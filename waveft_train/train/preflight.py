@@ -33,7 +33,7 @@ from waveft_train.data.images import validate_image_folder
 from waveft_train.models.loading import ALLOWED_MODELS, first_line, offline_note, resolve_pretrained, resolve_vae
 from waveft_train.train.checkpoint import why_not_continue
 
-RUN_OUTPUTS = ("checkpoints", "samples", "adapter", "metrics.jsonl", "summary.json", "evaluation.jsonl",
+RUN_OUTPUTS = ("checkpoints", "samples", "adapter", "metrics.jsonl", "summary.json", "report.html", "evaluation.jsonl",
                "evaluation.json")  # what a run writes
 
 
@@ -90,9 +90,12 @@ def check_optional_dependencies(train: TrainSection) -> None:
     if train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("train.optimizer: adamw8bit needs bitsandbytes, which is not installed. Install it with "
                         "`pip install 'waveft-train[bnb]'` (CUDA only), or use train.optimizer: adamw.")
-    if train.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("train.report_to: tensorboard needs the tensorboard package. Install it with "
-                        "`pip install 'waveft-train[tensorboard]'`, or set train.report_to: none.")
+    for tracker in train.report_to:  # accelerate's tracker names are the packages' names
+        if importlib.util.find_spec(tracker) is None:
+            others = [name for name in train.report_to if name != tracker]
+            instead = f"train.report_to: [{', '.join(others)}]" if others else "train.report_to: none"
+            raise UserError(f"train.report_to: {tracker} needs the {tracker} package, which is not installed. Install "
+                            f"it with `pip install 'waveft-train[{tracker}]'`, or set {instead}.")
 
 
 def adapter_on_meta_unet(model: ModelSection, waveft: WaveFTSection):

@@ -31,6 +31,7 @@ from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
+from waveft_train.data.caption_variation import CaptionVariation
 from waveft_train.data.dataset import DreamBoothDataset, StepBatchSampler, collate
 from waveft_train.data.encode import Conditioning, warn_about_long_prompts
 from waveft_train.data.images import image_manifest, images_from_files, load_images, warn_about_small_images
@@ -80,6 +81,7 @@ class DreamBoothRun:
         self.step = 0
         self.step_seconds: list[float] = []
         self.final_loss: float | None = None
+        self.last_words: list[str] = []  # what the main process prints once the run has ended
         self.grids = ValidationGrids(config.validation, config.validation_resolution(), self.output_dir / "samples",
                                      progress=progress)
         self.scores = ValidationScores(config.validation, config.data, config.prior, self.output_dir,
@@ -172,7 +174,8 @@ class DreamBoothRun:
         if self.accelerator.is_main_process:
             with writing(self.output_dir / "config.yaml", "the run's resolved config"):
                 atomic_write_text(self.output_dir / "config.yaml", dump_config(config))
-            self.report = RunReport(self.output_dir, self.start_step, config.train, self.accelerator)
+            self.report = RunReport(self.output_dir, self.start_step, config.train, self.accelerator,
+                                    settings=config.model_dump(mode="json"))
         self.accelerator.wait_for_everyone()
 
     def _setup_data(self) -> None:
@@ -190,7 +193,8 @@ class DreamBoothRun:
             num_class_images=prior.num_class_images if prior.enabled else None, bucketing=data.bucketing,
         )
         self.conditioning = Conditioning(self.components, self.dataset, device=self.accelerator.device,
-                                         cache_latents=self.config.train.cache_latents, progress=self.progress and main)
+                                         cache_latents=self.config.train.cache_latents, progress=self.progress and main,
+                                         captions=CaptionVariation.of(data, self.config.train.seed))
 
     def _setup_adapter(self) -> None:
         """The method's trainable parameters on the UNet (WaveFT unless another method was given), optimizer, LR
@@ -208,6 +212,9 @@ class DreamBoothRun:
             # differs only in a one-time sync at start, and our buffers are equal on every process anyway.
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
             self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.bare_unet = unet  # without the DDP or compile wrapper: what is saved, loaded and sampled
+        if train.compile:  # training steps only: validation samples through the bare, eager UNet
+            self.unet = torch.compile(self.unet)
 
     def _resume(self) -> int:
         """Load the newest checkpoint that loads (damaged ones are named and skipped); the step to continue from."""
@@ -227,7 +234,7 @@ class DreamBoothRun:
             raise UserError(f"The checkpoint {folder} was written by a run with a different config; use another "
                             "output.dir, or --force to start this run from scratch there.")
         load_adapter_weights_into(
-            self.accelerator.unwrap_model(self.unet), adapter, misfit=f"The checkpoint {folder} does not fit this run's "
+            self.bare_unet, adapter, misfit=f"The checkpoint {folder} does not fit this run's "
             "adapter", remedy="Was it trained with other waveft settings (target_modules, n_frequency, "
             "n_frequency_pattern) or for another model? Use the same settings, or another output.dir.")
         self.invocations = list(state.get("invocations", []))
@@ -262,7 +269,8 @@ class DreamBoothRun:
             start_step=self.start_step, input_dtype=input_dtype, progress=self.progress,
         )
         with closing(steps):  # an error between steps closes the progress bar, so no message lands on its line
-            for step, metrics in steps:
+            for step, step_metrics in steps:
+                metrics = step_metrics.read()  # the step's one wait for the device; raises if it diverged
                 self.step, self.final_loss = step, metrics["loss"]
                 self.step_seconds.append(metrics["seconds"])
                 self._log(step, metrics)
@@ -311,7 +319,7 @@ class DreamBoothRun:
             }
             try:
                 checkpoint.save_checkpoint(
-                    self.output_dir, step, unet=accelerator.unwrap_model(self.unet),
+                    self.output_dir, step, unet=self.bare_unet,
                     base_model_name_or_path=self.components.base_model_name, training_state=state,
                     keep=self.config.train.checkpoints_keep, prediction_type=self._recorded_prediction_type(),
                 )
@@ -330,14 +338,14 @@ class DreamBoothRun:
         return self.prediction_type if self.prediction_type != base else None
 
     def validate(self, step: int) -> None:
-        """Collective. samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, same seeds."""
+        """Collective. samples/step-NNNNNN.png: per prompt, the base model's images then the adapter's, same seeds;
+        with validation.evaluate, first the scores (evaluation.jsonl), so the rewritten report.html shows them."""
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process and self.config.validation.prompts:
-            self.grids.draw(step, self.components, self.accelerator.unwrap_model(self.unet), self.conditioning,
-                            self.prediction_type)
         if self.accelerator.is_main_process and self.scores is not None and self.method.saves_adapter:
-            self.scores.score(step, self.components, self.accelerator.unwrap_model(self.unet), self.conditioning,
-                              self.prediction_type)
+            self.scores.score(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
+        if self.accelerator.is_main_process and self.config.validation.prompts:
+            grid = self.grids.draw(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
+            self.report.validation(step, grid)  # the trackers get the grid; report.html is rewritten
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ the end
@@ -364,12 +372,15 @@ class DreamBoothRun:
                           prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.grids.last is not None,
                           prediction_type=self._recorded_prediction_type()) if saves else None
-        adapter_dir = write_final(self.output_dir, summary, unet=accelerator.unwrap_model(self.unet) if saves else None,
+        adapter_dir = write_final(self.output_dir, summary, unet=self.bare_unet if saves else None,
                                   base_model_name=self.components.base_model_name,
                                   prediction_type=self._recorded_prediction_type(), model_card=card,
                                   last_samples=self.grids.last)
         samples = f", samples in {self.output_dir / 'samples'}" if self.grids.last is not None else ""
-        print(f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", flush=True)
+        report = self.report.finish()
+        self.last_words = [f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", f"Report: {report}"]
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
+        self.accelerator.end_training()  # the trackers' closing words (W&B's summary) come before ours
+        if self.last_words:
+            print("\n".join(self.last_words), flush=True)

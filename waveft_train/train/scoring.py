@@ -7,9 +7,10 @@
 - `evaluation.json`: {"best": {"step", "checkpoint", "score"}, "rule" (the ranking rule in words), "settings" (what
   was sampled and with which metric models), "ranking" (every record's step, checkpoint and score, best first)}.
 
-`score_run` (`waveft-train evaluate --run`) rescores every checkpoint still on disk and rewrites both files;
-`ValidationScores` (`validation.evaluate: true`) adds one line at each validation step of a training run. Both write
-on the main process only, atomically. `best_adapter` is what `--checkpoint best` reads.
+`score_run` (`waveft-train evaluate --run`) rescores every checkpoint still on disk and rewrites both files and the
+run's report.html; `ValidationScores` (`validation.evaluate: true`) adds one line at each validation step of a
+training run (the run rewrites report.html next). Both write on the main process only, atomically. `best_adapter` is
+what `--checkpoint best` reads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from waveft_train.adapter.files import ADAPTER_WEIGHTS, load_adapter_weights_int
 from waveft_train.adapter.load import load_adapter_unet
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, writing
+from waveft_train.common.lock import FolderLock
 from waveft_train.config import DataSection, PriorSection, ValidationSection
 from waveft_train.evaluation.metric_models import DEFAULT_CLIP, DEFAULT_DINO
 from waveft_train.evaluation.ranking import RULE, best_record, ranking_parts
@@ -34,6 +36,7 @@ from waveft_train.toy.judge import load_judge
 from waveft_train.toy.scoring import ToyScorer
 from waveft_train.toy.subjects import SUBJECT_FILE, Subject, get_subject
 from waveft_train.train.checkpoint import EVALUATION_SUMMARY, checkpoint_record, list_checkpoints
+from waveft_train.train.report_html import write_report
 
 EVALUATION_LOG = "evaluation.jsonl"
 FINAL_ADAPTER = "adapter"
@@ -163,24 +166,27 @@ def score_adapter(adapter: Path, scorer: Scorer, *, base: str | None, dtype: tor
 def score_run(output_dir: Path, scorer: Scorer, *, base: str | None, dtype: torch.dtype, device: str,
               echo: Callable[[str], None] = print) -> dict:
     """Score every adapter of the run folder (the base model loaded once, each checkpoint's weights swapped in),
-    rewrite evaluation.jsonl and evaluation.json, and return the summary."""
+    rewrite evaluation.jsonl, evaluation.json and report.html, and return the summary. Holds the folder's lock: a
+    training run writing there meanwhile would mix two tables."""
     output_dir = Path(output_dir)
     adapters = scorable_adapters(output_dir)
-    unet, pipeline = _loaded(adapters[-1][2], base, dtype, device)
-    log = EvaluationLog(output_dir, scorer.describe(), fresh=True)
-    for index, (step, label, folder) in enumerate(adapters, start=1):
-        files = read_adapter(folder)
-        load_adapter_weights_into(unet, files.load_tensors(), misfit=f"The checkpoint {folder} does not fit the run's "
-                                  f"adapter ({adapters[-1][2]})", remedy="Do all checkpoints come from one run?")
-        record = log.add(step, label, scorer.score(pipeline, unet))
-        echo(f"[{index}/{len(adapters)}] {label}: score {record['score']:+.3f}")
+    with FolderLock(output_dir, what="waveft-train run or evaluation"):
+        unet, pipeline = _loaded(adapters[-1][2], base, dtype, device)
+        log = EvaluationLog(output_dir, scorer.describe(), fresh=True)
+        for index, (step, label, folder) in enumerate(adapters, start=1):
+            files = read_adapter(folder)
+            load_adapter_weights_into(unet, files.load_tensors(), misfit=f"The checkpoint {folder} does not fit the "
+                                      f"run's adapter ({adapters[-1][2]})", remedy="Do all checkpoints come from one run?")
+            record = log.add(step, label, scorer.score(pipeline, unet))
+            echo(f"[{index}/{len(adapters)}] {label}: score {record['score']:+.3f}")
+        report = write_report(output_dir)
     summary = log.summary()
     best = summary["best"]
     echo(TABLE_HEADER)
     for record in log.records:
         echo(record_line(record, best=record["step"] == best["step"]))
-    echo(f"Best: {best['checkpoint']} (step {best['step']}, score {best['score']:+.3f}); wrote {log.log_path} and "
-         f"{log.summary_path}.")
+    echo(f"Best: {best['checkpoint']} (step {best['step']}, score {best['score']:+.3f}); wrote {log.log_path}, "
+         f"{log.summary_path} and {report}.")
     return summary
 
 

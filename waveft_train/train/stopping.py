@@ -8,6 +8,7 @@ step: the run asks `agreed()` after each step, a collective that tells all of th
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -29,6 +30,7 @@ class GracefulStop:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> GracefulStop:
+        self.pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
             for number in SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
@@ -41,6 +43,10 @@ class GracefulStop:
         self._previous.clear()
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
+        if os.getpid() != self.pid:  # a forked worker (e.g. torch.compile's) that inherited the handler: end as asked
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+            return
         name = signal.Signals(number).name
         if self.received is not None:
             latest = find_latest_checkpoint(self.output_dir)

@@ -44,6 +44,17 @@ CPU_CHUNK_ELEMENTS, MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 1 << 20, 256, 1024
 PATCH_COST, DENSE_BUILD_COST = 7.0, 10.0
 
 
+def launch_light(device: torch.device) -> bool:
+    """Whether to use the launch-light path: on accelerators, which a layer step's many small kernels leave waiting
+    for the host to launch them (BENCHMARKS §6: every method busy 3-16 % of a step there), fewer, larger operations
+    pay; on the CPU, which does the arithmetic itself, cache-sized token chunks and the sparse kernel do.
+
+    Launch-light: the spectrum gradient in one token chunk, its sampled product as one dense product and one gather.
+    benchmarks.profile forces it on the CPU (`launch_light_path`) to count its operations without a GPU.
+    """
+    return device.type != "cpu"
+
+
 def choose_path(tokens: int, out_features: int, in_features: int, transforms: Sequence[SparseIDWT]) -> str:
     """Merged or factorized, by which extra work is smaller.
 
@@ -139,14 +150,12 @@ def sampled_products(
     """scaling · Σ_t rows_t[gi_k, t] · cols_t[xi_k, t] for every coefficient k, in coefficient order.
 
     rows_t (2·H2, T) and cols_t (2·W2, T) are contiguous with tokens last, as all kernels want: "dense" (one full
-    product, then a gather: dense spectra), "csr" (`torch.sparse.sampled_addmm`: fastest on CPU), "gather"
-    (chunked row gathers and batched dot products: any device and dtype; cuSPARSE's SDDMM lacks bf16). "auto"
-    picks by density and device.
+    product, then a gather: dense spectra, and the launch-light path), "csr" (`torch.sparse.sampled_addmm`: fastest
+    on CPU), "gather" (chunked row gathers and batched dot products: any device and dtype; cuSPARSE's SDDMM lacks
+    bf16). "auto" picks by density and device: on a GPU the dense product's kernels took as long as gather's or less
+    (§6: 0.20 / 0.21 / 0.09 ms against 0.30 / 0.19 / 0.08 at the three SDXL shapes) in two launches instead of ~10.
     """
-    if kernel == AUTO:
-        dense = transform.n >= DENSE_SAMPLING_FRACTION * rows_t.shape[0] * cols_t.shape[0]
-        csr = rows_t.device.type == "cpu" and not torch.compiler.is_compiling()  # dynamo has no sparse tensors
-        kernel = "dense" if dense else "csr" if csr else "gather"
+    kernel = auto_kernel(transform, rows_t) if kernel == AUTO else kernel
     if kernel == "dense":
         return (rows_t @ cols_t.t())[transform.row_slot.long(), transform.col_slot.long()] * scaling
     if kernel == "csr":
@@ -162,6 +171,14 @@ def sampled_products(
         picked_cols = cols_t.index_select(0, transform.col_slot[start : start + chunk])
         parts.append(torch.bmm(picked_rows.unsqueeze(1), picked_cols.unsqueeze(2)).view(-1))
     return torch.cat(parts) * scaling
+
+
+def auto_kernel(transform: SparseIDWT, rows_t: torch.Tensor) -> str:
+    """The sampled-product kernel "auto" means, for this transform and the row factor's device."""
+    dense = transform.n >= DENSE_SAMPLING_FRACTION * transform.rows.width * transform.cols.width
+    if dense or launch_light(rows_t.device):
+        return "dense"
+    return "csr" if rows_t.device.type == "cpu" and not torch.compiler.is_compiling() else "gather"  # dynamo: no sparse
 
 
 def _slot_product(transform: SparseIDWT, values: torch.Tensor, z_t: torch.Tensor, transposed: bool = False):
@@ -225,8 +242,8 @@ class _WaveFTLinear(torch.autograd.Function):
 
 
 def _token_chunk(g: torch.Tensor, transforms: Sequence[SparseIDWT]) -> int:
-    """Tokens per chunk of the spectrum gradient (one chunk off CPU, where cache reuse is not the bottleneck)."""
-    if g.device.type != "cpu":
+    """Tokens per chunk of the spectrum gradient (one chunk on the launch-light path)."""
+    if launch_light(g.device):
         return max(1, g.shape[0])
     width = max(max(t.rows.width, t.cols.width) for t in transforms)
     return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, CPU_CHUNK_ELEMENTS // width))
