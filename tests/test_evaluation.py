@@ -27,6 +27,7 @@ from waveft_train.evaluation.metric_models import load_metric_models, split_revi
 from waveft_train.evaluation.ranking import best_record, ranking_parts, ranking_score
 from waveft_train.models.tiny_metrics import tiny_metric_model_dir
 from waveft_train.toy.world import render_image, sample_scene
+from waveft_train.train.run import DreamBoothRun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = REPO / "tests" / "data" / "tiny.yaml"
@@ -151,15 +152,16 @@ def test_metric_models_that_cannot_be_loaded_are_one_clear_error(metric_folders,
     assert split_revision(str(tmp_path / "a@b")) == (str(tmp_path / "a@b"), None)  # a folder is never split
 
 
-def test_scoring_settings_that_cannot_work_are_refused_by_the_config(tmp_path):
-    def config(**extra):
-        return load_config(TINY_RUN, fast_overrides(tmp_path / "run", tmp_path / "class", **extra))
+def test_scoring_settings_that_cannot_work_are_refused_before_anything_loads(tmp_path):
+    def run(**extra):
+        return DreamBoothRun(load_config(TINY_RUN, fast_overrides(tmp_path / "run", tmp_path / "class", **extra)))
 
     with pytest.raises(UserError, match=r"validation.every \(3\) must be a multiple of train.checkpoint_every \(2\)"):
-        config(**{"validation.evaluate": "true", "validation.every": 3})
+        run(**{"validation.evaluate": "true", "validation.every": 3})
     with pytest.raises(UserError, match="prior.class_prompt"):
-        config(**{"validation.evaluate": "true", "prior.enabled": "false", "prior.class_prompt": "null"})
-    assert config(**{"validation.evaluate": "true", "validation.every": 4}).validation.evaluate
+        run(**{"validation.evaluate": "true", "prior.enabled": "false", "prior.class_prompt": "null"})
+    assert run(**{"validation.evaluate": "true", "validation.every": 4}).scores is not None
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------ a scored run

@@ -47,10 +47,6 @@ def _not_blank(value: str) -> str:
 
 
 Prompt = Annotated[str, AfterValidator(_not_blank)]
-# The DreamBooth paper's metric models (evaluation/metric_models.py): facebook/dino-vits16 keeps its safetensors
-# conversion in the pull-request branch refs/pr/1 (its main branch holds only a pickle).
-DEFAULT_DINO_MODEL = "facebook/dino-vits16@refs/pr/1"
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
 def doc(default: Any = ..., text: str = "", *, example: Any = None, **constraints: Any) -> Any:
@@ -336,12 +332,13 @@ class ValidationSection(Section):
     guidance: NonNegativeFloat = doc(5.0, "classifier-free guidance")
     seed: NonNegativeInt = doc(42, "seed of the first column")
     resolution: Resolution | None = doc(None, "null = data.resolution")
-    evaluate: bool = doc(False, "also score the adapter at each validation step and at the end against the base "
-                         "model (the toy judge on `toy`, DINO and CLIP elsewhere; docs/evaluation.md): "
-                         "evaluation.jsonl, and the best checkpoint in evaluation.json (`--checkpoint best`)")
-    dino_model: str = doc(DEFAULT_DINO_MODEL, "DINO ViT of the scores: a hub id with an optional @revision, a local "
-                          "folder (transformers files, model.safetensors), or `tiny` (random, for tests)", min_length=1)
-    clip_model: str = doc(DEFAULT_CLIP_MODEL, "CLIP model of the scores (CLIP-I, CLIP-T), named like dino_model",
+    evaluate: bool = doc(False, "also score the adapter at each validation step and at the end against the base model "
+                         "(docs/evaluation.md; needs validation.every a multiple of train.checkpoint_every, and "
+                         "prior.class_prompt): evaluation.jsonl, the best checkpoint in evaluation.json")
+    # facebook/dino-vits16 keeps its safetensors conversion in the branch refs/pr/1 (main holds only a pickle)
+    dino_model: str = doc("facebook/dino-vits16@refs/pr/1", "DINO ViT of the scores: a hub id with an optional "
+                          "@revision, a local folder (model.safetensors), or `tiny` (random, for tests)", min_length=1)
+    clip_model: str = doc("openai/clip-vit-large-patch14", "CLIP of the scores (CLIP-I, CLIP-T), named like dino_model",
                           min_length=1)
 
     @model_validator(mode="after")
@@ -387,24 +384,6 @@ class TrainConfig(BaseModel):
         if self.model.dtype == "fp16" and self.train.mixed_precision == "no":
             raise ValueError("model.dtype: fp16 with train.mixed_precision: no would train without loss scaling "
                              "(small gradients vanish); set train.mixed_precision: fp16 (or bf16), or model.dtype: bf16")
-        return self
-
-    @model_validator(mode="after")
-    def _scoring_has_what_it_reads(self) -> TrainConfig:
-        """validation.evaluate names checkpoints and measures the class prompt's drift: both must exist."""
-        validation, train = self.validation, self.train
-        if not validation.evaluate:
-            return self
-        if validation.every and (not train.checkpoint_every or validation.every % train.checkpoint_every):
-            raise ValueError(
-                f"validation.evaluate scores the adapter at every validation step and `--checkpoint best` loads the "
-                f"best one's checkpoint, so validation.every ({validation.every}) must be a multiple of "
-                f"train.checkpoint_every ({train.checkpoint_every}); e.g. set both to {validation.every}, or "
-                "validation.every: 0 to score only the final adapter")
-        if not (self.prior.class_prompt or "").strip():
-            raise ValueError("validation.evaluate measures how far the class drifts toward the subject with "
-                             "prior.class_prompt, which is empty; set it (e.g. \"a photo of dog\"; it is read even "
-                             "when prior.enabled is false), or set validation.evaluate: false")
         return self
 
     def validation_resolution(self) -> int:

@@ -26,11 +26,12 @@ from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
 
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_local, written_as_path
-from waveft_train.config.schema import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from waveft_train.config import ValidationSection
 from waveft_train.models.loading import first_line, offline_note
 from waveft_train.models.tiny_metrics import tiny_metric_model_dir
 
-DEFAULT_DINO, DEFAULT_CLIP = DEFAULT_DINO_MODEL, DEFAULT_CLIP_MODEL
+DEFAULT_DINO = ValidationSection.model_fields["dino_model"].default  # the config's defaults, named once there
+DEFAULT_CLIP = ValidationSection.model_fields["clip_model"].default
 FEATURE_BATCH = 32
 
 

@@ -84,8 +84,8 @@ class DreamBoothRun:
         self.last_words: list[str] = []  # what the main process prints once the run has ended
         self.grids = ValidationGrids(config.validation, config.validation_resolution(), self.output_dir / "samples",
                                      progress=progress)
-        self.scores = ValidationScores(config.validation, config.data, config.prior, self.output_dir,
-                                       config.train.max_steps) if config.validation.evaluate else None
+        self.scores = ValidationScores(config.validation, config.data, config.prior, config.train,
+                                       self.output_dir) if config.validation.evaluate else None
         self.lock = None
         self.is_main = int(os.environ.get("RANK", "0")) == 0  # before accelerate starts: the launcher's global rank
         train = config.train  # the run's global batch: what a resumed run (on any layout) must keep

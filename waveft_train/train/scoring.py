@@ -26,7 +26,7 @@ from waveft_train.adapter.load import load_adapter_unet
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, writing
 from waveft_train.common.lock import FolderLock
-from waveft_train.config import DataSection, PriorSection, ValidationSection
+from waveft_train.config import DataSection, PriorSection, TrainSection, ValidationSection
 from waveft_train.evaluation.metric_models import DEFAULT_CLIP, DEFAULT_DINO
 from waveft_train.evaluation.ranking import RULE, best_record, ranking_parts
 from waveft_train.evaluation.scorers import EvalPlan, RunSubject, Scorer, dreambooth_scorer
@@ -231,14 +231,26 @@ def run_adapter(output_dir: Path, checkpoint: str) -> Path:
 
 
 class ValidationScores:
-    """`validation.evaluate: true`: score the adapter at each validation step of a training run (main process)."""
+    """`validation.evaluate: true`: score the adapter at each validation step of a training run (main process).
 
-    def __init__(self, validation: ValidationSection, data: DataSection, prior: PriorSection, output_dir: Path,
-                 max_steps: int):
+    Made with the run, before anything loads, so that what scoring would miss fails in the first second: a scored
+    step without its checkpoint (`--checkpoint best` loads it) and an empty class prompt (class drift reads it)."""
+
+    def __init__(self, validation: ValidationSection, data: DataSection, prior: PriorSection, train: TrainSection,
+                 output_dir: Path):
+        every, checkpoint_every = validation.every, train.checkpoint_every
+        if every and (not checkpoint_every or every % checkpoint_every):
+            raise UserError(f"validation.evaluate names the checkpoint of each scored step, so validation.every "
+                            f"({every}) must be a multiple of train.checkpoint_every ({checkpoint_every}); set both "
+                            f"to {every}, or validation.every: 0 to score only the final adapter.")
+        if not (prior.class_prompt or "").strip():
+            raise UserError("validation.evaluate measures how far the class drifts toward the subject with "
+                            "prior.class_prompt, which is empty; set it (e.g. \"a photo of dog\"; it is read even when "
+                            "prior.enabled is false), or set validation.evaluate: false.")
         self.run = RunSubject(data.instance_dir, data.instance_prompt, prior.class_prompt)
         self.plan = EvalPlan(steps=validation.steps, guidance=validation.guidance)
         self.models = {"dino": validation.dino_model, "clip": validation.clip_model}
-        self.output_dir, self.max_steps = output_dir, max_steps
+        self.output_dir, self.max_steps = output_dir, train.max_steps
         self.scorer: Scorer | None = None
         self.log: EvaluationLog | None = None
 
