@@ -268,9 +268,9 @@ class TrainSection(Section):
                                                          "needs a GPU (on the CPU fp32 weights then train in fp32 and "
                                                          "half-precision weights are refused)")
     gradient_checkpointing: bool = doc(True, "recompute activations in backward: much less memory, ~20 % slower")
-    compile: bool = doc(False, "torch.compile the UNet for training (inductor): a few minutes of start-up for SDXL, "
-                        "then fewer kernel launches per step on a GPU (docs/memory.md); validation and class images "
-                        "run eagerly")
+    compile: bool = doc(False, "torch.compile the UNet for training steps (inductor), for GPUs: minutes of "
+                        "compilation at the first step (and once more for a second bucket size), then fewer kernel "
+                        "launches per step; validation and class images run eagerly (docs/memory.md#speed)")
     seed: NonNegativeInt = doc(42, "seeds data order, augmentation, noise and timesteps (a resumed run draws the same)")
     checkpoint_every: NonNegativeInt = doc(100, "steps between resumable checkpoints; 0 = only the final state")
     checkpoints_keep: PositiveInt | None = doc(3, "newest checkpoints kept; null = all (the final state is always "

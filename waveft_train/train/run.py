@@ -211,6 +211,9 @@ class DreamBoothRun:
             self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.bare_unet = unet  # without the DDP or compile wrapper: what is saved, loaded and sampled
         if train.compile:  # training steps only: validation samples through the bare, eager UNet
+            if self.accelerator.device.type == "cpu" and self.accelerator.is_main_process:
+                logger.warning("train.compile on the CPU compiles for minutes and makes no step faster (BENCHMARKS.md "
+                               "§6a); it is meant for GPUs.")
             self.unet = torch.compile(self.unet)
 
     def _resume(self) -> int:
