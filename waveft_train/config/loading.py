@@ -144,6 +144,7 @@ def _resolve_paths(config: TrainConfig, file_dir: Path, overridden: set[str]) ->
 
     model = config.model.model_copy(update={
         "pretrained": resolve_local_or_hub(config.model.pretrained, base("model.pretrained"), BUILTIN_MODELS),
+        "config": resolve_local_or_hub(config.model.config, base("model.config"), BUILTIN_MODELS),
         "vae": resolve_local_or_hub(config.model.vae, base("model.vae"))})
     data = config.data.model_copy(update={
         "instance_dir": resolve_local_or_hub(config.data.instance_dir, base("data.instance_dir"))})
@@ -235,6 +236,8 @@ def config_fingerprint(config: TrainConfig) -> str:
     for section, keys in NOT_IN_FINGERPRINT.items():
         for key in keys:
             dumped[section].pop(key)
+    if dumped["model"]["config"] is None:  # as before the key existed: older runs keep their fingerprint
+        dumped["model"].pop("config")
     dumped["waveft"] = config.waveft.peft_kwargs()
     if isinstance(dumped["waveft"]["target_modules"], list):
         dumped["waveft"]["target_modules"] = sorted(dumped["waveft"]["target_modules"])

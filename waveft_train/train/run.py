@@ -123,7 +123,7 @@ class DreamBoothRun:
         self.image_manifest = image_manifest(self.instance_images)
         if not self.replace_other_run:
             self.replace_other_run = checkpoint_is_another_run(self.output_dir, self.image_manifest, self.global_batch,
-                                                               config.train, force=self.force)
+                                                               config.train, config.model, force=self.force)
         return False
 
     def setup(self) -> None:
@@ -151,7 +151,7 @@ class DreamBoothRun:
                 logger.warning(caveat[0].upper() + caveat[1:])
         torch.manual_seed(config.train.seed)
         self.components = load_components(config.model.pretrained, revision=config.model.revision, vae=config.model.vae,
-                                          weight_dtype=DTYPES[config.model.dtype])
+                                          weight_dtype=DTYPES[config.model.dtype], config=config.model.config)
         self.prediction_type = config.train.prediction_type or self.components.scheduler.config.get(
             "prediction_type", "epsilon")
         if self.accelerator.is_main_process:
@@ -322,7 +322,7 @@ class DreamBoothRun:
                     self.output_dir, step, unet=accelerator.unwrap_model(self.unet),
                     base_model_name_or_path=self.components.base_model_name, training_state=state,
                     keep=self.config.train.checkpoints_keep, prediction_type=self._recorded_prediction_type(),
-                )
+                    base_metadata=self.components.base_metadata)
             except OSError as error:
                 previous = checkpoint.find_latest_checkpoint(self.output_dir)
                 raise UserError(
@@ -390,7 +390,7 @@ class DreamBoothRun:
         adapter_dir = write_final(self.output_dir, summary, unet=accelerator.unwrap_model(self.unet) if saves else None,
                                   base_model_name=self.components.base_model_name,
                                   prediction_type=self._recorded_prediction_type(), model_card=card,
-                                  last_samples=self.last_samples)
+                                  last_samples=self.last_samples, base_metadata=self.components.base_metadata)
         samples = f", samples in {self.output_dir / 'samples'}" if self.last_samples is not None else ""
         print(f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", flush=True)
 
