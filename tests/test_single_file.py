@@ -141,6 +141,8 @@ def test_the_toy_trains_from_its_single_file_to_the_same_adapter_bit_for_bit(toy
     assert any(tensor.abs().sum() > 0 for tensor in single.values())  # it trained
     config = json.loads((toy_runs["file"] / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(files["toy"])
+    card = (toy_runs["file"] / "adapter" / "README.md").read_text()  # stock diffusers loads such a base from_single_file
+    assert f'StableDiffusionXLPipeline.from_single_file("{files["toy"]}", config="toy", torch_dtype=' in card
     sha256 = hashlib.sha256(files["toy"].read_bytes()).hexdigest()
     for folder_name in ("adapter", "checkpoints/step-000001"):  # final adapter and checkpoints alike
         with safe_open(str(toy_runs["file"] / folder_name / "adapter_model.safetensors"), framework="pt") as weights:

@@ -386,7 +386,7 @@ class DreamBoothRun:
         card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
                           prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.last_samples is not None,
-                          prediction_type=self._recorded_prediction_type()) if saves else None
+                          prediction_type=self._recorded_prediction_type(), base_config=config.model.config) if saves else None
         adapter_dir = write_final(self.output_dir, summary, unet=accelerator.unwrap_model(self.unet) if saves else None,
                                   base_model_name=self.components.base_model_name,
                                   prediction_type=self._recorded_prediction_type(), model_card=card,
