@@ -27,7 +27,15 @@ AdapterOption = typer.Option(
 BaseOption = typer.Option(
     None,
     "--base",
-    help="Base model: `tiny`, a hub id or a local diffusers folder. Default: the one named in the adapter's config.",
+    help="Base model: `tiny`, `toy`, a hub id, a local diffusers folder or a single-file checkpoint (.safetensors). "
+    "Default: the one the adapter was trained on (a single file is checked against its recorded sha256).",
+    show_default=False,
+)
+BaseConfigOption = typer.Option(
+    None,
+    "--base-config",
+    help="For a single-file base: where its configs and tokenizers come from (a hub id or local diffusers folder), "
+    "as model.config. Default: what the adapter recorded.",
     show_default=False,
 )
 
@@ -57,6 +65,7 @@ def sample(
         "adapter's."
     ),
     base: str | None = BaseOption,
+    base_config: str | None = BaseConfigOption,
     device: str | None = typer.Option(
         None, "--device", help="torch device: cpu, cuda, cuda:N or mps. Default: cuda if available, else cpu.",
         show_default=False,
@@ -92,7 +101,7 @@ def sample(
     weight_dtype = _sample_dtype(dtype, run_device)
     make_folder(out.absolute().parent, "The folder of --out")  # before minutes of sampling, not after
 
-    components, unet = load_adapter_unet(adapter, base, scale=scale, dtype=weight_dtype)
+    components, unet = load_adapter_unet(adapter, base, scale=scale, dtype=weight_dtype, base_config=base_config)
     pipeline = build_pipeline(components, unet)
     pipeline.to(run_device)
     warn_about_long_prompts([("--prompt", text) for text in prompts], pipeline.tokenizer)
@@ -141,6 +150,7 @@ def export(
                                          "by ComfyUI, A1111/Forge, LyCORIS) or ldm (kohya's SDXL spelling).",
                                          show_default=False),
     base: str | None = BaseOption,
+    base_config: str | None = BaseConfigOption,
     dtype: str = typer.Option("fp16", "--dtype", help="Precision of the saved weights: fp16, bf16 or fp32."),
     force: bool = typer.Option(
         False, "--force/--no-force", help="Replace an earlier export at --out (anything else is never replaced)."
@@ -156,7 +166,7 @@ def export(
     from waveft_train.adapter.export import export as export_adapter
 
     result = export_adapter(adapter, out, format=format, base=base, dtype=dtype, naming=naming, rank=rank,
-                            max_error=max_error, force=force)
+                            max_error=max_error, force=force, base_config=base_config)
     if format == "diffusers":
         typer.echo(f"Wrote the merged UNet to {result.path}.")
         return
@@ -240,8 +250,8 @@ def evaluate(
                                    "another value draws another set of samples (one set's reading varies a lot)."),
     steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps per sample."),
     guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
-    base: str | None = typer.Option(None, "--base", help="The toy base model: `toy` (default) or a copy of its "
-                                       "folder.", show_default=False),
+    base: str | None = typer.Option(None, "--base", help="The toy base model: `toy` (default), a copy of its "
+                                       "folder, or the toy model as a single file.", show_default=False),
     as_json: bool = typer.Option(False, "--json/--no-json", help="Print the metrics as JSON instead of one summary "
                                  "line."),
 ) -> None:
@@ -257,7 +267,9 @@ def evaluate(
 
     from waveft_train.adapter.load import read_adapter
     from waveft_train.common.files import atomic_write_text
+    from waveft_train.common.paths import is_single_file
     from waveft_train.models.builtin import is_toy_model
+    from waveft_train.models.single_file import SingleFileBase
     from waveft_train.toy.evaluate import EvalSettings, evaluate_adapter
 
     if out is not None and out.suffix.lower() != ".json":
@@ -266,7 +278,8 @@ def evaluate(
         raise UserError(f"--guidance {guidance} is not a finite number; give a real number, e.g. --guidance 5.0.")
     files = read_adapter(adapter)
     base_name = base or files.config.base_model_name_or_path or ""
-    if not is_toy_model(base_name):
+    recorded = SingleFileBase.from_metadata(files.metadata, base_name) if is_single_file(base_name) else None
+    if not (is_toy_model(base_name) or (recorded is not None and is_toy_model(recorded.config))):
         raise UserError(
             f"`waveft-train evaluate` measures adapters trained on the toy model, but {adapter} was trained on "
             f"'{base_name or 'an unnamed base model'}'. Its judge only knows the toy world's scenes; train with "
