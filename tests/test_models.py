@@ -13,7 +13,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from waveft_train.common.errors import UserError
 from waveft_train.models import tiny
-from waveft_train.models.loading import SDXLComponents, build_pipeline, load_components, resolve_pretrained
+from waveft_train.models.loading import SDXLComponents, build_pipeline, load_components
+from waveft_train.models.sources import resolve_pretrained
 
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 

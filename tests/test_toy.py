@@ -161,7 +161,8 @@ def test_toy_loads_through_from_pretrained_like_a_hub_model():
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
 
-    from waveft_train.models.loading import load_components, resolve_pretrained
+    from waveft_train.models.loading import load_components
+    from waveft_train.models.sources import resolve_pretrained
 
     folder = toy_model_dir()
     assert resolve_pretrained("toy") == str(folder)

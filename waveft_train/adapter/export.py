@@ -53,11 +53,12 @@ class ExportResult:
 
 def export(adapter_dir: Path | str, out: Path | str, *, format: str = "diffusers", base: str | None = None,
            dtype: str = "fp16", naming: str | None = None, rank: int | None = None, max_error: float | None = None,
-           force: bool = False, prediction_type: str | None = None) -> ExportResult:
+           force: bool = False, prediction_type: str | None = None, base_config: str | None = None) -> ExportResult:
     """Write the adapter at `adapter_dir` in `format` to `out` (a folder for diffusers, a .safetensors file otherwise).
 
     `naming` (file formats): diffusers (default) or ldm module names. `rank` / `max_error`: the LoRA's rank. The file
-    formats record `prediction_type` (by default what the adapter records) in their metadata.
+    formats record `prediction_type` (by default what the adapter records) in their metadata. `base` / `base_config`:
+    the base model and a single-file base's configs, when not the ones the adapter records.
     """
     check_options(format, dtype, naming, rank, max_error)
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(out).expanduser().absolute()
@@ -65,10 +66,11 @@ def export(adapter_dir: Path | str, out: Path | str, *, format: str = "diffusers
     if format == "diffusers":
         with writing(out, "the merged UNet"), export_lock(out):
             check_target(out, adapter_dir, format, force)  # again: another export may have finished meanwhile
-            return ExportResult(out, format, write_merged_unet(adapter_dir, out, base=base, dtype=dtype))
+            return ExportResult(out, format, write_merged_unet(adapter_dir, out, base=base, dtype=dtype,
+                                                                       base_config=base_config))
     layers, errors, ranks = write_file(adapter_dir, out, format=format, base=base, dtype=dtype,
                                        naming=naming or "diffusers", rank=rank, max_error=max_error,
-                                       prediction_type=prediction_type)
+                                       prediction_type=prediction_type, base_config=base_config)
     return ExportResult(out, format, layers, errors, ranks)
 
 

@@ -39,9 +39,10 @@ from safetensors.torch import save
 from waveft_train.adapter.load import load_adapted_unet
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import write_atomically, writing
-from waveft_train.common.paths import is_local
+from waveft_train.common.paths import is_local, is_single_file
 from waveft_train.models.builtin import BUILTIN_MODELS, TOY_MODEL_NAME, toy_weights_version
 from waveft_train.models.loading import DTYPES
+from waveft_train.models.single_file import file_sha256
 from waveft_train.models.unet_names import UNetNames, kohya_key
 from waveft_train.waveft import WaveFTLayer
 from waveft_train.waveft.transform import synthesis_filters
@@ -71,10 +72,10 @@ class LowRank:
     error: float  # ||ΔW - up·down||_F / ||ΔW||_F of the factors as saved
 
 
-def adapter_updates(adapter_dir: Path | str, base: str | None, *, dense: bool = True
+def adapter_updates(adapter_dir: Path | str, base: str | None, *, dense: bool = True, base_config: str | None = None
                     ) -> tuple[Any, str, Any, list[LayerUpdate]]:
     """(adapter files, base model name, UNet config, the update of every adapted layer); `dense`: with ΔW."""
-    adapter, base_name, base_values, model = load_adapted_unet(adapter_dir, base)
+    adapter, base_name, base_values, model = load_adapted_unet(adapter_dir, base, base_config)
     if adapter.config.modules_to_save:
         raise UserError(f"The adapter {adapter.folder} also trains whole modules (modules_to_save: "
                         f"{sorted(adapter.config.modules_to_save)}), which this format does not hold; export it "
@@ -217,8 +218,12 @@ def waveft_settings(config) -> dict[str, Any]:
 
 
 def base_model_record(base_name: str) -> dict[str, str]:
-    """How a shared file names its base model: a hub id or built-in name as it is; a local folder by its name and the
-    sha256 of its UNet weights, never by the user's absolute path (the file is meant to travel)."""
+    """How a shared file names its base model: a hub id or built-in name as it is; a single-file checkpoint by its file
+    name and sha256 (civitai's AutoV2 is its first 10 digits); a local folder by its name and the sha256 of its UNet
+    weights; never by the user's absolute path (the file is meant to travel)."""
+    if is_single_file(base_name):
+        path = Path(base_name).expanduser()
+        return {"waveft.base_model": path.name, "waveft.base_model_sha256": file_sha256(path)}
     if base_name in BUILTIN_MODELS or not is_local(base_name):
         record = {"waveft.base_model": base_name}
         if base_name == TOY_MODEL_NAME:
@@ -252,6 +257,8 @@ def file_metadata(format: str, naming: str, dtype: str, base_name: str, adapter,
         "ss_sd_model_name": base["waveft.base_model"],
         "ss_network_module": NETWORK_MODULES[format],
     }
+    if "waveft.base_model_sha256" in base:  # kohya's key for the sha256 of a single-file base
+        metadata["ss_new_sd_model_hash"] = base["waveft.base_model_sha256"]
     if unet_config.get("addition_embed_type") == "text_time":  # SDXL-class UNet
         metadata["ss_base_model_version"] = SDXL_VERSION
     if format == "comfyui":
@@ -265,11 +272,12 @@ def file_metadata(format: str, naming: str, dtype: str, base_name: str, adapter,
 
 
 def write_file(adapter_dir: Path | str, out_path: Path, *, format: str, base: str | None, dtype: str, naming: str,
-               rank: int | None, max_error: float | None, prediction_type: str | None
+               rank: int | None, max_error: float | None, prediction_type: str | None, base_config: str | None = None
                ) -> tuple[int, dict[str, float], dict[str, int]]:
     """Write the adapter as one `.safetensors` file in `format` (comfyui, lora or waveft) at `out_path`, atomically,
     its options and target already checked (export.py). Returns (layers, each layer's LoRA error, each layer's rank)."""
-    adapter, base_name, unet_config, updates = adapter_updates(adapter_dir, base, dense=format != "waveft")
+    adapter, base_name, unet_config, updates = adapter_updates(adapter_dir, base, dense=format != "waveft",
+                                                               base_config=base_config)
     prediction_type = prediction_type or adapter.prediction_type
     key_of = _key_function(unet_config, naming)
     lora_metadata, errors, ranks = None, {}, {}

@@ -13,7 +13,6 @@ Why this shape:
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from waveft_train.common.errors import UserError
-from waveft_train.common.files import atomic_folder, write_bytes_synced
+from waveft_train.common.files import atomic_folder, read_safetensors_header, write_bytes_synced
 
 if TYPE_CHECKING:
     from peft import WaveFTConfig
@@ -67,9 +66,11 @@ def _adapter_config_json(unet: torch.nn.Module, adapter_name: str, base_model_na
 
 def write_adapter_files(folder: Path, unet: torch.nn.Module, *, base_model_name_or_path: str,
                         prediction_type: str | None = None, model_card: str | None = None,
-                        adapter_name: str = ADAPTER_NAME) -> None:
-    """Write the adapter's files into an existing (scratch) folder; each file is fsynced."""
-    metadata = {"format": "pt", **({PREDICTION_TYPE_KEY: prediction_type} if prediction_type else {})}
+                        adapter_name: str = ADAPTER_NAME, base_metadata: Mapping[str, str] | None = None) -> None:
+    """Write the adapter's files into an existing (scratch) folder; each file is fsynced. `base_metadata`: what the
+    weights' metadata records about a single-file base (`SDXLComponents.base_metadata`: its name, sha256, ...)."""
+    metadata = {"format": "pt", **(base_metadata or {}),
+                **({PREDICTION_TYPE_KEY: prediction_type} if prediction_type else {})}
     tensors = adapter_state_dict(unet, adapter_name)
     write_bytes_synced(folder / ADAPTER_WEIGHTS, save_safetensors_bytes(tensors, metadata=metadata))
     config_text = _adapter_config_json(unet, adapter_name, base_model_name_or_path)
@@ -80,14 +81,16 @@ def write_adapter_files(folder: Path, unet: torch.nn.Module, *, base_model_name_
 
 def save_adapter(directory: Path, unet: torch.nn.Module, *, base_model_name_or_path: str,
                  prediction_type: str | None = None, model_card: str | None = None,
-                 adapter_name: str = ADAPTER_NAME, before_landing: Callable[[Path], None] | None = None) -> Path:
+                 adapter_name: str = ADAPTER_NAME, before_landing: Callable[[Path], None] | None = None,
+                 base_metadata: Mapping[str, str] | None = None) -> Path:
     """Write a peft adapter folder atomically: an existing folder is replaced only once the new one is complete.
     `before_landing(staging)` adds what must appear together with it (written into the staging folder, or beside it)
     before the folder is renamed into place. Main process only, with the unwrapped model."""
     directory = Path(directory)
     with atomic_folder(directory) as scratch:
         write_adapter_files(scratch, unet, base_model_name_or_path=base_model_name_or_path,
-                            prediction_type=prediction_type, model_card=model_card, adapter_name=adapter_name)
+                            prediction_type=prediction_type, model_card=model_card, adapter_name=adapter_name,
+                            base_metadata=base_metadata)
         if before_landing is not None:
             before_landing(scratch)
     return directory
@@ -185,24 +188,9 @@ def load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
 def safetensors_problem(path: Path) -> str | None:
     """Cheap structural check (header + size) that catches truncated and garbage files without loading them."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as file:
-            prefix = file.read(8)
-            if len(prefix) < 8:
-                return "is too short to be a safetensors file"
-            (header_size,) = struct.unpack("<Q", prefix)
-            if header_size > size - 8:
-                return "has a header longer than the file"
-            header = json.loads(file.read(header_size))
-    except (OSError, ValueError) as error:
-        return f"has no valid safetensors header ({error})"
-    if not isinstance(header, dict):
-        return "has no valid safetensors header"
-    ends = [entry["data_offsets"][1] for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
-    expected = 8 + header_size + max(ends, default=0)
-    if size != expected:
-        return f"has {size} bytes but its header describes {expected}"
+        read_safetensors_header(path)
+    except ValueError as error:
+        return str(error)
     return None
 
 

@@ -7,9 +7,11 @@ exports in export.py build on it).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,12 +21,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from waveft_train.adapter.files import ADAPTER_CONFIG, AdapterFiles, check_fit, read_adapter
 from waveft_train.common.errors import UserError
-from waveft_train.models.loading import ALLOWED_MODELS, SDXLComponents, load_components, load_unet
+from waveft_train.common.paths import is_single_file
+from waveft_train.models.loading import SDXLComponents, load_components, load_unet
+from waveft_train.models.single_file import SingleFileBase, file_sha256
+from waveft_train.models.sources import ALLOWED_MODELS
 from waveft_train.waveft import register
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
     from peft import PeftModel
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -44,16 +51,55 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
             parameter.requires_grad_(requires_grad)
 
 
-def base_model_of(adapter: AdapterFiles, base: str | None) -> str:
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model an adapter goes onto, as `load_components` takes it."""
+
+    name: str  # model.pretrained: a built-in name, a hub id, a folder or a single-file checkpoint
+    config: str | None = None  # model.config of a single-file checkpoint
+
+
+def base_model_of(adapter: AdapterFiles, base: str | None, base_config: str | None = None) -> BaseModel:
+    """`base` (--base) if given, else the base the adapter names. A single-file base must be the very file the adapter
+    was trained on (its recorded size and sha256); a `base` given by hand is used as given (with a warning when it is
+    another file). `base_config` (--base-config) replaces the recorded model.config of a single-file base."""
+    recorded = SingleFileBase.from_metadata(adapter.metadata, adapter.config.base_model_name_or_path or "")
     if base is not None and str(base).strip():
-        return str(base)
-    named = adapter.config.base_model_name_or_path
-    if not named:
-        raise UserError(
-            f"{adapter.folder / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path is empty). "
-            f"Pass the base model with --base: {ALLOWED_MODELS}."
-        )
-    return str(named)
+        name = str(base).strip()
+        if recorded is not None and is_single_file(name) and Path(name).expanduser().is_file() and \
+                file_sha256(Path(name).expanduser()) != recorded.sha256:
+            logger.warning("--base %s is not the checkpoint the adapter %s was trained on, %s; it is applied to "
+                           "--base as asked.", name, adapter.folder, recorded.describe())
+        config = base_config or (recorded.config if recorded is not None and is_single_file(name) else None)
+    else:
+        name = adapter.config.base_model_name_or_path
+        if not name:
+            raise UserError(
+                f"{adapter.folder / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path is empty). "
+                f"Pass the base model with --base: {ALLOWED_MODELS}."
+            )
+        if recorded is not None:
+            check_recorded_file(adapter, recorded)
+        config = base_config or (recorded.config if recorded is not None else None)
+    if base_config is not None and not is_single_file(name):
+        raise UserError(f"--base-config is read only for a single-file base (a .safetensors checkpoint); the base "
+                        f"{name} carries its own configs. Leave --base-config out.")
+    return BaseModel(str(name), config)
+
+
+def check_recorded_file(adapter: AdapterFiles, recorded: SingleFileBase) -> None:
+    """The single-file base is where the adapter recorded it, with the same size and sha256; else which file is
+    needed, by name and hash, and how to pass it."""
+    trained_on = f"The adapter {adapter.folder} was trained on the single-file checkpoint {recorded.describe()}"
+    pass_it = (f"Pass that file with --base /path/to/{recorded.path.name}; civitai shows its hash as AutoV2 "
+               f"{recorded.autov2}.")
+    if not recorded.path.is_file():
+        raise UserError(f"{trained_on}, which is no longer at {recorded.path}. {pass_it}")
+    size = recorded.path.stat().st_size
+    if size != recorded.size or file_sha256(recorded.path) != recorded.sha256:
+        raise UserError(f"{trained_on}, but {recorded.path} now holds another file ({size:,} bytes, sha256 "
+                        f"{file_sha256(recorded.path)}). Put the original back, or {pass_it[0].lower()}{pass_it[1:]} "
+                        f"To apply the adapter to the file now there on purpose, pass --base {recorded.path}.")
 
 
 def inject(unet: torch.nn.Module, adapter: AdapterFiles, base_name: str, scale: float) -> PeftModel:
@@ -98,11 +144,12 @@ def _scale_adapters(unet: torch.nn.Module, scale: float) -> None:
 
 
 def load_adapter_unet(
-    adapter_dir: Path | str, base: str | None, *, scale: float = 1.0, dtype: torch.dtype = torch.float32
+    adapter_dir: Path | str, base: str | None, *, scale: float = 1.0, dtype: torch.dtype = torch.float32,
+    base_config: str | None = None,
 ) -> tuple[SDXLComponents, UNet2DConditionModel]:
     """Load the base model's components and apply a saved WaveFT adapter to its UNet.
 
-    `base=None` uses the adapter's own `base_model_name_or_path`. `scale` multiplies every layer's ΔW through
+    `base=None` uses the adapter's own `base_model_name_or_path` (`base_model_of`). `scale` multiplies every layer's ΔW through
     its `waveft_scaling` (0 = the base model exactly, 1 = as trained; other values interpolate/extrapolate). The adapter is
     injected into `components.unet` in place, so the returned UNet *is* `components.unet`; use
     `adapters_disabled(unet)` for base-model outputs. Everything that does not fit raises `UserError`.
@@ -110,9 +157,9 @@ def load_adapter_unet(
     if not math.isfinite(scale):
         raise UserError(f"The adapter scale {scale} is not a finite number; 0 = base model, 1 = as trained.")
     adapter = read_adapter(adapter_dir)
-    base_name = base_model_of(adapter, base)
-    components = load_components(base_name, weight_dtype=dtype)
-    model = inject(components.unet, adapter, base_name, scale)
+    chosen = base_model_of(adapter, base, base_config)
+    components = load_components(chosen.name, weight_dtype=dtype, config=chosen.config)
+    model = inject(components.unet, adapter, chosen.name, scale)
     components.scheduler = scheduler_for(adapter, components.scheduler)
     return components, model.base_model.model
 
@@ -125,7 +172,7 @@ def scheduler_for(adapter: AdapterFiles, scheduler):
 
 
 def load_adapted_unet(
-    adapter_dir: Path | str, base: str | None = None
+    adapter_dir: Path | str, base: str | None = None, base_config: str | None = None
 ) -> tuple[AdapterFiles, str, dict[str, torch.Tensor], PeftModel]:
     """The base UNet (fp32, frozen) with the adapter loaded and checked as `export` checks it, for exports of the
     update itself rather than of the merged model (export_files.py).
@@ -135,10 +182,10 @@ def load_adapted_unet(
     UNet's parameter names, are copied first: an update is the loaded value minus them.
     """
     adapter = read_adapter(adapter_dir)
-    base_name = base_model_of(adapter, base)
-    unet = load_unet(base_name, dtype=torch.float32)
+    chosen = base_model_of(adapter, base, base_config)
+    unet = load_unet(chosen.name, dtype=torch.float32, config=chosen.config)
     base_values = replaced_base_values(unet, adapter)
-    return adapter, base_name, base_values, inject(unet, adapter, base_name, 1.0)
+    return adapter, chosen.name, base_values, inject(unet, adapter, chosen.name, 1.0)
 
 
 def replaced_base_values(unet: torch.nn.Module, adapter: AdapterFiles) -> dict[str, torch.Tensor]:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +20,7 @@ from waveft_train.adapter.load import base_model_of, inject, scheduler_for
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_folder
 from waveft_train.models.loading import DTYPES, load_scheduler, load_unet
+from waveft_train.models.single_file import quiet_diffusers_fp32_notice
 
 EXPORT_CONFIG_NAME = "config.json"
 EXPORT_SCHEDULER_NAME = "scheduler_config.json"
@@ -30,15 +28,15 @@ EXPORT_WEIGHTS_PATTERN = "diffusion_pytorch_model*.safetensors"
 EXPORT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"  # written when diffusers shards the weights
 
 
-def write_merged_unet(adapter_dir: Path, out: Path, *, base: str | None, dtype: str) -> int:
+def write_merged_unet(adapter_dir: Path, out: Path, *, base: str | None, dtype: str, base_config: str | None = None) -> int:
     """Merge in fp32, cast to `dtype` once, write to a temporary sibling and rename it into place (so `out` is never
     half-written); returns the number of merged layers."""
     adapter = read_adapter(adapter_dir)
-    base_name = base_model_of(adapter, base)
-    unet = load_unet(base_name, dtype=torch.float32)
-    scheduler = scheduler_for(adapter, load_scheduler(base_name))
+    chosen = base_model_of(adapter, base, base_config)
+    unet = load_unet(chosen.name, dtype=torch.float32, config=chosen.config)
+    scheduler = scheduler_for(adapter, load_scheduler(chosen.name, config=chosen.config))
     base_keys = set(unet.state_dict())
-    model = inject(unet, adapter, base_name, 1.0)
+    model = inject(unet, adapter, chosen.name, 1.0)
     layers = sum(isinstance(module, BaseTunerLayer) for module in model.modules())
     merged = model.merge_and_unload()
     extra = sorted(set(merged.state_dict()) - base_keys)
@@ -47,7 +45,7 @@ def write_merged_unet(adapter_dir: Path, out: Path, *, base: str | None, dtype: 
             f"The adapter {adapter.folder} adds weights the base UNet does not have (first: {extra[0]}); a plain "
             "diffusers UNet cannot hold them. Load the adapter with peft instead of exporting it."
         )
-    with _quiet_diffusers_fp32_notice():
+    with quiet_diffusers_fp32_notice():
         merged.to(DTYPES[dtype])
     with atomic_folder(out) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
@@ -81,20 +79,3 @@ def not_an_export(out: Path, entries: list[Path]) -> str | None:
     if not any(fnmatch.fnmatch(entry.name, EXPORT_WEIGHTS_PATTERN) for entry in entries):
         return f"it has no {EXPORT_WEIGHTS_PATTERN}"
     return None
-
-
-@contextmanager
-def _quiet_diffusers_fp32_notice() -> Iterator[None]:
-    """Hide diffusers' "modules ... should be kept in float32: []" warning, which ModelMixin.to logs for every
-    dtype cast (also when no module needs fp32, as for the SDXL UNet); other warnings still show."""
-    class Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "should be kept in float32: []" not in record.getMessage()
-
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    notice_filter = Filter()
-    logger.addFilter(notice_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notice_filter)

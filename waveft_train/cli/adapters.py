@@ -33,7 +33,15 @@ CheckpointOption = typer.Option(
 BaseOption = typer.Option(
     None,
     "--base",
-    help="Base model: `tiny`, a hub id or a local diffusers folder. Default: the one named in the adapter's config.",
+    help="Base model: `tiny`, `toy`, a hub id, a local diffusers folder or a single-file checkpoint (.safetensors). "
+    "Default: the one the adapter was trained on (a single file is checked against its recorded sha256).",
+    show_default=False,
+)
+BaseConfigOption = typer.Option(
+    None,
+    "--base-config",
+    help="For a single-file base: where its configs and tokenizers come from (a hub id or local diffusers folder), "
+    "as model.config. Default: what the adapter recorded.",
     show_default=False,
 )
 
@@ -79,6 +87,7 @@ def sample(
         "adapter's."
     ),
     base: str | None = BaseOption,
+    base_config: str | None = BaseConfigOption,
     device: str | None = typer.Option(
         None, "--device", help="torch device: cpu, cuda, cuda:N or mps. Default: cuda if available, else cpu.",
         show_default=False,
@@ -117,7 +126,7 @@ def sample(
     weight_dtype = _sample_dtype(dtype, run_device)
     make_folder(out.absolute().parent, "The folder of --out")  # before minutes of sampling, not after
 
-    components, unet = load_adapter_unet(adapter, base, scale=scale, dtype=weight_dtype)
+    components, unet = load_adapter_unet(adapter, base, scale=scale, dtype=weight_dtype, base_config=base_config)
     pipeline = build_pipeline(components, unet)
     pipeline.to(run_device)
     warn_about_long_prompts([("--prompt", text) for text in prompts], pipeline.tokenizer)
@@ -166,6 +175,7 @@ def export(
                                          "by ComfyUI, A1111/Forge, LyCORIS) or ldm (kohya's SDXL spelling).",
                                          show_default=False),
     base: str | None = BaseOption,
+    base_config: str | None = BaseConfigOption,
     dtype: str = typer.Option("fp16", "--dtype", help="Precision of the saved weights: fp16, bf16 or fp32."),
     force: bool = typer.Option(
         False, "--force/--no-force", help="Replace an earlier export at --out (anything else is never replaced)."
@@ -184,7 +194,7 @@ def export(
 
     adapter = chosen_adapter(adapter, run, checkpoint)
     result = export_adapter(adapter, out, format=format, base=base, dtype=dtype, naming=naming, rank=rank,
-                            max_error=max_error, force=force)
+                            max_error=max_error, force=force, base_config=base_config)
     if format == "diffusers":
         typer.echo(f"Wrote the merged UNet to {result.path}.")
         return

@@ -62,7 +62,8 @@ def evaluate(
     guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images sampled at once."),
     base: str | None = typer.Option(None, "--base", help="The base model: default the one named in the adapter's "
-                                    "config (`toy`, `tiny`, a hub id or a folder).", show_default=False),
+                                    "config (`toy`, `tiny`, a hub id, a folder or a single .safetensors file).",
+                                    show_default=False),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps. Default: cuda if available.",
                                       show_default=False),
     dtype: str = typer.Option("auto", "--dtype", help="Precision of the base model: auto (fp16 on GPU, fp32 on CPU), "
@@ -141,13 +142,12 @@ class Choices:
         given = self.options[option]
         return str(given) if given is not None else _configured(self.config, section, key)
 
-    def toy_subject(self, base_name: str):
+    def toy_subject(self, toy_base: bool):
         """The toy subject to judge by: --subject, else the subject.json beside the run's photos; None when the
         adapter is not of the toy model or its photos are not a toy subject's (DINO and CLIP score it then)."""
-        from waveft_train.models.builtin import is_toy_model
         from waveft_train.train.scoring import toy_subject
 
-        if not is_toy_model(base_name):
+        if not toy_base:
             return None
         if self.options["subject"] is not None:
             return _named_subject(self.options["subject"])
@@ -177,7 +177,7 @@ class Choices:
         key = "--instance-dir" if self.options["instance_dir"] is not None else f"data.instance_dir of {self.config_file}"
         return RunSubject(instance_dir, instance_prompt, self.get("class_prompt", "prior", "class_prompt"), key)
 
-    def scorer(self, base_name: str, plan, device: str):
+    def scorer(self, toy_base: bool, plan, device: str):
         """The toy judge's scorer or the DINO/CLIP one; built before the base model loads, so that a missing photo
         folder or metric model fails in seconds."""
         from waveft_train.evaluation.metric_models import DEFAULT_CLIP, DEFAULT_DINO
@@ -185,7 +185,7 @@ class Choices:
         from waveft_train.toy.judge import load_judge
         from waveft_train.toy.scoring import ToyScorer
 
-        subject = self.toy_subject(base_name)
+        subject = self.toy_subject(toy_base)
         if subject is not None:
             return ToyScorer(subject, load_judge(), plan)
         return dreambooth_scorer(self.run_subject(), plan, device=device,
@@ -203,6 +203,15 @@ def _named_subject(subject: str):
                         f"file) with a readable subject.json ({type(error).__name__}: {error}).") from None
 
 
+def _toy_base(adapter: Path, base: str | None) -> bool:
+    """Whether the adapter's base (or --base) is the toy model, also as a single file made from it."""
+    from waveft_train.adapter.load import read_adapter
+    from waveft_train.train.scoring import is_toy_base
+
+    files = read_adapter(adapter)
+    return is_toy_base(base or files.config.base_model_name_or_path or "", files.metadata)
+
+
 def _weights(scorer, dtype: str, device: str):
     """The toy model always samples in fp32 (it is small, and its judge was measured so); others as --dtype says."""
     import torch
@@ -212,28 +221,24 @@ def _weights(scorer, dtype: str, device: str):
 
 def _score_run(run: Path, plan, options: dict, *, base: str | None, device: str | None, dtype: str,
                as_json: bool) -> dict:
-    from waveft_train.adapter.load import read_adapter
     from waveft_train.train.scoring import scorable_adapters, score_run
 
     adapters = scorable_adapters(run)
-    base_name = base or read_adapter(adapters[-1][2]).config.base_model_name_or_path or ""
     run_device = _run_device(device)
-    scorer = Choices(run, options).scorer(base_name, plan, run_device)
+    scorer = Choices(run, options).scorer(_toy_base(adapters[-1][2], base), plan, run_device)
     return score_run(run, scorer, base=base, dtype=_weights(scorer, dtype, run_device), device=run_device,
                      echo=(lambda line: None) if as_json else typer.echo)
 
 
 def _score_adapter(adapter: Path, plan, options: dict, *, base: str | None, device: str | None, dtype: str,
                    as_json: bool) -> dict:
-    from waveft_train.adapter.load import read_adapter
     from waveft_train.evaluation.ranking import ranking_parts
     from waveft_train.toy.evaluate import evaluate_adapter
     from waveft_train.toy.scoring import flat_scores
     from waveft_train.train.scoring import score_adapter
 
-    base_name = base or read_adapter(adapter).config.base_model_name_or_path or ""
     run_device = _run_device(device)
-    scorer = Choices(adapter, options).scorer(base_name, plan, run_device)
+    scorer = Choices(adapter, options).scorer(_toy_base(adapter, base), plan, run_device)
     if scorer.kind == "toy judge":  # the judge's full report: also what each sample shows, the VAE's ceiling, ...
         metrics = evaluate_adapter(adapter, subject=scorer.subject, base=base, settings=scorer.settings,
                                    judge=scorer.judge, device=run_device)

@@ -11,9 +11,11 @@ umask), so outputs are as readable by others as the user's umask allows.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -207,3 +209,31 @@ def writing(path: Path, what: str) -> Iterator[None]:
             raise
         raise UserError(f"Could not write {what} to {path}: {str(error).strip()}. Nothing was half-written. Free "
                         "some disk space or fix the permissions, then rerun the same command.") from error
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets; `__metadata__`), without reading
+    the tensors. Raises ValueError naming what is wrong when the file is too short, has no valid header, or is
+    shorter or longer than its header says (a truncated copy): a cheap check before gigabytes are loaded."""
+    try:
+        size = Path(path).stat().st_size
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise ValueError("is too short to be a safetensors file")
+            (header_size,) = struct.unpack("<Q", prefix)
+            if header_size > size - 8:
+                raise ValueError("has a header longer than the file")
+            header = json.loads(file.read(header_size))
+    except OSError as error:
+        raise ValueError(f"cannot be read ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"has no valid safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError("has no valid safetensors header")
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    expected = 8 + header_size + max(ends, default=0)
+    if size != expected:
+        raise ValueError(f"has {size} bytes but its header describes {expected}")
+    return header

@@ -4,6 +4,9 @@
   absolute, `~/…`, `./…`, `../…`, more than one `/`, a trailing `/`, a backslash — is meant as a local path. A name
   that could be either is local when a file or folder of that name exists. The config resolves local paths to
   absolute ones; the data loader, the model loader and the preflight then ask `is_local`.
+- **Single-file checkpoints.** A name ending in `.safetensors` is one checkpoint file (the A1111/ComfyUI layout),
+  always a local path; `.ckpt`, `.pt`, `.pth` and `.bin` are pickles, refused wherever weights load (unpickling can
+  run code), and also always meant as local paths.
 - **Hidden files.** `datasets`' imagefolder skips files under names starting with `.` or `__`; so do the subject
   and class image checks, so what we validate is exactly what gets trained on.
 """
@@ -15,12 +18,25 @@ import re
 from pathlib import Path
 
 HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+SINGLE_FILE_SUFFIX = ".safetensors"
+PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def is_single_file(name: str) -> bool:
+    """A `.safetensors` checkpoint file (by its name; whether it exists is the loader's question)."""
+    return str(name).strip().lower().endswith(SINGLE_FILE_SUFFIX)
+
+
+def is_pickle_checkpoint(name: str) -> bool:
+    return str(name).strip().lower().endswith(PICKLE_CHECKPOINT_SUFFIXES)
 
 
 def written_as_path(name: str) -> bool:
-    """True when `name` cannot be a hub id, so it can only mean a local file or folder."""
+    """True when `name` cannot be a hub id, so it can only mean a local file or folder (a checkpoint file's name
+    such as `model.safetensors` is a valid hub id by its letters, but always means a file)."""
     name = str(name)
-    return Path(name).expanduser().is_absolute() or not HUB_ID.fullmatch(name) or ".." in name
+    return (Path(name).expanduser().is_absolute() or not HUB_ID.fullmatch(name) or ".." in name
+            or is_single_file(name) or is_pickle_checkpoint(name))
 
 
 def is_local(name: str) -> bool:

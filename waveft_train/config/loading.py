@@ -144,6 +144,7 @@ def _resolve_paths(config: TrainConfig, file_dir: Path, overridden: set[str]) ->
 
     model = config.model.model_copy(update={
         "pretrained": resolve_local_or_hub(config.model.pretrained, base("model.pretrained"), BUILTIN_MODELS),
+        "config": resolve_local_or_hub(config.model.config, base("model.config"), BUILTIN_MODELS),
         "vae": resolve_local_or_hub(config.model.vae, base("model.vae"))})
     data = config.data.model_copy(update={
         "instance_dir": resolve_local_or_hub(config.data.instance_dir, base("data.instance_dir"))})
@@ -232,7 +233,7 @@ NOT_IN_FINGERPRINT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
 # Keys added after runs were made: left out while at their default, so that a run started before them (whose
 # checkpoints hold the fingerprint without them) still resumes; set to anything else, they count like any other key.
 LEFT_OUT_AT_DEFAULT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
-    "data": ("caption_dropout", "shuffle_tags", "keep_tags")})
+    "model": ("config",), "data": ("caption_dropout", "shuffle_tags", "keep_tags")})
 
 
 def fingerprint_fields(config: TrainConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from waveft_train.common.paths import is_pickle_checkpoint, is_single_file
 from waveft_train.config.errors import describe
 from waveft_train.waveft.families import ALLOWED_FAMILIES_TEXT, is_supported_family
 
@@ -93,13 +94,33 @@ class ModelSection(Section):
     """Which SDXL to personalize, in which precision."""
 
     pretrained: str = doc("tiny", "`tiny` (embedded test model, random weights), `toy` (the pretrained toy-world model, "
-                          "see docs/toy-world.md), a hub id, or a local diffusers folder",
+                          "see docs/toy-world.md), a hub id, a local diffusers folder, or an SDXL checkpoint file in "
+                          "the A1111/ComfyUI layout (`.safetensors`; see docs/base-models.md)",
                           example="stabilityai/stable-diffusion-xl-base-1.0", min_length=1)
-    revision: str | None = doc(None, "hub branch, tag or commit of `model.pretrained`")
+    config: str | None = doc(None, "for a single-file `model.pretrained`: where its component configs and tokenizers "
+                             "come from, a hub id or local diffusers folder of its architecture; null = "
+                             "stabilityai/stable-diffusion-xl-base-1.0 (SDXL base and its fine-tunes: Pony, Illustrious, "
+                             "...). A hub id's few hundred kB are fetched once, then read offline", min_length=1)
+    revision: str | None = doc(None, "hub branch, tag or commit of `model.pretrained` (a hub id)")
     vae: str | None = doc(None, "a separate AutoencoderKL (hub id or folder); the stock SDXL VAE overflows in fp16, so "
                           "use an fp16-safe one such as madebyollin/sdxl-vae-fp16-fix", example="madebyollin/sdxl-vae-fp16-fix")
     dtype: Literal["fp32", "fp16", "bf16"] = doc("bf16", "dtype of the frozen UNet, text encoders and VAE (a VAE that "
                                                  "overflows in fp16 stays fp32); fp16 needs a GPU")
+
+    @model_validator(mode="after")
+    def _single_file_settings(self) -> ModelSection:
+        """What a single-file checkpoint allows, refused while the config loads rather than when weights do."""
+        if is_pickle_checkpoint(self.pretrained):
+            raise ValueError(f"model.pretrained {self.pretrained!r} is a pickle checkpoint: loading one can run arbitrary "
+                             "code, so waveft-train reads only safetensors; use the model's .safetensors release")
+        single = is_single_file(self.pretrained)
+        if self.config is not None and not single:
+            raise ValueError("model.config is read only for a single-file model.pretrained (a .safetensors "
+                             f"checkpoint); {self.pretrained!r} carries its own configs, so remove model.config")
+        if single and self.revision is not None:
+            raise ValueError("model.revision names a hub revision, but model.pretrained is a local .safetensors file, "
+                             "which has none; remove model.revision")
+        return self
 
 
 class WaveFTSection(Section):
@@ -268,9 +289,9 @@ class TrainSection(Section):
                                                          "needs a GPU (on the CPU fp32 weights then train in fp32 and "
                                                          "half-precision weights are refused)")
     gradient_checkpointing: bool = doc(True, "recompute activations in backward: much less memory, ~20 % slower")
-    compile: bool = doc(False, "torch.compile the UNet for training (inductor): a few minutes of start-up for SDXL, "
-                        "then fewer kernel launches per step on a GPU (docs/memory.md); validation and class images "
-                        "run eagerly")
+    compile: bool = doc(False, "torch.compile the UNet for training steps (inductor), for GPUs: minutes of "
+                        "compilation at the first step (and once more for a second bucket size), then fewer kernel "
+                        "launches per step; validation and class images run eagerly (docs/memory.md#speed)")
     seed: NonNegativeInt = doc(42, "seeds data order, augmentation, noise and timesteps (a resumed run draws the same)")
     checkpoint_every: NonNegativeInt = doc(100, "steps between resumable checkpoints; 0 = only the final state")
     checkpoints_keep: PositiveInt | None = doc(3, "newest checkpoints kept; null = all (the final state is always "

@@ -1,15 +1,15 @@
-"""Load the SDXL components the trainer needs: from the hub, a local diffusers folder, or the embedded tiny model.
+"""Load the SDXL components the trainer needs: from the hub, a local diffusers folder, the built-in tiny and toy
+models, or one single-file checkpoint (A1111/ComfyUI layout) with its configs from `model.config` (single_file.py).
 
 Everything is loaded frozen (the WaveFT tuner adds the only trainable parameters later) and through
-safetensors only. Any model that cannot be found becomes a `UserError` naming it and listing what
-`model.pretrained` accepts, instead of a stack of hub-client exceptions.
+safetensors only. Where models come from is sources.py's question; any model that cannot be found becomes a
+`UserError` naming it and listing what `model.pretrained` accepts, instead of a stack of hub-client exceptions.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,13 +17,13 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from huggingface_hub.utils import EntryNotFoundError, HFValidationError, validate_repo_id
+from huggingface_hub.utils import EntryNotFoundError, HFValidationError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from waveft_train.common.errors import UserError
-from waveft_train.common.paths import written_as_path
-from waveft_train.models.builtin import BUILTIN_MODELS, TINY_MODEL_NAME, TOY_MODEL_NAME, toy_model_dir
-from waveft_train.models.tiny import tiny_model_dir
+from waveft_train.models import single_file
+from waveft_train.models.builtin import BUILTIN_MODELS
+from waveft_train.models.sources import ALLOWED_MODELS, ALLOWED_VAES, ModelFiles, first_line, locate_model, not_found, resolve_vae
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -31,15 +31,6 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype names configs and flags use
-ALLOWED_MODELS = (
-    "`tiny` (the embedded test model), `toy` (the pretrained toy-world model), a Hugging Face hub id such as "
-    "stabilityai/stable-diffusion-xl-base-1.0, "
-    "or a local diffusers folder containing model_index.json"
-)
-ALLOWED_VAES = (
-    "a Hugging Face hub id of an AutoencoderKL such as madebyollin/sdxl-vae-fp16-fix, or a local folder with its "
-    "config.json and diffusion_pytorch_model.safetensors (at the top or under vae/)"
-)
 Loaded = TypeVar("Loaded")
 
 
@@ -54,95 +45,19 @@ class SDXLComponents:
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
     scheduler: SchedulerMixin  # the model's own (sampling) scheduler, as named in its scheduler_config.json
-    model_path: str  # absolute local folder or hub id, as resolved
+    model_path: str  # absolute local folder or hub id, as resolved; a single-file checkpoint's absolute path
     # What adapters record as their base: `tiny` or `toy` for the built-in models (their folders differ from one
     # machine and user to the next, and every waveft-train resolves the names), else model_path.
     base_model_name: str
     vae_scaling_factor: float
     vae_force_upcast: bool  # the VAE overflows in fp16 and must decode in fp32 (SDXL's original VAE)
+    # What adapters record in their metadata about a single-file base (its name, sha256, size, model.config); empty
+    # for a folder or hub model.
+    base_metadata: dict[str, str] = field(default_factory=dict)
 
     def training_noise_scheduler(self) -> DDPMScheduler:
         """A DDPM scheduler with the model's noise schedule: what DreamBooth training adds noise with."""
         return DDPMScheduler.from_config(self.scheduler.config)
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _meant_as_folder(name: str) -> bool:
-    """A name that cannot be a hub id and has a path's structure (a name like 'my model!' is neither: it gets the
-    hub-id validator's explanation instead of "no such folder")."""
-    return written_as_path(name) and ("/" in name or "\\" in name or name.startswith(("~", ".")))
-
-
-def offline_note(hub_id: bool = True) -> str:
-    """The sentence a not-found error about a hub id adds when the hub is switched off ('' otherwise)."""
-    if hub_id and _hub_offline():
-        return " Offline mode is on (HF_HUB_OFFLINE=1), so a hub id only works if it is already in the local cache."
-    return ""
-
-
-def _not_found(what: str, name: str, reason: str, *, hub_id: bool = True, allowed: str = ALLOWED_MODELS) -> UserError:
-    return UserError(f"Could not load {what} '{name}': {reason.rstrip('. ')}.{offline_note(hub_id)} Allowed: {allowed}.")
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (at most 300 characters), for one-paragraph user errors."""
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    return line if len(line) <= 300 else line[:297] + "..."
-
-
-def _validate_hub_id(what: str, name: str, allowed: str) -> None:
-    try:
-        validate_repo_id(name)
-    except HFValidationError as error:
-        reason = f"it is neither an existing folder nor a valid hub id ({first_line(error)})"
-        raise _not_found(what, name, reason, hub_id=False, allowed=allowed) from None
-
-
-def resolve_pretrained(pretrained: str, cache_dir: Path | None = None) -> str:
-    """Turn `model.pretrained` into what `from_pretrained` accepts: an absolute folder or a hub id.
-
-    `tiny` builds (once) and returns the embedded model's cached folder; `cache_dir` overrides its cache root.
-    `toy` is the pretrained toy-world pipeline committed inside the package (waveft_train/assets/toy).
-    """
-    name = str(pretrained).strip()
-    if name == TINY_MODEL_NAME:
-        return str(tiny_model_dir(cache_dir))
-    if name == TOY_MODEL_NAME:
-        return str(toy_model_dir())
-    local = Path(name).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise _not_found("the model", name, "it is a file, not a folder", hub_id=False)
-        if not ((local / "model_index.json").is_file() or (local / "unet").is_dir()):
-            reason = f"the folder {local.resolve()} has neither model_index.json nor a unet/ subfolder"
-            raise _not_found("the model", name, reason, hub_id=False)
-        return str(local.resolve())
-    if _meant_as_folder(name):
-        raise _not_found("the model", name, f"no such folder ({local.absolute()})", hub_id=False)
-    _validate_hub_id("the model", name, ALLOWED_MODELS)
-    return name
-
-
-def resolve_vae(vae: str) -> tuple[str, str | None]:
-    """A separate VAE as (path or hub id, subfolder): an AutoencoderKL folder, a pipeline folder's vae/, or a hub id."""
-    name = str(vae).strip()
-    local = Path(name).expanduser()
-    if local.exists():
-        if (local / "config.json").is_file():
-            return str(local.resolve()), None
-        if (local / "vae" / "config.json").is_file():
-            return str(local.resolve()), "vae"
-        reason = f"the folder {local.resolve()} has neither config.json nor vae/config.json"
-        raise _not_found("the VAE", name, reason, hub_id=False, allowed=ALLOWED_VAES)
-    if _meant_as_folder(name):
-        reason = f"no such folder ({local.absolute()})"
-        raise _not_found("the VAE", name, reason, hub_id=False, allowed=ALLOWED_VAES)
-    _validate_hub_id("the VAE", name, ALLOWED_VAES)
-    return name, None
 
 
 def _load(what: str, name: str, loader: Callable[[], Loaded], allowed: str = ALLOWED_MODELS) -> Loaded:
@@ -151,7 +66,7 @@ def _load(what: str, name: str, loader: Callable[[], Loaded], allowed: str = ALL
         return loader()
     except (OSError, EntryNotFoundError, HFValidationError) as error:  # OSError covers the hub's HTTP errors
         local = Path(name).expanduser().exists()  # a broken local folder: the offline hint would mislead
-        raise _not_found(what, name, first_line(error), hub_id=not local, allowed=allowed) from error
+        raise not_found(what, name, first_line(error), hub_id=not local, allowed=allowed) from error
 
 
 def _frozen(module: Loaded) -> Loaded:
@@ -186,24 +101,44 @@ def _load_vae(
     )
 
 
-def load_scheduler(pretrained: str, *, revision: str | None = None) -> SchedulerMixin:
+def load_scheduler(pretrained: str, *, revision: str | None = None, config: str | None = None) -> SchedulerMixin:
     """Only the (sampling) scheduler of a model, with the same not-found errors as `load_components`."""
-    model_path = resolve_pretrained(pretrained)
-    return _load("the scheduler of model", pretrained, lambda: _load_scheduler(model_path, revision))
+    files = locate_model(pretrained, config, revision)
+    return _load("the scheduler of model", pretrained, lambda: _load_scheduler(files.configs, revision))
 
 
-def load_unet(pretrained: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
+def load_unet(pretrained: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
+              config: str | None = None):
     """Only the UNet of an SDXL model (an export needs nothing else), frozen, with the same not-found errors as
     `load_components`."""
-    model_path = resolve_pretrained(pretrained)
+    files = locate_model(pretrained, config, revision)
+    if files.weights_file is not None:
+        check_single_file(files, ("unet",), separate_vae=True)
+        return _frozen(single_file.load_parts(files.weights_file, files.configs, {"unet": dtype})["unet"])
     unet = _load(
         "the unet of model",
         pretrained,
         lambda: UNet2DConditionModel.from_pretrained(
-            model_path, subfolder="unet", revision=revision, torch_dtype=dtype, use_safetensors=True
+            files.configs, subfolder="unet", revision=revision, torch_dtype=dtype, use_safetensors=True
         ),
     )
     return _frozen(unet)
+
+
+def check_single_file(files: ModelFiles, parts=single_file.PARTS, *, separate_vae: bool = False) -> None:
+    """A single file's family, and its `parts`' shapes against their configs, from its header: seconds, before
+    gigabytes load. `separate_vae`: model.vae replaces the file's VAE (so the file need not have one)."""
+    shapes = single_file.file_shapes(files.weights_file)
+    single_file.check_family(files.weights_file, shapes, separate_vae=separate_vae)
+    single_file.check_fits_config(files.weights_file, shapes, files.config_name, files.configs, parts)
+
+
+def _vae_dtype(configs: str, vae_dtype: torch.dtype | None, weight_dtype: torch.dtype) -> torch.dtype:
+    """An explicit `vae_dtype`, else fp32 for a VAE that declares `force_upcast` and `weight_dtype` for any other."""
+    if vae_dtype is not None:
+        return vae_dtype
+    config = AutoencoderKL.load_config(configs, subfolder="vae")
+    return torch.float32 if config.get("force_upcast", True) else weight_dtype
 
 
 def load_components(
@@ -213,14 +148,17 @@ def load_components(
     vae: str | None = None,
     weight_dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
+    config: str | None = None,
 ) -> SDXLComponents:
     """Load every SDXL component frozen: UNet and text encoders in `weight_dtype`, the VAE in `vae_dtype`.
 
     `vae_dtype=None` keeps a VAE that declares `force_upcast` (SDXL's original, which overflows in fp16)
     in fp32, as diffusers' SDXL training scripts do, and puts any other VAE in `weight_dtype`.
-    `revision` applies to the base model only, not to a separate `vae`.
+    `revision` applies to the base model only, not to a separate `vae`. `config` (model.config) is where a
+    single-file `pretrained` takes its configs and tokenizers from (None: SDXL base).
     """
-    model_path = resolve_pretrained(pretrained)
+    files = locate_model(pretrained, config, revision)
+    model_path = files.configs
     common: dict[str, Any] = {"revision": revision}
     weights: dict[str, Any] = {**common, "use_safetensors": True}
 
@@ -233,24 +171,37 @@ def load_components(
     tokenizer_2 = part(
         "tokenizer_2", lambda: CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer_2", **common)
     )
-    # transformers renamed torch_dtype to dtype (4.56); casting after loading works with every version.
-    text_encoder = part(
-        "text_encoder", lambda: CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **weights)
-    ).to(dtype=weight_dtype)
-    text_encoder_2 = part(
-        "text_encoder_2",
-        lambda: CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", **weights),
-    ).to(dtype=weight_dtype)
-    unet = load_unet(pretrained, revision=revision, dtype=weight_dtype)
-    if vae is None:
-        vae_model = part("vae", lambda: _load_vae(model_path, "vae", revision, vae_dtype, weight_dtype))
+    base_metadata: dict[str, str] = {}
+    if files.weights_file is not None:
+        check_single_file(files, single_file.parts_from_file(vae is not None), separate_vae=vae is not None)
+        base_metadata = single_file.single_file_base(files.weights_file, files.config_name).metadata()
+        dtypes = {"unet": weight_dtype, "text_encoder": weight_dtype, "text_encoder_2": weight_dtype}
+        if vae is None:
+            dtypes["vae"] = _vae_dtype(model_path, vae_dtype, weight_dtype)
+        parts = single_file.load_parts(files.weights_file, model_path, dtypes)
+        unet, text_encoder, text_encoder_2 = parts["unet"], parts["text_encoder"], parts["text_encoder_2"]
+        model_path = str(files.weights_file)
     else:
+        # transformers renamed torch_dtype to dtype (4.56); casting after loading works with every version.
+        text_encoder = part(
+            "text_encoder", lambda: CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **weights)
+        ).to(dtype=weight_dtype)
+        text_encoder_2 = part(
+            "text_encoder_2",
+            lambda: CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", **weights),
+        ).to(dtype=weight_dtype)
+        unet = load_unet(pretrained, revision=revision, dtype=weight_dtype)
+    if vae is not None:
         vae_path, vae_subfolder = resolve_vae(vae)
         vae_model = _load(
             "the VAE", vae, lambda: _load_vae(vae_path, vae_subfolder, None, vae_dtype, weight_dtype), ALLOWED_VAES
         )
+    elif files.weights_file is not None:
+        vae_model = parts["vae"]
+    else:
+        vae_model = part("vae", lambda: _load_vae(model_path, "vae", revision, vae_dtype, weight_dtype))
     return SDXLComponents(
-        unet=unet,
+        unet=_frozen(unet),
         vae=_frozen(vae_model),
         text_encoder=_frozen(text_encoder),
         text_encoder_2=_frozen(text_encoder_2),
@@ -262,6 +213,7 @@ def load_components(
         else model_path,
         vae_scaling_factor=float(vae_model.config.scaling_factor),
         vae_force_upcast=bool(getattr(vae_model.config, "force_upcast", True)),
+        base_metadata=base_metadata,
     )
 
 

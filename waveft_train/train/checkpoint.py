@@ -19,11 +19,12 @@ import logging
 import numbers
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
 from waveft_train.adapter.files import (
@@ -37,6 +38,7 @@ from waveft_train.adapter.files import (
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_folder, is_leftover, write_bytes_synced
 from waveft_train.data.images import manifest_changes
+from waveft_train.models.single_file import RECORD_SHA256
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ EVALUATION_SUMMARY = "evaluation.json"  # names the run's best checkpoint (train
 
 
 def save_checkpoint(output_dir: Path, step: int, *, unet: torch.nn.Module, base_model_name_or_path: str,
-                    training_state: Mapping[str, Any], keep: int | None, prediction_type: str | None = None) -> Path:
+                    training_state: Mapping[str, Any], keep: int | None, prediction_type: str | None = None,
+                    base_metadata: Mapping[str, str] | None = None) -> Path:
     """Write `checkpoints/step-NNNNNN/` (adapter + training state) atomically, then keep only the newest `keep`
     complete checkpoints (None keeps all). On failure the previous checkpoints are untouched. Main process only."""
     if keep is not None and keep < 1:
@@ -68,7 +71,7 @@ def save_checkpoint(output_dir: Path, step: int, *, unet: torch.nn.Module, base_
                             indent=1)
     with atomic_folder(folder) as scratch:
         write_adapter_files(scratch, unet, base_model_name_or_path=base_model_name_or_path,
-                            prediction_type=prediction_type)
+                            prediction_type=prediction_type, base_metadata=base_metadata)
         write_bytes_synced(scratch / STATE_TENSORS, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
         write_bytes_synced(scratch / STATE_JSON, state_json.encode("utf-8"))
     _prune(output_dir, keep, just_written=folder)
@@ -116,13 +119,21 @@ def finished_step(output_dir: Path, max_steps: int) -> int | None:
     return step if step >= max_steps else None
 
 
-def why_not_continue(output_dir: Path, *, image_manifest: Mapping[str, str], global_batch: int, layout: str) -> str | None:
-    """Why this run cannot continue the newest checkpoint (other subject photos, another global batch), or None."""
+def why_not_continue(output_dir: Path, *, image_manifest: Mapping[str, str], global_batch: int, layout: str,
+                     base_sha256: Callable[[], str | None] = lambda: None) -> str | None:
+    """Why this run cannot continue the newest checkpoint (other subject photos, another global batch, another
+    single-file base under the same path), or None. `base_sha256`: the run's single-file base's hash (None for others),
+    asked for only when there is a checkpoint."""
     latest = find_latest_checkpoint(output_dir)
     if latest is None:
         return None
     record = checkpoint_record(latest)
     problems = []
+    trained_on = _recorded_base_sha256(latest)
+    now = base_sha256() if trained_on else None
+    if trained_on and now and now != trained_on:
+        problems.append(f"it was trained on a single-file model.pretrained with sha256 {trained_on}, and the file there "
+                        f"now has sha256 {now}")
     changes = manifest_changes(record.get("instance_images", image_manifest), dict(image_manifest))
     if changes:
         problems.append(f"the subject photos (data.instance_dir) changed since it was written: {changes}")
@@ -133,6 +144,15 @@ def why_not_continue(output_dir: Path, *, image_manifest: Mapping[str, str], glo
     if not problems:
         return None
     return f"The checkpoint {latest} cannot be continued by this run: {'; and '.join(problems)}"
+
+
+def _recorded_base_sha256(folder: Path) -> str | None:
+    """The sha256 of the single-file base the checkpoint's adapter records (None: another base, or unreadable)."""
+    try:
+        with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as weights:
+            return (weights.metadata() or {}).get(RECORD_SHA256)
+    except Exception:  # noqa: BLE001 - a damaged file: resuming names it (load_checkpoint)
+        return None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -56,7 +56,8 @@ def run_summary(invocations: Sequence[dict], *, trainable_params: int, buckets: 
 
 
 def write_final(output_dir: Path, summary: dict, *, unet: torch.nn.Module | None, base_model_name: str,
-                prediction_type: str | None, model_card: str | None, last_samples: Path | None) -> Path | None:
+                prediction_type: str | None, model_card: str | None, last_samples: Path | None,
+                base_metadata: Mapping[str, str] | None = None) -> Path | None:
     """The final adapter folder (when `unet` is given) and summary.json, together; returns the adapter folder."""
     summary_path, adapter_dir = output_dir / "summary.json", output_dir / "adapter"
     if unet is None:  # a training method that keeps no adapter: the summary alone
@@ -72,5 +73,5 @@ def write_final(output_dir: Path, summary: dict, *, unet: torch.nn.Module | None
 
     with writing(adapter_dir, "the final adapter and summary.json"):
         save_adapter(adapter_dir, unet, base_model_name_or_path=base_model_name, prediction_type=prediction_type,
-                     model_card=model_card, before_landing=land_with_the_adapter)
+                     model_card=model_card, before_landing=land_with_the_adapter, base_metadata=base_metadata)
     return adapter_dir

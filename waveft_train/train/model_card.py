@@ -6,7 +6,9 @@ it, and when stock peft would not reproduce it.
 
 from __future__ import annotations
 
+from waveft_train.common.paths import is_single_file
 from waveft_train.config import DataSection, PriorSection, TrainSection, WaveFTSection
+from waveft_train.models.single_file import DEFAULT_CONFIG
 from waveft_train.waveft import STOCK_PEFT_FAMILIES_TEXT, stock_peft_reproduces_family
 
 
@@ -22,13 +24,21 @@ def stock_peft_caveats(waveft: WaveFTSection) -> list[str]:
     return caveats
 
 
+def _pipeline_loader(base_model: str, base_config: str | None) -> str:
+    """How stock diffusers loads the base: from_pretrained, or from_single_file with its configs for a single file."""
+    if is_single_file(base_model):
+        return f'from_single_file("{base_model}", config="{base_config or DEFAULT_CONFIG}"'
+    return f'from_pretrained("{base_model}"'
+
+
 def model_card(*, base_model: str, waveft: WaveFTSection, data: DataSection, prior: PriorSection, train: TrainSection,
                validation_prompts: list[str], trainable_params: int, steps: int, has_samples: bool,
-               prediction_type: str | None = None) -> str:
+               prediction_type: str | None = None, base_config: str | None = None) -> str:
     """README.md of the final adapter: what it is, how it was trained, how to load it with stock peft.
 
     `prediction_type` is what the adapter was trained to predict when it differs from the base model's scheduler
-    (train.prediction_type); the snippet then configures the scheduler for it.
+    (train.prediction_type); the snippet then configures the scheduler for it. A single-file `base_model` loads with
+    `from_single_file`, its configs from `base_config` (model.config).
     """
     samples = "\n![Validation samples: base model left, adapter right](samples.png)\n" if has_samples else ""
     notes = "".join(f"**Note:** {note}\n\n" for note in stock_peft_caveats(waveft))
@@ -71,7 +81,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from peft import PeftModel
 
-pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+pipe = StableDiffusionXLPipeline.{_pipeline_loader(base_model, base_config)}, torch_dtype=torch.float16).to("cuda")
 pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/adapter")
 {scheduler}image = pipe("{data.instance_prompt}", num_inference_steps=25).images[0]
 ```

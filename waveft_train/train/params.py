@@ -9,7 +9,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from waveft_train import waveft as tuner
 from waveft_train.config import DataSection, ModelSection, PriorSection, TrainSection, ValidationSection, WaveFTSection
-from waveft_train.models.loading import resolve_pretrained, resolve_vae
+from waveft_train.models.sources import locate_model, resolve_vae
 from waveft_train.train import memory
 from waveft_train.train.preflight import adapter_on_meta_unet
 
@@ -74,12 +74,13 @@ def describe_memory(model: ModelSection, data: DataSection, prior: PriorSection,
 
 def _component_sizes(model: ModelSection) -> dict:
     """Parameter counts of the text encoders and the VAE, and the VAE's downsampling, from their configs (meta)."""
-    path = resolve_pretrained(model.pretrained)
+    files = locate_model(model.pretrained, model.config, model.revision)
+    path, revision = files.configs, None if files.weights_file else model.revision  # a single file: model.config's
     # the trainer's own rules: a separate VAE is an AutoencoderKL folder, a pipeline folder's vae/, or a hub id
-    vae_path, vae_folder, vae_revision = (*resolve_vae(model.vae), None) if model.vae else (path, "vae", model.revision)
+    vae_path, vae_folder, vae_revision = (*resolve_vae(model.vae), None) if model.vae else (path, "vae", revision)
     try:
         vae_config = AutoencoderKL.load_config(vae_path, subfolder=vae_folder, revision=vae_revision)
-        text_configs = [CLIPTextConfig.from_pretrained(path, subfolder=folder, revision=model.revision)
+        text_configs = [CLIPTextConfig.from_pretrained(path, subfolder=folder, revision=revision)
                         for folder in ("text_encoder", "text_encoder_2")]
     except (OSError, ValueError):  # a hub model not in the cache: SDXL-base's sizes
         return {"text_encoder_params": memory.SDXL_TEXT_ENCODER_PARAMS, "vae_params": memory.SDXL_VAE_PARAMS,

@@ -19,7 +19,7 @@ from peft.utils.other import get_pattern_key
 
 from waveft_train import waveft as tuner
 from waveft_train.common.errors import UserError
-from waveft_train.common.paths import is_local
+from waveft_train.common.paths import is_local, is_single_file
 from waveft_train.config import (
     DataSection,
     ModelSection,
@@ -30,7 +30,9 @@ from waveft_train.config import (
     load_config,
 )
 from waveft_train.data.images import validate_image_folder
-from waveft_train.models.loading import ALLOWED_MODELS, first_line, offline_note, resolve_pretrained, resolve_vae
+from waveft_train.models.loading import check_single_file
+from waveft_train.models.single_file import file_sha256, parts_from_file
+from waveft_train.models.sources import ALLOWED_MODELS, first_line, locate_model, offline_note, resolve_vae
 from waveft_train.train.checkpoint import why_not_continue
 
 RUN_OUTPUTS = ("checkpoints", "samples", "adapter", "metrics.jsonl", "summary.json", "report.html", "evaluation.jsonl",
@@ -104,7 +106,10 @@ def adapter_on_meta_unet(model: ModelSection, waveft: WaveFTSection):
     Catches what only the model can tell (target_modules that match nothing, an n_frequency larger than a
     layer) in seconds, before gigabytes of weights load; the tuner's own errors become UserErrors.
     """
-    path = resolve_pretrained(model.pretrained)
+    files = locate_model(model.pretrained, model.config, model.revision)
+    path = files.configs  # for a single file, model.config's folder
+    if files.weights_file is not None:  # its family and every part's shapes, from the header
+        check_single_file(files, parts_from_file(model.vae is not None), separate_vae=model.vae is not None)
     try:
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=model.revision)
     except (OSError, ValueError) as error:
@@ -147,12 +152,15 @@ def check_vae(model: ModelSection) -> None:
 
 
 def checkpoint_is_another_run(output_dir: Path, image_manifest: dict[str, str], global_batch: int,
-                              train: TrainSection, *, force: bool) -> bool:
+                              train: TrainSection, model: ModelSection, *, force: bool) -> bool:
     """Whether the newest checkpoint belongs to a run this one cannot continue (other subject photos, another
-    global batch): with --force it is replaced (True); without, refused."""
+    global batch, another file at a single-file model's path): with --force it is replaced (True); without, refused."""
+    def base_sha256() -> str | None:  # hashed once per file (cached), and only when there is a checkpoint to compare
+        return file_sha256(Path(model.pretrained)) if is_single_file(model.pretrained) else None
+
     problem = why_not_continue(output_dir, image_manifest=image_manifest, global_batch=global_batch,
                                layout=f"train.batch_size {train.batch_size} × train.gradient_accumulation "
-                                      f"{train.gradient_accumulation} × processes")
+                                      f"{train.gradient_accumulation} × processes", base_sha256=base_sha256)
     if problem and not force:
         raise UserError(f"{problem}. Restore what changed to resume it, use another output.dir, or pass --force to "
                         "start over there.")

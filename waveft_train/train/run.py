@@ -127,7 +127,7 @@ class DreamBoothRun:
         self.image_manifest = image_manifest(self.instance_images)
         if not self.replace_other_run:
             self.replace_other_run = checkpoint_is_another_run(self.output_dir, self.image_manifest, self.global_batch,
-                                                               config.train, force=self.force)
+                                                               config.train, config.model, force=self.force)
         return False
 
     def setup(self) -> None:
@@ -154,7 +154,7 @@ class DreamBoothRun:
                 logger.warning(caveat[0].upper() + caveat[1:])
         torch.manual_seed(config.train.seed)
         self.components = load_components(config.model.pretrained, revision=config.model.revision, vae=config.model.vae,
-                                          weight_dtype=DTYPES[config.model.dtype])
+                                          weight_dtype=DTYPES[config.model.dtype], config=config.model.config)
         self.prediction_type = config.train.prediction_type or self.components.scheduler.config.get(
             "prediction_type", "epsilon")
         if self.accelerator.is_main_process:
@@ -214,6 +214,9 @@ class DreamBoothRun:
             self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.bare_unet = unet  # without the DDP or compile wrapper: what is saved, loaded and sampled
         if train.compile:  # training steps only: validation samples through the bare, eager UNet
+            if self.accelerator.device.type == "cpu" and self.accelerator.is_main_process:
+                logger.warning("train.compile on the CPU compiles for minutes and makes no step faster (BENCHMARKS.md "
+                               "§6a); it is meant for GPUs.")
             self.unet = torch.compile(self.unet)
 
     def _resume(self) -> int:
@@ -322,7 +325,7 @@ class DreamBoothRun:
                     self.output_dir, step, unet=self.bare_unet,
                     base_model_name_or_path=self.components.base_model_name, training_state=state,
                     keep=self.config.train.checkpoints_keep, prediction_type=self._recorded_prediction_type(),
-                )
+                    base_metadata=self.components.base_metadata)
             except OSError as error:
                 previous = checkpoint.find_latest_checkpoint(self.output_dir)
                 raise UserError(
@@ -371,11 +374,11 @@ class DreamBoothRun:
         card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
                           prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.grids.last is not None,
-                          prediction_type=self._recorded_prediction_type()) if saves else None
+                          prediction_type=self._recorded_prediction_type(), base_config=config.model.config) if saves else None
         adapter_dir = write_final(self.output_dir, summary, unet=self.bare_unet if saves else None,
                                   base_model_name=self.components.base_model_name,
                                   prediction_type=self._recorded_prediction_type(), model_card=card,
-                                  last_samples=self.grids.last)
+                                  last_samples=self.grids.last, base_metadata=self.components.base_metadata)
         samples = f", samples in {self.output_dir / 'samples'}" if self.grids.last is not None else ""
         report = self.report.finish()
         self.last_words = [f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", f"Report: {report}"]

@@ -16,7 +16,7 @@ what `--checkpoint best` reads.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -26,12 +26,14 @@ from waveft_train.adapter.load import load_adapter_unet
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, writing
 from waveft_train.common.lock import FolderLock
+from waveft_train.common.paths import is_single_file
 from waveft_train.config import DataSection, PriorSection, TrainSection, ValidationSection
 from waveft_train.evaluation.metric_models import DEFAULT_CLIP, DEFAULT_DINO
 from waveft_train.evaluation.ranking import RULE, best_record, ranking_parts
 from waveft_train.evaluation.scorers import EvalPlan, RunSubject, Scorer, dreambooth_scorer
 from waveft_train.models.builtin import is_toy_model
 from waveft_train.models.loading import build_pipeline
+from waveft_train.models.single_file import SingleFileBase
 from waveft_train.toy.judge import load_judge
 from waveft_train.toy.scoring import ToyScorer
 from waveft_train.toy.subjects import SUBJECT_FILE, Subject, get_subject
@@ -68,11 +70,18 @@ def toy_subject(instance_dir: str) -> Subject | None:
         return None
 
 
-def make_scorer(base_model: str, run: RunSubject, plan: EvalPlan, *, dino: str = DEFAULT_DINO,
+def is_toy_base(name: str, metadata: Mapping[str, str]) -> bool:
+    """Whether an adapter's base (its name, and the metadata that records a single-file base) is the toy model:
+    `toy`, a copy of its folder, or a single file made from it (its recorded model.config)."""
+    recorded = SingleFileBase.from_metadata(metadata, name) if is_single_file(name) else None
+    return is_toy_model(name) or (recorded is not None and is_toy_model(recorded.config))
+
+
+def make_scorer(toy_base: bool, run: RunSubject, plan: EvalPlan, *, dino: str = DEFAULT_DINO,
                 clip: str = DEFAULT_CLIP, device: str = "cpu", subject: Subject | None = None) -> Scorer:
     """The toy judge for a run of the toy model on a toy subject (given, or named by the photos' subject.json);
     DINO and CLIP for everything else."""
-    subject = subject or (toy_subject(run.instance_dir) if is_toy_model(base_model) else None)
+    subject = subject or (toy_subject(run.instance_dir) if toy_base else None)
     if subject is not None:
         return ToyScorer(subject, load_judge(), plan)
     return dreambooth_scorer(run, plan, dino=dino, clip=clip, device=device)
@@ -257,7 +266,8 @@ class ValidationScores:
     def score(self, step: int, components, unet: torch.nn.Module, conditioning, prediction_type: str) -> dict:
         if self.scorer is None:  # the metric models load at the first validation, not before training starts
             device = str(next(unet.parameters()).device)
-            self.scorer = make_scorer(components.base_model_name, self.run, self.plan, device=device, **self.models)
+            toy = is_toy_base(components.base_model_name, components.base_metadata)
+            self.scorer = make_scorer(toy, self.run, self.plan, device=device, **self.models)
             self.log = EvaluationLog(self.output_dir, self.scorer.describe(), fresh=False)
         unet.eval()
         try:
