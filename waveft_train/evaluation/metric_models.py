@@ -27,7 +27,7 @@ from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_local, written_as_path
 from waveft_train.config import ValidationSection
-from waveft_train.models.loading import first_line, offline_note
+from waveft_train.models.sources import first_line, offline_note
 from waveft_train.models.tiny_metrics import tiny_metric_model_dir
 
 DEFAULT_DINO = ValidationSection.model_fields["dino_model"].default  # the config's defaults, named once there
