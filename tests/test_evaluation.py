@@ -196,6 +196,20 @@ def test_training_with_validation_evaluate_scores_each_validation_step(scored_ru
         assert {"dino", "clip_i", "clip_t", "diversity", "class_colour_similarity", "base_dino"} <= set(record["scores"])
 
 
+def test_scoring_during_training_leaves_the_trained_adapter_as_it_was(scored_run, tmp_path):
+    """Scoring between steps switches the adapter off for the base model and the UNet to eval mode, and back: the run
+    must train what it trains without (on the CPU bit for bit; the tolerance is for GPU kernels)."""
+    from safetensors.torch import load_file
+
+    from waveft_train.train import run
+
+    overrides = fast_overrides(tmp_path / "run", scored_run.parent / "class", **{"train.checkpoints_keep": "null"})
+    plain = run.train_from_config(load_config(TINY_RUN, overrides), progress=False)
+    scored, unscored = (load_file(folder / "adapter" / "adapter_model.safetensors") for folder in (scored_run, plain))
+    torch.testing.assert_close(scored, unscored, rtol=1e-4, atol=1e-7)
+    assert not (plain / "evaluation.jsonl").exists()
+
+
 def test_evaluate_run_ranks_every_checkpoint_and_names_the_best(scored_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(scored_run, run_dir)
