@@ -152,16 +152,15 @@ def test_metric_models_that_cannot_be_loaded_are_one_clear_error(metric_folders,
     assert split_revision(str(tmp_path / "a@b")) == (str(tmp_path / "a@b"), None)  # a folder is never split
 
 
-def test_scoring_settings_that_cannot_work_are_refused_before_anything_loads(tmp_path):
-    def run(**extra):
-        return DreamBoothRun(load_config(TINY_RUN, fast_overrides(tmp_path / "run", tmp_path / "class", **extra)))
+def test_scoring_settings_that_cannot_work_are_refused_by_the_config(tmp_path):
+    def config(**extra):
+        return load_config(TINY_RUN, fast_overrides(tmp_path / "run", tmp_path / "class", **extra))
 
     with pytest.raises(UserError, match=r"validation.every \(3\) must be a multiple of train.checkpoint_every \(2\)"):
-        run(**{"validation.evaluate": "true", "validation.every": 3})
+        config(**{"validation.evaluate": "true", "validation.every": 3})
     with pytest.raises(UserError, match="prior.class_prompt"):
-        run(**{"validation.evaluate": "true", "prior.enabled": "false", "prior.class_prompt": "null"})
-    assert run(**{"validation.evaluate": "true", "validation.every": 4}).scores is not None
-    assert not (tmp_path / "run").exists()
+        config(**{"validation.evaluate": "true", "prior.enabled": "false", "prior.class_prompt": "null"})
+    assert DreamBoothRun(config(**{"validation.evaluate": "true", "validation.every": 4})).scores is not None
 
 
 # ------------------------------------------------------------------------------------------ a scored run

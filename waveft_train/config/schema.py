@@ -9,85 +9,29 @@ reference and `waveft-train init`'s starter config are generated from it (`confi
 from __future__ import annotations
 
 import re
-import types
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
-    Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from waveft_train.common.paths import is_pickle_checkpoint, is_single_file
-from waveft_train.config.errors import describe
+from waveft_train.config.fields import Prompt, Resolution, Section, UnitInterval, doc
 from waveft_train.waveft.families import ALLOWED_FAMILIES_TEXT, is_supported_family
 
-Resolution = Annotated[int, Field(gt=0, multiple_of=8)]  # the SDXL VAE downsamples by 8
-UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # diffusers' get_scheduler passes num_warmup_steps to every scheduler but "constant", which ignores it.
 WARMUP_SCHEDULERS: tuple[str, ...] = tuple(name for name in get_args(LrScheduler) if name != "constant")
 Tracker = Literal["tensorboard", "wandb"]  # accelerate's names for them
 TRACKERS: tuple[str, ...] = get_args(Tracker)
-
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty or only whitespace; write the prompt, e.g. \"a photo of sks dog\"")
-    return value
-
-
-Prompt = Annotated[str, AfterValidator(_not_blank)]
-
-
-def doc(default: Any = ..., text: str = "", *, example: Any = None, **constraints: Any) -> Any:
-    """A field with its documentation; `example` is what the starter config shows instead of the default."""
-    extra = {"example": example} if example is not None else None
-    if callable(default):
-        return Field(default_factory=default, description=text, json_schema_extra=extra, **constraints)
-    return Field(default, description=text, json_schema_extra=extra, **constraints)
-
-
-def _bool_for_number(value: Any, annotation: Any) -> bool:
-    """True when a YAML true/false stands where `annotation` wants a number (pydantic would read true as 1),
-    also inside lists and mapping values."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _bool_for_number(value, args[0])
-    if origin in (Union, types.UnionType):
-        return bool not in args and any(_bool_for_number(value, arg) for arg in args)
-    if isinstance(value, bool):
-        return annotation in (int, float)
-    if origin is list and isinstance(value, list):
-        return any(_bool_for_number(item, args[0]) for item in value)
-    if origin is dict and isinstance(value, Mapping):
-        return any(_bool_for_number(item, args[1]) for item in value.values())
-    return False
-
-
-class Section(BaseModel):
-    """A config section: unknown keys, true/false for numbers, and inf/nan are all refused."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
-        annotation = cls.model_fields[info.field_name].annotation
-        if _bool_for_number(value, annotation):
-            expected = {int: "a valid integer", float: "a valid number"}.get(annotation) or describe(annotation)
-            raise PydanticCustomError("bool_for_number", "Input should be {expected}", {"expected": expected})
-        return value
 
 
 class ModelSection(Section):
@@ -405,6 +349,21 @@ class TrainConfig(BaseModel):
         if self.model.dtype == "fp16" and self.train.mixed_precision == "no":
             raise ValueError("model.dtype: fp16 with train.mixed_precision: no would train without loss scaling "
                              "(small gradients vanish); set train.mixed_precision: fp16 (or bf16), or model.dtype: bf16")
+        return self
+
+    @model_validator(mode="after")
+    def _scoring_has_what_it_reads(self) -> TrainConfig:
+        """validation.evaluate names each scored step's checkpoint (`--checkpoint best` loads it) and measures class
+        drift with prior.class_prompt."""
+        every, checkpoint_every = self.validation.every, self.train.checkpoint_every
+        if self.validation.evaluate and every and (not checkpoint_every or every % checkpoint_every):
+            raise ValueError(f"validation.evaluate names the checkpoint of each scored step, so validation.every "
+                             f"({every}) must be a multiple of train.checkpoint_every ({checkpoint_every}); set both "
+                             f"to {every}, or validation.every: 0 to score only the final adapter")
+        if self.validation.evaluate and not (self.prior.class_prompt or "").strip():
+            raise ValueError("validation.evaluate measures how far the class drifts toward the subject with "
+                             "prior.class_prompt, which is empty; set it (e.g. \"a photo of dog\"; it is read even when "
+                             "prior.enabled is false), or set validation.evaluate: false")
         return self
 
     def validation_resolution(self) -> int:

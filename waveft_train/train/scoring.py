@@ -240,22 +240,11 @@ def run_adapter(output_dir: Path, checkpoint: str) -> Path:
 
 
 class ValidationScores:
-    """`validation.evaluate: true`: score the adapter at each validation step of a training run (main process).
-
-    Made with the run, before anything loads, so that what scoring would miss fails in the first second: a scored
-    step without its checkpoint (`--checkpoint best` loads it) and an empty class prompt (class drift reads it)."""
+    """`validation.evaluate: true`: score the adapter at each validation step of a training run (main process). The
+    config has checked that each scored step has its checkpoint and that the class prompt is set."""
 
     def __init__(self, validation: ValidationSection, data: DataSection, prior: PriorSection, train: TrainSection,
                  output_dir: Path):
-        every, checkpoint_every = validation.every, train.checkpoint_every
-        if every and (not checkpoint_every or every % checkpoint_every):
-            raise UserError(f"validation.evaluate names the checkpoint of each scored step, so validation.every "
-                            f"({every}) must be a multiple of train.checkpoint_every ({checkpoint_every}); set both "
-                            f"to {every}, or validation.every: 0 to score only the final adapter.")
-        if not (prior.class_prompt or "").strip():
-            raise UserError("validation.evaluate measures how far the class drifts toward the subject with "
-                            "prior.class_prompt, which is empty; set it (e.g. \"a photo of dog\"; it is read even when "
-                            "prior.enabled is false), or set validation.evaluate: false.")
         self.run = RunSubject(data.instance_dir, data.instance_prompt, prior.class_prompt)
         self.plan = EvalPlan(steps=validation.steps, guidance=validation.guidance)
         self.models = {"dino": validation.dino_model, "clip": validation.clip_model}
