@@ -121,7 +121,7 @@ def test_the_report_holds_every_validation_grid_in_step_order(tracked_run):
 def test_the_report_plots_evaluation_scores_and_marks_the_best_checkpoint(tracked_run, tmp_path):
     folder = copy_of_run(tracked_run[0], tmp_path)
     scored = [  # the evaluation's contract: one line per scored checkpoint, in any order
-        {"step": 4, "checkpoint": "adapter", "scores": {"judge": 0.5, "clip_i": 0.71}, "score": 0.5},
+        {"step": 4, "checkpoint": "adapter", "scores": {"judge": 0.5, "clip_i": 0.71, "base_clip_i": 0.6}, "score": 0.5},
         {"step": 2, "checkpoint": "checkpoints/step-000002", "scores": {"judge": 0.75, "clip_i": 0.69}, "score": 0.75},
         {"step": 4, "checkpoint": "checkpoints/step-000004", "scores": {"judge": 0.25, "clip_i": 0.7}, "score": 0.25},
     ]
@@ -136,10 +136,13 @@ def test_the_report_plots_evaluation_scores_and_marks_the_best_checkpoint(tracke
     assert data["charts"]["Ranking score"] == {"ranking score": {"steps": steps, "values": [line["score"] for line in ordered]},
                                                "best checkpoint": {"steps": [2], "values": [0.75]}}
     for name in ("judge", "clip_i"):
-        assert data["charts"][f"Score: {name}"] == {
-            name: {"steps": steps, "values": [line["scores"][name] for line in ordered]},
-            "best checkpoint": {"steps": [2], "values": [scored[1]["scores"][name]]}}
+        expected = {name: {"steps": steps, "values": [line["scores"][name] for line in ordered]},
+                    "best checkpoint": {"steps": [2], "values": [scored[1]["scores"][name]]}}
+        if name == "clip_i":  # the base model's twin is drawn beside it, where it was scored
+            expected["base model"] = {"steps": [4], "values": [0.6]}
+        assert data["charts"][f"Score: {name}"] == expected
         assert inlined_image(page, f"Score: {name}").format == "PNG"
+    assert "Score: base_clip_i" not in data["charts"] and "<th>base_clip_i</th>" not in page
     assert "Best checkpoint: <code>checkpoints/step-000002</code> (step 2, score 0.75). Rule: highest judge accuracy." in page
 
 

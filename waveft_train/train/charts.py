@@ -72,10 +72,20 @@ def training_charts(records: Sequence[dict]) -> list[Chart]:
     return [chart for chart in charts if chart.series[0].steps]
 
 
+BASE = "base_"  # the prefix of the base model's twin of a score
+
+
+def score_names(records: Sequence[dict]) -> list[str]:
+    """The score names of evaluation.jsonl records, in first-seen order, without the base model's twins."""
+    names = dict.fromkeys(name for record in records for name in (record.get("scores") or {}))
+    return [name for name in names if not (name.startswith(BASE) and name[len(BASE):] in names)]
+
+
 def evaluation_charts(records: Sequence[dict], best: dict | None) -> list[Chart]:
     """One chart per score name of evaluation.jsonl (the ranking score first) against steps; the best checkpoint
-    (evaluation.json) marked on each."""
-    names = ["score", *dict.fromkeys(name for record in records for name in (record.get("scores") or {}))]
+    (evaluation.json) marked on each. A `base_<name>` score (the base model's, the same at every step) is drawn in
+    `<name>`'s chart, not in one of its own."""
+    names = ["score", *score_names(records)]
     flat = [{"step": record.get("step"), "checkpoint": record.get("checkpoint"), "score": record.get("score"),
              **{name: value for name, value in (record.get("scores") or {}).items() if name != "score"}}
             for record in records]
@@ -83,6 +93,8 @@ def evaluation_charts(records: Sequence[dict], best: dict | None) -> list[Chart]
     charts = []
     for name in names:
         series = [metric_series(flat, name, "ranking score" if name == "score" else name)]
+        if any(is_number(record.get(BASE + name)) for record in flat):
+            series.append(metric_series(flat, BASE + name, "base model"))
         if best is not None:
             chosen = [record for record in flat if record["checkpoint"] == best.get("checkpoint")]
             series.append(metric_series(chosen, name, "best checkpoint", style="marker"))

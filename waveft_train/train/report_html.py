@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, writing
-from waveft_train.train.charts import SMOOTHING, Chart, draw_chart, evaluation_charts, is_number, training_charts
+from waveft_train.train.charts import SMOOTHING, Chart, draw_chart, evaluation_charts, is_number, score_names, training_charts
 
 REPORT_NAME = "report.html"
 MAX_INLINE_WIDTH = 2048  # pixels; wider grids (real SDXL: 8 × 1024) are inlined reduced
@@ -180,7 +180,7 @@ def best_section(best_record: dict | None) -> str:
 
 
 def evaluation_table(records: list[dict]) -> str:
-    names = list(dict.fromkeys(name for record in records for name in (record.get("scores") or {})))
+    names = score_names(records)  # the base model's twins are in the charts
     rows = [(shown(record.get("step")), str(record.get("checkpoint")),
              *(shown((record.get("scores") or {}).get(name, "")) for name in names), shown(record.get("score")))
             for record in sorted(records, key=lambda record: record["step"] if is_number(record.get("step")) else math.inf)]
