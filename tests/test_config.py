@@ -556,3 +556,24 @@ def test_subject_config_has_the_papers_settings() -> None:
     assert config.prior.class_dir == str(folder.parent / "outputs" / "class-images" / "dog")
     assert config.data.instance_dir == str(folder / "subject" / "dog")
     assert config.output.dir == str(folder.parent / "outputs" / "dog")  # the repo's git-ignored outputs/
+
+
+def test_prodigy_and_ema_keys_leave_existing_runs_fingerprints_alone(tmp_path: Path) -> None:
+    """Issue 33's keys at their defaults are not hashed (a run from before them still resumes); set, they count."""
+    from waveft_train.config.loading import fingerprint_fields
+
+    path = write(tmp_path, MINIMAL)
+    config = load_config(path)
+    new_keys = {"ema_decay", "prodigy_d_coef", "prodigy_beta3", "prodigy_use_bias_correction",
+                "prodigy_safeguard_warmup"}
+    assert not new_keys & set(fingerprint_fields(config)["train"])
+    base = config_fingerprint(config)
+    for different in ("train.ema_decay=0.999", "train.prodigy_d_coef=0.5", "train.prodigy_safeguard_warmup=false"):
+        assert config_fingerprint(load_config(path, [different])) != base, different
+
+
+def test_peer_trainers_ema_and_prodigy_names_point_to_ours(tmp_path: Path) -> None:
+    assert "(waveft-train calls it `train.ema_decay`)" in load_error(tmp_path, MINIMAL + "train:\n  use_ema: true\n")
+    message = load_error(tmp_path, MINIMAL + "train:\n  d_coef: 0.5\n")
+    assert "(waveft-train calls it `train.prodigy_d_coef`)" in message
+    assert "(waveft-train calls it `train.ema_decay`)" in load_error(tmp_path, MINIMAL + "ema_decay: 0.9\n")

@@ -25,7 +25,7 @@ WHOLE_CONFIG_ALLOWED = {"train/run.py", "cli/main.py"}
 # importable without torch and peft.
 LAZY_ALLOWED = ("cli/", "waveft/__init__.py", "__init__.py")
 # imported only when a config asks, or (matplotlib) where a report draws its charts
-OPTIONAL_EXTRAS = ("bitsandbytes", "tensorboard", "torch.utils.tensorboard", "wandb", "matplotlib")
+OPTIONAL_EXTRAS = ("bitsandbytes", "prodigyopt", "tensorboard", "torch.utils.tensorboard", "wandb", "matplotlib")
 
 
 def modules() -> dict[str, Path]:

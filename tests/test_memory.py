@@ -130,6 +130,8 @@ def test_the_estimate_reproduces_the_gpu_measurement():
         ({"prior": False}, {"prior": True}),
         ({"gradient_checkpointing": True}, {"gradient_checkpointing": False}),
         ({"optimizer": "adamw8bit"}, {"optimizer": "adamw"}),
+        ({"optimizer": "adamw"}, {"optimizer": "prodigy"}),
+        ({"ema": False}, {"ema": True}),
         ({"cache_latents": True}, {"cache_latents": False}),
         ({"text_encoders_in_training": False}, {"text_encoders_in_training": True}),  # data.shuffle_tags
         ({"weight_dtype": "bf16", "mixed_precision": "bf16"}, {"weight_dtype": "fp32", "mixed_precision": "no"}),
@@ -140,6 +142,23 @@ def test_estimate_grows_with_what_costs_memory(smaller, larger):
     assert small["training_step"] < large["training_step"]
     assert small["peak"] <= large["peak"]
     assert small["activations"] <= large["activations"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+def test_optimizer_state_bytes_are_the_optimizers_own(optimizer):
+    """The estimate's bytes per trainable parameter against the state the optimizer really keeps after a step."""
+    import prodigyopt
+
+    from waveft_train.train.memory import OPTIMIZER_STATE_BYTES
+
+    parameters = [torch.nn.Parameter(torch.randn(12, 7)), torch.nn.Parameter(torch.randn(30))]
+    made = {"adamw": torch.optim.AdamW, "prodigy": prodigyopt.Prodigy}[optimizer](parameters)
+    sum(parameter.square().sum() for parameter in parameters).backward()
+    made.step()
+    per_parameter = [tensor for parameter in parameters for tensor in made.state[parameter].values()
+                     if isinstance(tensor, torch.Tensor) and tensor.numel() == parameter.numel()]  # not step counts
+    stored = sum(tensor.numel() * tensor.element_size() for tensor in per_parameter)
+    assert stored == OPTIMIZER_STATE_BYTES[optimizer] * sum(parameter.numel() for parameter in parameters)
 
 
 def sdxl_config_folder(tmp_path, tiny_model_dir, *, vae_force_upcast: bool):

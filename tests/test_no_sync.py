@@ -59,7 +59,7 @@ def test_training_steps_make_no_syncing_call(tmp_path, tiny_model_dir):
                  "prior.generation_steps": 2, "data.resolution": 32, "train.max_steps": 3,
                  "train.gradient_accumulation": 2, "train.batch_size": 2, "train.checkpoint_every": 0,
                  "validation.every": 0, "validation.prompts": "[]", "waveft.n_frequency": 64,
-                 "train.snr_gamma": 5.0, "train.noise_offset": 0.05}
+                 "train.snr_gamma": 5.0, "train.noise_offset": 0.05, "train.ema_decay": 0.99}  # EMA: no sync either
     config = load_config(REPO / "tests" / "data" / "tiny.yaml", [f"{key}={value}" for key, value in overrides.items()])
     train_with_step_guard(config, recording)
 

@@ -208,3 +208,35 @@ def test_a_killed_rank_ends_every_process_within_a_minute_and_the_rerun_resumes(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"Resuming from {latest}" in rerun.stdout
     assert json.loads((output_dir / "summary.json").read_text())["steps"] == step + 1
+
+
+def test_prodigy_with_ema_killed_on_two_processes_resumes_on_one_to_the_uninterrupted_adapter(class_dir, tmp_path):
+    """Issue 33: Prodigy's step-size estimate and the EMA are layout-invariant and survive kill -9 (their state is in
+    the checkpoint); the resumed run's final adapter (the average) is the uninterrupted 1-process run's."""
+    extra = {"train.optimizer": "prodigy", "train.learning_rate": 1.0, "train.prodigy_d_coef": 100.0,
+             "train.ema_decay": 0.2, "train.checkpoint_every": 1, "train.checkpoints_keep": "null"}
+    output_dir = tmp_path / "run"
+    launcher = subprocess.Popen([*launch(2), *set_args(overrides(output_dir, class_dir, **extra,
+                                                                 **{"train.max_steps": 500}))],
+                                env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    while not (output_dir / "checkpoints" / "step-000002").exists() and launcher.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.1)
+    workers = [process for process in psutil.Process(launcher.pid).children(recursive=True)
+               if "waveft_train" in " ".join(process.cmdline())]
+    assert len(workers) == 2
+    os.kill(max(workers, key=lambda process: process.pid).pid, signal.SIGKILL)
+    launcher.wait(timeout=90)
+    assert launcher.returncode != 0
+    step = checkpoint.checkpoint_record(checkpoint.find_latest_checkpoint(output_dir))["step"]
+    assert step >= 2
+
+    one_process = {**extra, "train.max_steps": step + 2, "train.batch_size": 2}
+    run.train_from_config(load_config(DEMO, overrides(output_dir, class_dir, **one_process)), progress=False)
+    reference = run.train_from_config(load_config(DEMO, overrides(tmp_path / "reference", class_dir, **one_process)),
+                                      progress=False)
+    assert relative_difference(output_dir / "adapter", reference / "adapter") <= 1e-5
+    _, state = checkpoint.load_checkpoint(checkpoint.find_latest_checkpoint(reference))
+    assert state["optimizer"]["param_groups"][0]["d"] > state["optimizer"]["param_groups"][0]["d0"]  # it adapted
+    assert state["ema"]["optimization_step"] == step + 2

@@ -88,6 +88,9 @@ PEER_NAMES = {
     "max_train_steps": "train.max_steps", "train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.gradient_accumulation", "unet_lr": "train.learning_rate",
     "optimizer_type": "train.optimizer", "use_8bit_adam": "train.optimizer (adamw8bit)",
+    "use_ema": "train.ema_decay", "ema_power": "train.ema_decay", "ema_max_decay": "train.ema_decay",
+    "d_coef": "train.prodigy_d_coef", "use_bias_correction": "train.prodigy_use_bias_correction",
+    "safeguard_warmup": "train.prodigy_safeguard_warmup",
     "checkpointing_steps": "train.checkpoint_every", "save_every_n_steps": "train.checkpoint_every",
     "checkpoints_total_limit": "train.checkpoints_keep", "min_snr_gamma": "train.snr_gamma",
     "v_parameterization": "train.prediction_type (v_prediction)", "log_with": "train.report_to",
@@ -104,7 +107,8 @@ PEER_NAMES = {
         "train": ("learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "adam_beta1", "adam_beta2",
                   "adam_weight_decay", "adam_epsilon", "max_grad_norm", "mixed_precision", "gradient_checkpointing",
                   "seed", "cache_latents", "prediction_type", "snr_gamma", "noise_offset", "report_to",
-                  "tracker_run_name"),
+                  "tracker_run_name", "ema_decay", "prodigy_d_coef", "prodigy_beta3", "prodigy_use_bias_correction",
+                  "prodigy_safeguard_warmup"),
     }.items() for name in names},
 }
 

@@ -233,7 +233,8 @@ NOT_IN_FINGERPRINT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
 # Keys added after runs were made: left out while at their default, so that a run started before them (whose
 # checkpoints hold the fingerprint without them) still resumes; set to anything else, they count like any other key.
 LEFT_OUT_AT_DEFAULT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
-    "model": ("config",), "data": ("caption_dropout", "shuffle_tags", "keep_tags")})
+    "model": ("config",), "data": ("caption_dropout", "shuffle_tags", "keep_tags"),
+    "train": ("prodigy_d_coef", "prodigy_beta3", "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "ema_decay")})
 
 
 def fingerprint_fields(config: TrainConfig) -> dict[str, Any]:

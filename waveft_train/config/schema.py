@@ -222,12 +222,19 @@ class TrainSection(Section):
     lr_scheduler: LrScheduler = doc("constant", "diffusers' schedulers: constant, constant_with_warmup, linear, "
                                     "cosine, cosine_with_restarts, polynomial")
     lr_warmup_steps: NonNegativeInt = doc(0, "warmup steps (need a scheduler other than `constant`)")
-    optimizer: Literal["adamw", "adamw8bit"] = doc("adamw", "`adamw`, or `adamw8bit` (needs `pip install "
-                                                   "'waveft-train[bnb]'`, CUDA only)")
-    adam_beta1: UnitInterval = doc(0.9, "AdamW β1 (first-moment decay)")
-    adam_beta2: UnitInterval = doc(0.999, "AdamW β2 (second-moment decay)")
-    adam_weight_decay: NonNegativeFloat = doc(1e-2, "AdamW weight decay")
-    adam_epsilon: PositiveFloat = doc(1e-8, "AdamW ε (numerical floor)")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = doc(
+        "adamw", "`adamw`; `adamw8bit` (needs `pip install 'waveft-train[bnb]'`, CUDA only); `prodigy`, which finds "
+        "its own step size (needs `pip install 'waveft-train[prodigy]'` and learning_rate: 1.0, docs/training.md)")
+    adam_beta1: UnitInterval = doc(0.9, "AdamW β1 (first-moment decay); Prodigy's too")
+    adam_beta2: UnitInterval = doc(0.999, "AdamW β2 (second-moment decay); Prodigy's too")
+    adam_weight_decay: NonNegativeFloat = doc(1e-2, "AdamW weight decay (decoupled); Prodigy's too")
+    adam_epsilon: PositiveFloat = doc(1e-8, "AdamW ε (numerical floor); Prodigy's too")
+    prodigy_d_coef: PositiveFloat = doc(1.0, "Prodigy: multiplies its step-size estimate (below 1 is gentler)")
+    prodigy_beta3: UnitInterval | None = doc(None, "Prodigy: decay of its step-size statistics; null = √adam_beta2")
+    prodigy_use_bias_correction: bool = doc(True, "Prodigy: Adam's bias correction (recommended for diffusion)")
+    prodigy_safeguard_warmup: bool = doc(True, "Prodigy: keeps its early estimate from overshooting (recommended)")
+    ema_decay: UnitInterval | None = doc(None, "EMA of the trained weights, used for validation grids and the saved "
+                                         "adapter, e.g. 0.999; null = off (docs/training.md)")
     max_grad_norm: PositiveFloat | None = doc(1.0, "gradient clipping; null = none")
     mixed_precision: Literal["no", "fp16", "bf16"] = doc("bf16", "accelerate autocast (the spectrum stays fp32); fp16 "
                                                          "needs a GPU (on the CPU fp32 weights then train in fp32 and "
@@ -276,6 +283,14 @@ class TrainSection(Section):
         if unknown:
             raise ValueError(f"unknown tracker {', '.join(map(repr, unknown))}; {allowed}")
         return list(dict.fromkeys(name for name in names if name != "none"))
+
+    @model_validator(mode="after")
+    def _prodigy_learning_rate(self) -> TrainSection:
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(f"train.learning_rate is {self.learning_rate} with train.optimizer: prodigy, which finds "
+                             "the step size itself and multiplies it by learning_rate, so it would barely train; set "
+                             "train.learning_rate: 1.0 (lower prodigy_d_coef to be gentler), or use optimizer: adamw")
+        return self
 
     @model_validator(mode="after")
     def _warmup_needs_a_warmup_scheduler(self) -> TrainSection:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from waveft_train.common.errors import UserError
 from waveft_train.data.encode import Conditioning, UNetInputs
+from waveft_train.train.ema import WeightAverage
 
 
 class TrainingDiverged(UserError):
@@ -167,6 +168,7 @@ def training_steps(
     start_step: int,
     input_dtype: torch.dtype,
     progress: bool = True,
+    ema: WeightAverage | None = None,
 ) -> Iterator[tuple[int, StepMetrics]]:
     """Run optimizer steps start_step+1 … max_steps, yielding (step, its StepMetrics) after each one is queued.
 
@@ -214,6 +216,8 @@ def training_steps(
 
             grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm or float("inf"))
             optimizer.step()
+            if ema is not None:  # the average follows the weights just stepped (no wait for the device)
+                ema.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -127,6 +127,11 @@ def activation_bytes(config: Mapping[str, Any], *, side: int, batch: int, precis
     return int(batch * (c["res"] * f["res_in"] + c["block"] * f["block"] + c["other"] * f["other"] + c["unit"] * largest))
 
 
+# fp32 state per trainable parameter: AdamW's two moments; 8-bit AdamW's in one byte each; Prodigy's two moments, its
+# initial weights and its step-size statistic
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
+
+
 def estimate_training_memory(
     unet_config: Mapping[str, Any],
     *,
@@ -140,6 +145,7 @@ def estimate_training_memory(
     weight_dtype: str = "bf16",
     mixed_precision: str = "bf16",
     optimizer: str = "adamw",
+    ema: bool = False,
     cache_latents: bool = True,
     validation: bool = True,
     generate_class_images: bool = False,
@@ -155,8 +161,9 @@ def estimate_training_memory(
     on the meta device (`sizes_of`). Returns unet_weights, adapter, gradients, optimizer_state, activations,
     library_workspaces (CUDA's, in every phase), training_step, text_encoders, vae, validation_sampling and
     class_image_generation (0 when off), and peak. `text_encoders_in_training`: they stay beside the UNet to encode
-    captions as they come (data.shuffle_tags)."""
+    captions as they come (data.shuffle_tags). `ema`: optimizer_state includes the EMA's fp32 copy."""
     side = resolution // vae_scale_factor
+    state_bytes = OPTIMIZER_STATE_BYTES[optimizer] + (4 if ema else 0)
     precision = "fp32" if weight_dtype == "fp32" and mixed_precision == "no" else "half"
     pixels, vae_width = resolution * resolution, BYTES[vae_dtype]
     weights, vae = unet_params * BYTES[weight_dtype], vae_params * vae_width
@@ -164,7 +171,7 @@ def estimate_training_memory(
     activations = activation_bytes(unet_config, side=side, batch=batch_size * (2 if prior else 1), precision=precision,
                                    checkpointing=gradient_checkpointing)  # fmt: skip
     parts = {"unet_weights": weights, "adapter": trainable_params * 4 + adapter_buffer_bytes,
-             "gradients": trainable_params * 4, "optimizer_state": trainable_params * (2 if optimizer == "adamw8bit" else 8),
+             "gradients": trainable_params * 4, "optimizer_state": trainable_params * state_bytes,
              "activations": activations}  # fmt: skip
     training = sum(parts.values()) + LIBRARY_WORKSPACES + (text_encoders if text_encoders_in_training else 0)
     if not cache_latents:  # the VAE stays and encodes each batch (instance and class images) before the UNet runs

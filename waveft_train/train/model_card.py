@@ -65,7 +65,9 @@ instance prompt `{data.instance_prompt}`, {steps} steps.
 | random_loc_seed | {waveft.random_loc_seed} |
 | target_modules | {waveft.target_modules} |
 | trainable parameters | {trainable_params:,} |
+| optimizer | {train.optimizer} |
 | learning rate | {train.learning_rate} ({train.lr_scheduler}) |
+| weights saved | {f"EMA of the trained weights (decay {train.ema_decay})" if train.ema_decay else "the trained weights"} |
 | batch | {train.batch_size} x {train.gradient_accumulation} accumulation |
 | resolution | {data.resolution} |
 | class prompt | {prior.class_prompt if prior.enabled else '(no prior preservation)'} |

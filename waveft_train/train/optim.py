@@ -1,4 +1,11 @@
-"""What the optimizer sees: the trainable parameters (in float32), AdamW (or 8-bit AdamW), the LR schedule."""
+"""What the optimizer sees: the trainable parameters (in float32), AdamW (8-bit AdamW, Prodigy), the LR schedule.
+
+Prodigy (prodigyopt) estimates the step size `d` from sums over the parameters of gradient × distance travelled; under
+DDP the gradients it sees are already averaged and the parameters are equal on every process, so every layout computes
+the same `d` (its `fsdp_in_use` option is for FSDP's sharded parameters, which waveft-train does not use). `d` and its
+statistics live in the optimizer's param groups and state, so they checkpoint and resume with it. Its step reads two
+sums back to the host per parameter (`.item()`), so a Prodigy step is not free of host synchronisation.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +32,12 @@ def trainable_parameters_in_float32(unet: torch.nn.Module) -> list[torch.nn.Para
 def make_optimizer(train: TrainSection, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     options = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                    weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+    if train.optimizer == "prodigy":
+        import prodigyopt  # checked up front by `preflight.check_optional_dependencies`
+
+        return prodigyopt.Prodigy(parameters, **options, beta3=train.prodigy_beta3, d_coef=train.prodigy_d_coef,
+                                  decouple=True, use_bias_correction=train.prodigy_use_bias_correction,
+                                  safeguard_warmup=train.prodigy_safeguard_warmup)
     if train.optimizer == "adamw8bit":
         import bitsandbytes  # checked up front by `preflight.check_optional_dependencies`
 

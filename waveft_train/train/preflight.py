@@ -92,6 +92,9 @@ def check_optional_dependencies(train: TrainSection) -> None:
     if train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("train.optimizer: adamw8bit needs bitsandbytes, which is not installed. Install it with "
                         "`pip install 'waveft-train[bnb]'` (CUDA only), or use train.optimizer: adamw.")
+    if train.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise UserError("train.optimizer: prodigy needs prodigyopt, which is not installed. Install it with "
+                        "`pip install 'waveft-train[prodigy]'`, or use train.optimizer: adamw.")
     for tracker in train.report_to:  # accelerate's tracker names are the packages' names
         if importlib.util.find_spec(tracker) is None:
             others = [name for name in train.report_to if name != tracker]

@@ -39,6 +39,7 @@ from waveft_train.data.prior import class_images_for_run
 from waveft_train.models.loading import DTYPES, load_components
 from waveft_train.train import checkpoint
 from waveft_train.train.checkpoint import finished_step
+from waveft_train.train.ema import WeightAverage
 from waveft_train.train.finish import invocation_record, run_summary, write_final
 from waveft_train.train.launch import check_shared_folders, make_accelerator
 from waveft_train.train.loop import LoopSettings, training_steps
@@ -206,6 +207,7 @@ class DreamBoothRun:
             unet.enable_gradient_checkpointing()
         self.trainable = trainable_parameters_in_float32(unet)
         optimizer = make_optimizer(train, self.trainable)
+        self.ema = WeightAverage(train.ema_decay, self.trainable)  # off (no-ops) unless train.ema_decay is set
         self.lr_scheduler = make_lr_scheduler(train, optimizer)
         with warnings.catch_warnings():
             # torch ≥ 2.13 deprecates DDP's broadcast_buffers, which accelerate's handler still passes; its replacement
@@ -243,6 +245,7 @@ class DreamBoothRun:
         self.invocations = list(state.get("invocations", []))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.ema.load_state_dict(state.get("ema"), source=str(folder))
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
         step, max_steps = int(state["step"]), self.config.train.max_steps
@@ -269,7 +272,7 @@ class DreamBoothRun:
             accelerator=accelerator, unet=self.unet, noise_scheduler=self.components.training_noise_scheduler(),
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, batches=iter(self._loader()),
             conditioning=self.conditioning, settings=settings, trainable_params=self.trainable,
-            start_step=self.start_step, input_dtype=input_dtype, progress=self.progress,
+            start_step=self.start_step, input_dtype=input_dtype, progress=self.progress, ema=self.ema,
         )
         with closing(steps):  # an error between steps closes the progress bar, so no message lands on its line
             for step, step_metrics in steps:
@@ -315,6 +318,7 @@ class DreamBoothRun:
                 "fingerprint": self.fingerprint,
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
+                "ema": self.ema.state_dict(),  # None when off; else the average's tensors and step counter
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "global_batch": self.global_batch,
                 "invocations": [*self.invocations, self._invocation()],
@@ -347,7 +351,8 @@ class DreamBoothRun:
         if self.accelerator.is_main_process and self.scores is not None and self.method.saves_adapter:
             self.scores.score(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
         if self.accelerator.is_main_process and self.config.validation.prompts:
-            grid = self.grids.draw(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
+            with self.ema.swapped_in():  # with EMA on, the grids show the average
+                grid = self.grids.draw(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
             self.report.validation(step, grid)  # the trackers get the grid; report.html is rewritten
         self.accelerator.wait_for_everyone()
 
@@ -369,16 +374,17 @@ class DreamBoothRun:
         final_loss = self.final_loss if self.final_loss is not None else (self.report.last_logged or {}).get("loss")
         buckets = dict(sorted(Counter(f"{width}x{height}" for height, width in self.dataset.buckets).items()))
         summary = run_summary([*self.invocations, self._invocation()], trainable_params=trainable_params,
-                              buckets=buckets, final_loss=final_loss)
+                              buckets=buckets, final_loss=final_loss) | {"adapter_weights": self.ema.which}
         saves = self.method.saves_adapter
         card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
                           prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.grids.last is not None,
                           prediction_type=self._recorded_prediction_type(), base_config=config.model.config) if saves else None
-        adapter_dir = write_final(self.output_dir, summary, unet=self.bare_unet if saves else None,
-                                  base_model_name=self.components.base_model_name,
-                                  prediction_type=self._recorded_prediction_type(), model_card=card,
-                                  last_samples=self.grids.last, base_metadata=self.components.base_metadata)
+        with self.ema.swapped_in():  # with EMA on, the final adapter holds the average
+            adapter_dir = write_final(self.output_dir, summary, unet=self.bare_unet if saves else None,
+                                      base_model_name=self.components.base_model_name,
+                                      prediction_type=self._recorded_prediction_type(), model_card=card,
+                                      last_samples=self.grids.last, base_metadata=self.components.base_metadata)
         samples = f", samples in {self.output_dir / 'samples'}" if self.grids.last is not None else ""
         report = self.report.finish()
         self.last_words = [f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", f"Report: {report}"]
