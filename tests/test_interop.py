@@ -437,8 +437,8 @@ def test_tensors_outside_the_waveft_layers_are_refused(tiny_model_dir, tmp_path,
 
 def test_the_documented_app_exports_run(adapters, tmp_path, capsys):
     """The one-file export commands the docs show for ComfyUI, A1111 / Forge and diffusers, with this test's paths."""
-    commands = [shlex.split(command) for _, command in doc_commands()
-                if command.startswith("waveft-train export") and "--format" in command]
+    commands = [shlex.split(command) for _, command in doc_commands()  # (`--run … --checkpoint best`: test_evaluation)
+                if command.startswith("waveft-train export") and "--format" in command and "--adapter" in command]
     assert {command[command.index("--format") + 1] for command in commands} == {"comfyui", "lora", "waveft"}
     for command in commands:
         args = command[1:]
