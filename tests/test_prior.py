@@ -327,3 +327,20 @@ def test_toy_class_images_are_keyed_on_the_weights_not_only_the_folder(tmp_path:
     (retrained / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(toy, "toy_model_dir", lambda: retrained)
     assert model_identity(ModelSection(pretrained="toy", dtype="fp32"), folder) != toy_identity
+
+
+def test_single_file_class_images_are_keyed_on_the_file_content_not_only_its_path() -> None:
+    """A checkpoint file replaced at the same path (a new version of a community model) must not reuse the class
+    images the old one drew; a diffusers folder's identity stays as it was (existing class folders keep matching)."""
+    from waveft_train.config import ModelSection
+    from waveft_train.models.single_file import RECORD_CONFIG, RECORD_SHA256
+
+    path = "/models/pony.safetensors"
+    model = ModelSection(pretrained=path, dtype="bf16")
+    old, new = ({RECORD_SHA256: digest, RECORD_CONFIG: "stabilityai/stable-diffusion-xl-base-1.0"}
+                for digest in ("a" * 64, "b" * 64))
+    assert model_identity(model, path, old) != model_identity(model, path, new)
+    assert model_identity(model, path, old) != model_identity(model, path, {**old, RECORD_CONFIG: "./sdxl"})
+    assert model_identity(model, path, old) == model_identity(model, path, dict(old))
+    assert model_identity(model, path, {}) == model_identity(model, path) == f"{path}|bf16"
+

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +40,7 @@ from waveft_train.config import ModelSection, PriorSection
 from waveft_train.data.images import IMAGE_EXTENSIONS
 from waveft_train.models.builtin import TOY_MODEL_NAME, toy_weights_version
 from waveft_train.models.loading import build_pipeline
+from waveft_train.models.single_file import RECORD_CONFIG, RECORD_SHA256
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -329,12 +330,15 @@ def _record_generated(class_dir: Path, settings: GenerationSettings, indices: Se
     write_manifest(class_dir, kept + new)
 
 
-def model_identity(model: ModelSection, model_path: str) -> str:
-    """What class images depend on besides the sampling settings: the base model's path, revision, VAE and dtype,
-    and for the bundled toy model the version of its weights (its folder's path does not change when they do)."""
+def model_identity(model: ModelSection, model_path: str, base_metadata: Mapping[str, str] | None = None) -> str:
+    """What class images depend on besides the sampling settings: the base model's path, revision, VAE and dtype;
+    for the bundled toy model the version of its weights, and for a single-file checkpoint its content hash and
+    `model.config` (neither path changes when the weights behind it do)."""
     identity = model_path + (f"@{model.revision}" if model.revision else "")
     if str(model.pretrained).strip() == TOY_MODEL_NAME:
         identity += f"#{toy_weights_version()}"
+    if base_metadata and RECORD_SHA256 in base_metadata:
+        identity += f"#sha256={base_metadata[RECORD_SHA256]}|config={base_metadata.get(RECORD_CONFIG)}"
     return identity + (f"|vae={model.vae}" if model.vae else "") + f"|{model.dtype}"
 
 
@@ -344,7 +348,7 @@ def class_images_for_run(prior: PriorSection, model: ModelSection, components, *
     dtype are what the images depend on, beside the sampling settings) on the run's device."""
     return ensure_class_images(
         Path(prior.class_dir), num_images=prior.num_class_images, prompt=prior.class_prompt,
-        model_id=model_identity(model, components.model_path),
+        model_id=model_identity(model, components.model_path, components.base_metadata),
         resolution=resolution, steps=prior.generation_steps, guidance=prior.generation_guidance, seed=seed,
         batch_size=prior.generation_batch_size,
         make_pipeline=lambda: build_pipeline(components, progress_bar=False).to(accelerator.device),
