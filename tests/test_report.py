@@ -267,7 +267,9 @@ def test_wandb_offline_run_files_hold_the_scalars_and_the_grids(tracked_run):
         assert {name: history[record["step"]][name] for name in ("loss", "lr", "grad_norm", "seconds")} == {
             name: record[name] for name in ("loss", "lr", "grad_norm", "seconds")}
     grids = grids_of(output_dir)
-    logged = {step: row["validation/filenames"] for step, row in history.items() if "validation/filenames" in row}
+    # newer W&B writes an image's fields as nested keys ("validation/filenames"), older releases one JSON value
+    logged = {step: row.get("validation/filenames") or row["validation"]["filenames"] for step, row in history.items()
+              if "validation/filenames" in row or isinstance(row.get("validation"), dict)}
     assert sorted(logged) == sorted(grids)
     for step, (filename,) in logged.items():
         assert np.array_equal(pixels(Image.open(run_dir / "files" / filename)), pixels(Image.open(grids[step])))
