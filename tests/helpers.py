@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from waveft_train.cli.main import main
+from waveft_train.train import run
 
 
 def run_cli(args: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -50,6 +51,22 @@ def fast_overrides(output_dir: Path, class_dir: Path, **extra) -> list[str]:
 # --------------------------------------------------------------------------------------------- the docs' code blocks
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
+
+
+class Interrupted(Exception):
+    """A crash the tests inject into a run (see `crash_after_checkpoint`)."""
+
+
+def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make every run raise `Interrupted` right after it writes the checkpoint of `step` (undo: monkeypatch.undo())."""
+    real_save = run.DreamBoothRun.save_checkpoint
+
+    def save_then_crash(self, saved_step):
+        real_save(self, saved_step)
+        if saved_step == step:
+            raise Interrupted
+
+    monkeypatch.setattr(run.DreamBoothRun, "save_checkpoint", save_then_crash)
 
 
 def doc_code_blocks(language: str) -> list[tuple[Path, str]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Interrupted, crash_after_checkpoint
 from safetensors.torch import load_file
 from test_train import DEMO, fast_overrides
 
@@ -19,11 +20,6 @@ from waveft_train.common.errors import UserError
 from waveft_train.config import load_config
 from waveft_train.train import checkpoint, preflight, run
 from waveft_train.train.validation import ValidationGrids
-
-
-class Interrupted(Exception):
-    pass
-
 
 EMA_DECAY = 0.2  # low enough that diffusers' warm-up, (1 + n) / (10 + n), reaches it within the 4 steps
 
@@ -103,14 +99,7 @@ def test_prodigy_trains_and_resumes_exactly(tmp_path, class_dir, monkeypatch):
     group = state["optimizer"]["param_groups"][0]
     assert group["d"] > group["d0"]  # the step size estimate grew: its state is what resuming must carry
 
-    real_save = run.DreamBoothRun.save_checkpoint
-
-    def save_then_crash(self, step):
-        real_save(self, step)
-        if step == 2:
-            raise Interrupted
-
-    monkeypatch.setattr(run.DreamBoothRun, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 2)
     with pytest.raises(Interrupted):
         train(tmp_path / "resumed", class_dir, **prodigy)
     monkeypatch.undo()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fast_overrides
+from helpers import Interrupted, crash_after_checkpoint, fast_overrides
 from safetensors.torch import load_file
 
 from waveft_train.config import load_config
@@ -172,22 +172,11 @@ def test_cached_and_uncached_conditioning_give_the_same_loss(tmp_path, class_dir
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.usefixtures("trains_on_the_cpu")
 def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, class_dir, monkeypatch, capsys):
     reference = train(tmp_path / "uninterrupted", class_dir)
 
-    real_save = run.DreamBoothRun.save_checkpoint
-
-    def save_then_crash(self, step):
-        real_save(self, step)
-        if step == 2:
-            raise Interrupted
-
-    monkeypatch.setattr(run.DreamBoothRun, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 2)
     with pytest.raises(Interrupted):
         train(tmp_path / "resumed", class_dir)
     monkeypatch.undo()
