@@ -170,18 +170,17 @@ def train_step(unet: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, a
     return loss.item()
 
 
-def time_steps(unet, methods: Methods, names, batch, args) -> dict[str, list[float]]:
-    """Per method, the step times of interleaved rounds; with --compile also `args.first_step_seconds` (the first
-    warm-up step, which compiles)."""
-    times = {m: [] for m in names}
-    args.first_step_seconds = {}
+def time_steps(unet, methods: Methods, names, batch, args) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per method, the step times of interleaved rounds, and the first warm-up step's seconds (with --compile, the
+    step that compiles; none without warm-up)."""
+    times, first_step_seconds = {m: [] for m in names}, {}
     for method in names:
         methods.install(method)
         for warmup in range(args.warmup):
             start = time.perf_counter()
             train_step(unet, batch, methods.optimizers[method], args.autocast)
             if warmup == 0:
-                args.first_step_seconds[method] = round(time.perf_counter() - start, 1)
+                first_step_seconds[method] = round(time.perf_counter() - start, 1)
     for round_index in range(args.rounds):
         wait_until_quiet(args.quiet_wait)
         for method in round_order(names, round_index):
@@ -192,7 +191,7 @@ def time_steps(unet, methods: Methods, names, batch, args) -> dict[str, list[flo
             synchronize(args.device)
             times[method].append(time.perf_counter() - start)
             print(f"    round {round_index}: {method:10s} {times[method][-1]:8.3f} s", flush=True)
-    return times
+    return times, first_step_seconds
 
 
 def step_peak_bytes(unet, methods: Methods, method: str, batch, args) -> int:
@@ -274,9 +273,9 @@ def measure(args, argv) -> dict:
     if args.compile:  # one compiled UNet; swapping a method's layers in recompiles once, in its first warm-up step
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(args.methods))
         runner = torch.compile(unet)
-    times = time_steps(runner, methods, list(args.methods), batch, args)
+    times, first_step_seconds = time_steps(runner, methods, list(args.methods), batch, args)
     summary = {m: {"median_s": round(statistics.median(times[m]), 3),
-                   "first_step_s": args.first_step_seconds[m]} for m in args.methods}
+                   "first_step_s": first_step_seconds.get(m)} for m in args.methods}
     for method in args.methods:
         for other in ("lora", "reference"):
             if other in times and other != method:
