@@ -31,11 +31,18 @@ from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
+from waveft_train.config.concepts import all_validation_prompts
 from waveft_train.data.caption_variation import CaptionVariation
-from waveft_train.data.dataset import DreamBoothDataset, StepBatchSampler, collate
+from waveft_train.data.concepts import (
+    class_images_for_concepts,
+    concepts_dataset,
+    concepts_manifest,
+    concepts_summary,
+    load_concepts,
+)
+from waveft_train.data.dataset import StepBatchSampler, collate
 from waveft_train.data.encode import Conditioning, warn_about_long_prompts
-from waveft_train.data.images import image_manifest, images_from_files, load_images, warn_about_small_images
-from waveft_train.data.prior import class_images_for_run
+from waveft_train.data.images import warn_about_small_images
 from waveft_train.models.loading import DTYPES, load_components
 from waveft_train.train import checkpoint
 from waveft_train.train.checkpoint import finished_step
@@ -83,7 +90,8 @@ class DreamBoothRun:
         self.step_seconds: list[float] = []
         self.final_loss: float | None = None
         self.last_words: list[str] = []  # what the main process prints once the run has ended
-        self.grids = ValidationGrids(config.validation, config.validation_resolution(), self.output_dir / "samples",
+        validation = config.validation.model_copy(update={"prompts": all_validation_prompts(config)})
+        self.grids = ValidationGrids(validation, config.validation_resolution(), self.output_dir / "samples",
                                      progress=progress)
         self.scores = ValidationScores(config.validation, config.data, config.prior, config.train,
                                        self.output_dir) if config.validation.evaluate else None
@@ -117,15 +125,15 @@ class DreamBoothRun:
                 print(f"{self.output_dir} already holds the finished run ({finished_at} steps); nothing to do. Raise "
                       "train.max_steps to train further.", flush=True)
             return True
-        validate_inputs(config.data, config.prior)
+        if not config.concepts:  # a concepts list is checked as it loads
+            validate_inputs(config.data, config.prior)
         check_optional_dependencies(config.train)
         adapter_on_meta_unet(config.model, config.waveft)  # target_modules, n_frequency against the architecture
         check_vae(config.model)
-        self.instance_images = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
-                                           default_prompt=config.data.instance_prompt, report=self.is_main)
-        if self.is_main:
-            warn_about_small_images(self.instance_images, config.data.resolution, "data.instance_dir")
-        self.image_manifest = image_manifest(self.instance_images)
+        self.concepts = load_concepts(config, report=self.is_main)  # one for the classic form (data/concepts.py)
+        for concept in self.concepts if self.is_main else []:
+            warn_about_small_images(concept.images, config.data.resolution, concept.name)
+        self.image_manifest = concepts_manifest(self.concepts)
         if not self.replace_other_run:
             self.replace_other_run = checkpoint_is_another_run(self.output_dir, self.image_manifest, self.global_batch,
                                                                config.train, config.model, force=self.force)
@@ -144,9 +152,10 @@ class DreamBoothRun:
             self.lock = FolderLock(self.output_dir, what="training run")
             self.lock.acquire()
         folders = {"output.dir": self.output_dir}
-        if config.prior.enabled:
-            folders["prior.class_dir"] = Path(config.prior.class_dir)
-            make_folder(folders["prior.class_dir"], "prior.class_dir")
+        for concept in self.concepts if config.prior.enabled else []:
+            key = "prior.class_dir" if concept.class_dir == Path(config.prior.class_dir or "") else f"{concept.name} class"
+            folders[key] = concept.class_dir
+            make_folder(concept.class_dir, key)
         # Collective. The main process writes checkpoints every process resumes from, and each process writes its
         # share of class images: several processes (or machines) need both folders on storage they all see.
         check_shared_folders(self.accelerator, folders)
@@ -159,9 +168,11 @@ class DreamBoothRun:
         self.prediction_type = config.train.prediction_type or self.components.scheduler.config.get(
             "prediction_type", "epsilon")
         if self.accelerator.is_main_process:
-            class_prompt = [("prior.class_prompt", config.prior.class_prompt)] if config.prior.enabled else []
-            warn_about_long_prompts([*zip(self.instance_images.names(), self.instance_images.prompts), *class_prompt,
-                                     *(("validation.prompts", text) for text in config.validation.prompts)],
+            class_prompts = [(f"{concept.name} class prompt", concept.class_prompt) for concept in self.concepts
+                             if config.prior.enabled]
+            warn_about_long_prompts([*((name, prompt) for concept in self.concepts for name, prompt in
+                                       zip(concept.images.names(), concept.images.prompts)), *class_prompts,
+                                     *(("validation.prompts", text) for text in self.grids.settings.prompts)],
                                     self.components.tokenizer)
         self._setup_data()
         self._setup_adapter()
@@ -184,15 +195,12 @@ class DreamBoothRun:
         data, prior, main = self.config.data, self.config.prior, self.accelerator.is_main_process
         class_images = None
         if prior.enabled:  # collective: every process generates its share of the missing class images
-            files = class_images_for_run(prior, self.config.model, self.components, resolution=data.resolution,
-                                         seed=self.config.train.seed, accelerator=self.accelerator,
-                                         progress=self.progress)
-            class_images = images_from_files(files, prompt=prior.class_prompt, source=prior.class_dir)
-        self.dataset = DreamBoothDataset(
-            self.instance_images, resolution=data.resolution, seed=self.config.train.seed, center_crop=data.center_crop,
-            random_flip=data.random_flip, repeats=data.repeats, class_images=class_images,
-            num_class_images=prior.num_class_images if prior.enabled else None, bucketing=data.bucketing,
-        )
+            class_images = class_images_for_concepts(self.concepts, prior, self.config.model, self.components,
+                                                     resolution=data.resolution, seed=self.config.train.seed,
+                                                     accelerator=self.accelerator, progress=self.progress)
+        self.dataset = concepts_dataset(self.concepts, class_images, resolution=data.resolution,
+                                        seed=self.config.train.seed, center_crop=data.center_crop,
+                                        random_flip=data.random_flip, bucketing=data.bucketing)
         self.conditioning = Conditioning(self.components, self.dataset, device=self.accelerator.device,
                                          cache_latents=self.config.train.cache_latents, progress=self.progress and main,
                                          captions=CaptionVariation.of(data, self.config.train.seed))
@@ -350,7 +358,7 @@ class DreamBoothRun:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process and self.scores is not None and self.method.saves_adapter:
             self.scores.score(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
-        if self.accelerator.is_main_process and self.config.validation.prompts:
+        if self.accelerator.is_main_process and self.grids.settings.prompts:
             with self.ema.swapped_in():  # with EMA on, the grids show the average
                 grid = self.grids.draw(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
             self.report.validation(step, grid)  # the trackers get the grid; report.html is rewritten
@@ -375,9 +383,13 @@ class DreamBoothRun:
         buckets = dict(sorted(Counter(f"{width}x{height}" for height, width in self.dataset.buckets).items()))
         summary = run_summary([*self.invocations, self._invocation()], trainable_params=trainable_params,
                               buckets=buckets, final_loss=final_loss) | {"adapter_weights": self.ema.which}
+        if len(self.concepts) > 1:
+            summary["concepts"] = concepts_summary(self.concepts, self.dataset)
         saves = self.method.saves_adapter
-        card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
-                          prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
+        card_data = config.data.model_copy(update={"instance_prompt": config.data.instance_prompt or " / ".join(
+            dict.fromkeys(concept.instance_prompt or "(captions)" for concept in self.concepts))})
+        card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=card_data,
+                          prior=config.prior, train=config.train, validation_prompts=self.grids.settings.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.grids.last is not None,
                           prediction_type=self._recorded_prediction_type(), base_config=config.model.config) if saves else None
         with self.ema.swapped_in():  # with EMA on, the final adapter holds the average
