@@ -249,3 +249,42 @@ def test_two_concepts_on_two_processes_then_resumed_on_one_match_one_process(tmp
     ours, theirs = adapter_tensors(resumed), adapter_tensors(reference)
     difference = torch.cat([(ours[key] - theirs[key]).flatten() for key in ours]).norm()
     assert (difference / torch.cat([theirs[key].flatten() for key in theirs]).norm()).item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+def test_bleed_table_reads_each_concepts_subject_on_every_prompt():
+    from waveft_train.toy.concepts import ToyConcept, bleed_table
+    from waveft_train.toy.judge import Verdict
+    from waveft_train.toy.subjects import SUBJECTS
+
+    ball, box = SUBJECTS["striped_ball"], SUBJECTS["checked_box"]
+    concepts = [ToyConcept("concepts[0]", ball, "a photo of sks ball", "a photo of a ball"),
+                ToyConcept("concepts[1]", box, "a photo of zwx box", "a photo of a box")]
+
+    def seen(subject, context="beach"):
+        return Verdict(subject.shape, subject.pattern, context, subject.colours, 0.5, 0.5, 0.2)
+
+    plain = Verdict("ball", "solid", "beach", ("red",), 0.5, 0.5, 0.2)
+    verdicts = {"concepts[0]": [seen(ball), seen(ball), seen(ball), seen(box)],  # one bleed of the box
+                "concepts[1]": [seen(box, "snow"), plain, seen(box), seen(box)],
+                "a photo of a ball": [plain, seen(ball), plain, plain], "a photo of a box": [plain] * 4}
+    table = bleed_table(concepts, verdicts, contexts=("beach", "snow"), seeds=2)
+    first, second = table["concepts"]
+    assert (first["subject_fidelity"], first["shows_other_subjects"]) == (0.75, {"concepts[1]": 0.25})
+    assert (second["subject_fidelity"], second["context_fidelity"]) == (0.75, 0.25)  # asked: beach, beach, snow, snow
+    assert (first["bleed"], second["bleed"]) == (0.0, 0.25)  # the box showed on the ball's prompt
+    assert [entry["any_subject"] for entry in table["class_prompts"]] == [0.25, 0.0]
+    assert table["worst"] == {"subject_fidelity": 0.75, "bleed": 0.25, "class_any_subject": 0.25}
+
+
+def test_evaluate_of_a_concepts_run_off_the_toy_model_says_how_to_score_one_concept(tmp_path, two_subjects, capsys):
+    from helpers import run_cli
+
+    toy, box = two_subjects
+    config = config_of(tmp_path, concepts=two_concepts(toy, box), prior={"enabled": False},
+                       train={**FAST["train"], "max_steps": 1})
+    output_dir = run.train_from_config(config, progress=False)
+    code, _, err = run_cli(["evaluate", "--adapter", output_dir / "adapter"], capsys)
+    assert code != 0 and "scores per concept need the toy model's judge" in err and "--instance-dir" in err
+    code, _, err = run_cli(["evaluate", "--run", output_dir], capsys)
+    assert code != 0 and "trained several concepts" in err
