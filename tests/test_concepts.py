@@ -288,3 +288,15 @@ def test_evaluate_of_a_concepts_run_off_the_toy_model_says_how_to_score_one_conc
     assert code != 0 and "scores per concept need the toy model's judge" in err and "--instance-dir" in err
     code, _, err = run_cli(["evaluate", "--run", output_dir], capsys)
     assert code != 0 and "trained several concepts" in err
+
+
+def test_the_docs_concepts_examples_are_valid_configs():
+    from helpers import doc_code_blocks
+
+    blocks = [yaml.safe_load(code) for path, code in doc_code_blocks("yaml") if path.name == "data.md"
+              and ("concepts:" in code or "instance_dir: ./photos\n" in code)]
+    assert len(blocks) == 2
+    listed, kohya = (config_from_mapping(block, "docs/data.md") for block in blocks)
+    assert [concept.class_prompt for concept in listed.concepts] == ["a photo of a woman", "a photo of a dog",
+                                                                     "a photo of a dog"]
+    assert kohya.data.instance_prompt is None and not kohya.concepts
