@@ -78,6 +78,9 @@ def concept_problems(config) -> list[str]:
     if config.validation.every > 0 and not all_validation_prompts(config):
         problems.append(f"validation.prompts is empty but validation.every is {config.validation.every}; give prompts "
                         "(or concepts' validation_prompts), or set validation.every: 0 to turn validation off")
+    if not concepts and config.validation.evaluate and data.instance_prompt is None:
+        problems.append("validation.evaluate prompts the subject with data.instance_prompt, which is not set; set it, "
+                        "or set validation.evaluate: false")
     if concepts and config.validation.evaluate:
         problems.append("validation.evaluate scores one subject; with concepts set it to false and score the run with "
                         "`waveft-train evaluate`, which reports per concept")

@@ -29,8 +29,9 @@ STARTER_HEADER = """\
 # waveft-train config: DreamBooth personalization of Stable Diffusion XL with WaveFT adapters.
 # Relative paths resolve against this file's folder. Override any key on the command line:
 #   waveft-train --config this.yaml --set train.max_steps=800 --set 'waveft.target_modules=[to_q,to_v]'
-# Every key is optional except data.instance_dir and data.instance_prompt (and the prior's class_dir and
-# class_prompt while prior.enabled is true); the values below are the defaults, or examples where marked.
+# Every key is optional except data.instance_dir and data.instance_prompt, or a concepts list instead (and the
+# prior's class_dir and class_prompt while prior.enabled is true); the values below are the defaults, or examples
+# where marked.
 """
 
 
@@ -83,7 +84,8 @@ def starter_yaml() -> str:
     lines = [STARTER_HEADER]
     for section, model in _sections():
         if section == LIST_SECTION:  # instead of data.instance_dir: shown commented out, so the starter loads as is
-            lines += [f"# {section}:  # {TrainConfig.model_fields[section].description}", "#   - instance_dir: ./dog",
+            lines += [f"# {line}" for line in textwrap.wrap(TrainConfig.model_fields[section].description, width=100)]
+            lines += [f"# {section}:", "#   - instance_dir: ./dog",
                       "#     instance_prompt: a photo of sks dog", "#     class_prompt: a photo of dog",
                       "#     repeats: 1", ""]
             continue
