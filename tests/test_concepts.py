@@ -102,7 +102,7 @@ def test_a_concept_without_prompt_or_captions_is_refused_as_it_loads(tmp_path, t
     toy, box = two_subjects
     config = config_of(tmp_path, concepts=[{"instance_dir": str(toy)}], prior={"enabled": False})
     with pytest.raises(UserError, match=r"`concepts\[0\].instance_prompt` is required"):
-        load_concepts(config, report=False)
+        load_concepts(config.concepts, config.data, config.prior, report=False)
 
 
 def test_two_class_prompts_in_one_class_folder_are_refused(tmp_path, two_subjects):
@@ -111,7 +111,7 @@ def test_two_class_prompts_in_one_class_folder_are_refused(tmp_path, two_subject
     concepts = [{**entry, "class_dir": shared} for entry in two_concepts(toy, box)]
     config = config_of(tmp_path, concepts=concepts, prior={"class_dir": shared})
     with pytest.raises(UserError, match="with different class prompts"):
-        load_concepts(config, report=False)
+        load_concepts(config.concepts, config.data, config.prior, report=False)
 
 
 # ----------------------------------------------------------------------------------------------- kohya folders
@@ -143,7 +143,7 @@ def test_a_kohya_instance_dir_is_read_as_concepts_with_the_priors_class(tmp_path
     photos(root / "2_ohwx box", SUBJECT_PHOTOS[2:])
     config = config_of(tmp_path, data={"instance_dir": str(root)},
                        prior={"class_dir": str(tmp_path / "class"), "class_prompt": "a photo of toy"})
-    concepts = load_concepts(config, report=False)
+    concepts = load_concepts(config.concepts, config.data, config.prior, report=False)
     assert [(c.name, c.instance_prompt, c.repeats, len(c.images)) for c in concepts] == [
         ("data.instance_dir/2_ohwx box", "ohwx box", 2, 3), ("data.instance_dir/3_sks toy", "sks toy", 3, 2)]
     assert {c.class_prompt for c in concepts} == {"a photo of toy"}
@@ -155,7 +155,7 @@ def test_each_example_pairs_a_photo_with_a_class_image_of_its_own_concept(tmp_pa
     toy, box = two_subjects
     config = config_of(tmp_path, concepts=two_concepts(toy, box), prior={"class_dir": str(tmp_path / "class"),
                                                                           "num_class_images": 4})
-    concepts = load_concepts(config, report=False)
+    concepts = load_concepts(config.concepts, config.data, config.prior, report=False)
     class_files = sorted(SUBJECT.glob("*.png"))
     class_images = {concept.class_key: images_from_files(class_files, prompt=concept.class_prompt,
                                                          source=str(concept.class_dir)) for concept in concepts}

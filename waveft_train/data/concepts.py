@@ -25,7 +25,8 @@ from typing import Any
 
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_hidden, is_local
-from waveft_train.config.concepts import class_folder_name
+from waveft_train.config import DataSection, PriorSection
+from waveft_train.config.concepts import ConceptSection, class_folder_name
 from waveft_train.data.dataset import DreamBoothDataset
 from waveft_train.data.images import ImageSet, image_manifest, images_from_files, load_images, validate_image_folder
 from waveft_train.data.photos import IMAGE_EXTENSIONS
@@ -93,16 +94,15 @@ class Concept:
         return str(self.class_dir), str(self.class_prompt)
 
 
-def _entries(config) -> list[dict[str, Any]]:
+def _entries(listed: list[ConceptSection], data: DataSection, prior: PriorSection) -> list[dict[str, Any]]:
     """The config's concepts as plain settings: the classic form is one entry named data.instance_dir."""
-    data, prior = config.data, config.prior
-    if not config.concepts:
+    if not listed:
         return [dict(key="data.instance_dir", instance_dir=data.instance_dir, instance_prompt=data.instance_prompt,
                      caption_column=data.caption_column, class_prompt=prior.class_prompt,
                      class_dir=prior.class_dir, num_class_images=prior.num_class_images, repeats=data.repeats,
                      validation_prompts=[])]
     entries = []
-    for index, concept in enumerate(config.concepts):
+    for index, concept in enumerate(listed):
         class_prompt = concept.class_prompt or prior.class_prompt
         class_dir = concept.class_dir or (str(Path(prior.class_dir) / class_folder_name(class_prompt))
                                           if prior.class_dir and class_prompt else None)
@@ -114,10 +114,12 @@ def _entries(config) -> list[dict[str, Any]]:
     return entries
 
 
-def load_concepts(config, *, report: bool = True) -> list[Concept]:
-    """Every concept of the run (`config`: a TrainConfig), photos loaded and checked, class folders checked."""
+def load_concepts(listed: list[ConceptSection], data: DataSection, prior: PriorSection, *,
+                  report: bool = True) -> list[Concept]:
+    """Every concept of the run (the `concepts` list, or `data` and `prior` when it is empty), photos loaded and
+    checked, class folders checked."""
     concepts = []
-    for entry in _entries(config):
+    for entry in _entries(listed, data, prior):
         source, key = entry["instance_dir"], entry["key"]
         kohya = kohya_subfolders(Path(source), key) if is_local(source) else None
         parts = ([(f"{key}/{sub.path.name}", str(sub.path), sub.prompt, entry["repeats"] * sub.repeats)
@@ -133,9 +135,28 @@ def load_concepts(config, *, report: bool = True) -> list[Concept]:
             class_dir = Path(entry["class_dir"]) if entry["class_dir"] else None
             concepts.append(Concept(name, images, prompt, repeats, entry["class_prompt"], class_dir,
                                     entry["num_class_images"], entry["validation_prompts"]))
-    if config.prior.enabled:
+    if prior.enabled:
         check_class_folders(concepts)
     return concepts
+
+
+def class_folders(concepts: list[Concept], prior: PriorSection) -> dict[str, Path]:
+    """Each class folder of the run (none without prior preservation) by the config key that names it."""
+    if not prior.enabled:
+        return {}
+    return {"prior.class_dir" if concept.class_dir == Path(prior.class_dir or "") else f"{concept.name} class_dir":
+            concept.class_dir for concept in concepts}
+
+
+def prompts_by_source(concepts: list[Concept], *, with_class: bool) -> list[tuple[str, str]]:
+    """(where, prompt) of every caption and class prompt, for the long-prompt warning."""
+    found = [(name, prompt) for concept in concepts for name, prompt in zip(concept.images.names(), concept.images.prompts)]
+    return found + [(f"{concept.name} class prompt", concept.class_prompt) for concept in concepts if with_class]
+
+
+def named_prompts(concepts: list[Concept]) -> str:
+    """The concepts' instance prompts in one line (the model card's), "(captions)" for a concept captioned per photo."""
+    return " / ".join(dict.fromkeys(concept.instance_prompt or "(captions)" for concept in concepts))
 
 
 def check_class_folders(concepts: list[Concept]) -> None:

@@ -32,14 +32,8 @@ from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
 from waveft_train.config.concepts import all_validation_prompts
+from waveft_train.data import concepts as concept_data
 from waveft_train.data.caption_variation import CaptionVariation
-from waveft_train.data.concepts import (
-    class_images_for_concepts,
-    concepts_dataset,
-    concepts_manifest,
-    concepts_summary,
-    load_concepts,
-)
 from waveft_train.data.dataset import StepBatchSampler, collate
 from waveft_train.data.encode import Conditioning, warn_about_long_prompts
 from waveft_train.data.images import warn_about_small_images
@@ -125,15 +119,14 @@ class DreamBoothRun:
                 print(f"{self.output_dir} already holds the finished run ({finished_at} steps); nothing to do. Raise "
                       "train.max_steps to train further.", flush=True)
             return True
-        if not config.concepts:  # a concepts list is checked as it loads
-            validate_inputs(config.data, config.prior)
+        validate_inputs(config.data, config.prior)
         check_optional_dependencies(config.train)
         adapter_on_meta_unet(config.model, config.waveft)  # target_modules, n_frequency against the architecture
         check_vae(config.model)
-        self.concepts = load_concepts(config, report=self.is_main)  # one for the classic form (data/concepts.py)
+        self.concepts = concept_data.load_concepts(config.concepts, config.data, config.prior, report=self.is_main)
         for concept in self.concepts if self.is_main else []:
             warn_about_small_images(concept.images, config.data.resolution, concept.name)
-        self.image_manifest = concepts_manifest(self.concepts)
+        self.image_manifest = concept_data.concepts_manifest(self.concepts)
         if not self.replace_other_run:
             self.replace_other_run = checkpoint_is_another_run(self.output_dir, self.image_manifest, self.global_batch,
                                                                config.train, config.model, force=self.force)
@@ -151,11 +144,9 @@ class DreamBoothRun:
         if self.accelerator.is_main_process:  # one writer per output folder; the other processes never write there
             self.lock = FolderLock(self.output_dir, what="training run")
             self.lock.acquire()
-        folders = {"output.dir": self.output_dir}
-        for concept in self.concepts if config.prior.enabled else []:
-            key = "prior.class_dir" if concept.class_dir == Path(config.prior.class_dir or "") else f"{concept.name} class"
-            folders[key] = concept.class_dir
-            make_folder(concept.class_dir, key)
+        folders = {"output.dir": self.output_dir, **concept_data.class_folders(self.concepts, config.prior)}
+        for key, folder in folders.items():  # output.dir again changes nothing
+            make_folder(folder, key)
         # Collective. The main process writes checkpoints every process resumes from, and each process writes its
         # share of class images: several processes (or machines) need both folders on storage they all see.
         check_shared_folders(self.accelerator, folders)
@@ -168,10 +159,7 @@ class DreamBoothRun:
         self.prediction_type = config.train.prediction_type or self.components.scheduler.config.get(
             "prediction_type", "epsilon")
         if self.accelerator.is_main_process:
-            class_prompts = [(f"{concept.name} class prompt", concept.class_prompt) for concept in self.concepts
-                             if config.prior.enabled]
-            warn_about_long_prompts([*((name, prompt) for concept in self.concepts for name, prompt in
-                                       zip(concept.images.names(), concept.images.prompts)), *class_prompts,
+            warn_about_long_prompts([*concept_data.prompts_by_source(self.concepts, with_class=config.prior.enabled),
                                      *(("validation.prompts", text) for text in self.grids.settings.prompts)],
                                     self.components.tokenizer)
         self._setup_data()
@@ -195,10 +183,10 @@ class DreamBoothRun:
         data, prior, main = self.config.data, self.config.prior, self.accelerator.is_main_process
         class_images = None
         if prior.enabled:  # collective: every process generates its share of the missing class images
-            class_images = class_images_for_concepts(self.concepts, prior, self.config.model, self.components,
+            class_images = concept_data.class_images_for_concepts(self.concepts, prior, self.config.model, self.components,
                                                      resolution=data.resolution, seed=self.config.train.seed,
                                                      accelerator=self.accelerator, progress=self.progress)
-        self.dataset = concepts_dataset(self.concepts, class_images, resolution=data.resolution,
+        self.dataset = concept_data.concepts_dataset(self.concepts, class_images, resolution=data.resolution,
                                         seed=self.config.train.seed, center_crop=data.center_crop,
                                         random_flip=data.random_flip, bucketing=data.bucketing)
         self.conditioning = Conditioning(self.components, self.dataset, device=self.accelerator.device,
@@ -384,10 +372,9 @@ class DreamBoothRun:
         summary = run_summary([*self.invocations, self._invocation()], trainable_params=trainable_params,
                               buckets=buckets, final_loss=final_loss) | {"adapter_weights": self.ema.which}
         if len(self.concepts) > 1:
-            summary["concepts"] = concepts_summary(self.concepts, self.dataset)
+            summary["concepts"] = concept_data.concepts_summary(self.concepts, self.dataset)
         saves = self.method.saves_adapter
-        card_data = config.data.model_copy(update={"instance_prompt": config.data.instance_prompt or " / ".join(
-            dict.fromkeys(concept.instance_prompt or "(captions)" for concept in self.concepts))})
+        card_data = config.data.model_copy(update={"instance_prompt": concept_data.named_prompts(self.concepts)})
         card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=card_data,
                           prior=config.prior, train=config.train, validation_prompts=self.grids.settings.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.grids.last is not None,
