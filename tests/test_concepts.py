@@ -150,6 +150,20 @@ def test_a_kohya_instance_dir_is_read_as_concepts_with_the_priors_class(tmp_path
     assert {c.class_dir for c in concepts} == {tmp_path / "class"}
 
 
+def test_a_kohya_folder_in_a_concepts_entry_takes_the_entrys_class_and_multiplies_its_repeats(tmp_path, two_subjects):
+    toy, box = two_subjects
+    root = tmp_path / "people"
+    photos(root / "3_ohwx woman", SUBJECT_PHOTOS[:1])
+    photos(root / "1_zwx man", SUBJECT_PHOTOS[1:2])
+    entry = {"instance_dir": str(root), "class_prompt": "a photo of a person", "repeats": 2}
+    config = config_of(tmp_path, concepts=[two_concepts(toy, box)[0], entry], prior={"class_dir": str(tmp_path / "c")})
+    concepts = load_concepts(config.concepts, config.data, config.prior, report=False)
+    assert [(c.name, c.instance_prompt, c.repeats, c.class_prompt, c.class_dir.name) for c in concepts] == [
+        ("concepts[0]", "a photo of sks toy", 1, "a photo of toy", "a_photo_of_toy"),
+        ("concepts[1]/1_zwx man", "zwx man", 2, "a photo of a person", "a_photo_of_a_person"),
+        ("concepts[1]/3_ohwx woman", "ohwx woman", 6, "a photo of a person", "a_photo_of_a_person")]
+
+
 # ----------------------------------------------------------------------------------------------- the dataset
 def test_each_example_pairs_a_photo_with_a_class_image_of_its_own_concept(tmp_path, two_subjects):
     toy, box = two_subjects
