@@ -314,3 +314,22 @@ def test_the_docs_concepts_examples_are_valid_configs():
     assert [concept.class_prompt for concept in listed.concepts] == ["a photo of a woman", "a photo of a dog",
                                                                      "a photo of a dog"]
     assert kohya.data.instance_prompt is None and not kohya.concepts
+
+
+def test_the_toy_two_concept_config_trains_and_evaluate_reports_per_concept(tmp_path, capsys):
+    from helpers import REPO, run_cli
+
+    config = load_config(REPO / "configs" / "two-concepts.yaml", [
+        f"output.dir={tmp_path / 'run'}", f"prior.class_dir={tmp_path / 'class'}", "prior.num_class_images=2",
+        "prior.generation_steps=2", "train.max_steps=2", "validation.steps=2", "validation.num_images=1"])
+    output_dir = run.train_from_config(config, progress=False)
+    assert sorted(path.name for path in (tmp_path / "class").iterdir()) == ["a_photo_of_a_ball", "a_photo_of_a_box"]
+    out = tmp_path / "evaluation.json"
+    code, stdout, err = run_cli(["evaluate", "--adapter", output_dir / "adapter", "--seeds", "2", "--class-seeds", "1",
+                                 "--steps", "2", "--context", "beach", "--out", out], capsys)
+    assert code == 0, err
+    assert "concepts[0] (striped_ball, 'a photo of sks ball'): subject_fidelity" in stdout
+    assert "class prompt 'a photo of a box': shows a concept's subject" in stdout
+    result = json.loads(out.read_text())
+    assert [concept["subject"] for concept in result["concepts"]] == ["striped_ball", "checked_box"]
+    assert set(result["worst"]) == {"subject_fidelity", "bleed", "class_any_subject"} and "base" in result
