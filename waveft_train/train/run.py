@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from waveft_train.adapter.files import load_adapter_weights_into
+from waveft_train.adapter.text_encoders import read_text_encoder_tensors
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
@@ -59,6 +60,7 @@ from waveft_train.train.preflight import (
 from waveft_train.train.reporting import RunReport
 from waveft_train.train.scoring import ValidationScores
 from waveft_train.train.stopping import GracefulStop
+from waveft_train.train.text_encoders import TextEncoderTraining
 from waveft_train.train.validation import ValidationGrids
 
 logger = logging.getLogger(__name__)
@@ -195,7 +197,8 @@ class DreamBoothRun:
         )
         self.conditioning = Conditioning(self.components, self.dataset, device=self.accelerator.device,
                                          cache_latents=self.config.train.cache_latents, progress=self.progress and main,
-                                         captions=CaptionVariation.of(data, self.config.train.seed))
+                                         captions=CaptionVariation.of(data, self.config.train.seed),
+                                         encode_live=self.config.waveft.text_encoders)
 
     def _setup_adapter(self) -> None:
         """The method's trainable parameters on the UNet (WaveFT unless another method was given), optimizer, LR
@@ -206,7 +209,10 @@ class DreamBoothRun:
         if train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.trainable = trainable_parameters_in_float32(unet)
-        optimizer = make_optimizer(train, self.trainable)
+        # waveft.text_encoders: their adapters, in their own param group (otherwise none)
+        self.text_encoders = TextEncoderTraining(self.components, self.config.waveft, train, self.accelerator.device)
+        optimizer = make_optimizer(train, self.text_encoders.param_groups(self.trainable))
+        self.trainable = self.trainable + self.text_encoders.parameters
         self.ema = WeightAverage(train.ema_decay, self.trainable)  # off (no-ops) unless train.ema_decay is set
         self.lr_scheduler = make_lr_scheduler(train, optimizer)
         with warnings.catch_warnings():
@@ -228,13 +234,14 @@ class DreamBoothRun:
         for folder in checkpoint.newest_checkpoints(self.output_dir):
             try:
                 adapter, state = checkpoint.load_checkpoint(folder)
+                text = read_text_encoder_tensors(folder, list(self.text_encoders.encoders))
             except UserError as error:
                 logger.warning("Skipping the damaged checkpoint %s: %s", folder, error)
                 continue
-            return self._continue_from(folder, adapter, state)
+            return self._continue_from(folder, adapter, state, text)
         return 0
 
-    def _continue_from(self, folder: Path, adapter: dict, state: dict) -> int:
+    def _continue_from(self, folder: Path, adapter: dict, state: dict, text_encoder_adapters: dict) -> int:
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"The checkpoint {folder} was written by a run with a different config; use another "
                             "output.dir, or --force to start this run from scratch there.")
@@ -242,6 +249,9 @@ class DreamBoothRun:
             self.bare_unet, adapter, misfit=f"The checkpoint {folder} does not fit this run's "
             "adapter", remedy="Was it trained with other waveft settings (target_modules, n_frequency, "
             "n_frequency_pattern) or for another model? Use the same settings, or another output.dir.")
+        for name, tensors in text_encoder_adapters.items():
+            load_adapter_weights_into(self.text_encoders.encoders[name], tensors, misfit=f"The {name} adapter of the "
+                                      f"checkpoint {folder} does not fit this run's", remedy="Use another output.dir.")
         self.invocations = list(state.get("invocations", []))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -273,6 +283,7 @@ class DreamBoothRun:
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, batches=iter(self._loader()),
             conditioning=self.conditioning, settings=settings, trainable_params=self.trainable,
             start_step=self.start_step, input_dtype=input_dtype, progress=self.progress, ema=self.ema,
+            text_encoders=self.text_encoders,
         )
         with closing(steps):  # an error between steps closes the progress bar, so no message lands on its line
             for step, step_metrics in steps:
@@ -329,7 +340,7 @@ class DreamBoothRun:
                     self.output_dir, step, unet=self.bare_unet,
                     base_model_name_or_path=self.components.base_model_name, training_state=state,
                     keep=self.config.train.checkpoints_keep, prediction_type=self._recorded_prediction_type(),
-                    base_metadata=self.components.base_metadata)
+                    base_metadata=self.components.base_metadata, text_encoders=self.text_encoders.encoders)
             except OSError as error:
                 previous = checkpoint.find_latest_checkpoint(self.output_dir)
                 raise UserError(
@@ -384,7 +395,8 @@ class DreamBoothRun:
             adapter_dir = write_final(self.output_dir, summary, unet=self.bare_unet if saves else None,
                                       base_model_name=self.components.base_model_name,
                                       prediction_type=self._recorded_prediction_type(), model_card=card,
-                                      last_samples=self.grids.last, base_metadata=self.components.base_metadata)
+                                      last_samples=self.grids.last, base_metadata=self.components.base_metadata,
+                                      text_encoders=self.text_encoders.encoders)
         samples = f", samples in {self.output_dir / 'samples'}" if self.grids.last is not None else ""
         report = self.report.finish()
         self.last_words = [f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", f"Report: {report}"]

@@ -1,0 +1,138 @@
+"""WaveFT on SDXL's two CLIP text encoders (`waveft.text_encoders`), on the embedded tiny model: training changes them,
+the saved encoder adapters reload exactly through stock peft, a crashed run resumes to the same adapters, the stop step
+freezes them, the exports carry them under the apps' lora_te1_/lora_te2_ names (read by LyCORIS and diffusers), and
+with the option off nothing changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import Interrupted, crash_after_checkpoint, fast_overrides
+from safetensors.torch import load_file
+
+from waveft_train.adapter.text_encoders import TEXT_ENCODERS
+from waveft_train.config import config_fingerprint, load_config
+from waveft_train.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "tiny.yaml"
+TEXT = {"waveft.text_encoders": "true", "train.max_steps": 4, "train.checkpoint_every": 2,
+        "train.checkpoints_keep": "null", "validation.every": 0, "train.text_encoder_lr": "1.0e-2"}
+ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("class-images")
+
+
+def train(output_dir: Path, class_dir: Path, **extra) -> Path:
+    config = load_config(TINY, fast_overrides(output_dir, class_dir, **{**TEXT, **extra}))
+    return run.train_from_config(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, class_dir) -> Path:
+    return train(tmp_path_factory.mktemp("te") / "run", class_dir)
+
+
+def spectra(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def token_ids(tokenizer, text: str = "a photo of sks toy") -> torch.Tensor:
+    return tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encoder_outputs(encoder, ids) -> torch.Tensor:
+    with torch.no_grad():
+        output = encoder(ids, output_hidden_states=True)
+    return torch.cat([output[0].flatten(), output.hidden_states[-2].flatten()])
+
+
+def test_saved_encoder_adapters_change_the_encoders_and_reload_exactly_through_stock_peft(trained, tiny_model_dir):
+    import transformers
+    from peft import PeftModel
+
+    from waveft_train.adapter.load import load_adapter_unet
+    from waveft_train.models.loading import load_components
+    from waveft_train.waveft import register
+
+    adapter = trained / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()  # the UNet's, where it always was
+    ours, _ = load_adapter_unet(adapter, None)  # what sample, export and evaluate load
+    base = load_components(str(tiny_model_dir))
+    register()
+    for name in TEXT_ENCODERS:
+        saved = spectra(adapter / name)
+        assert saved and all(key.startswith("base_model.model.") and key.endswith(".waveft_spectrum") for key in saved)
+        assert {key.split(".")[-2] for key in saved} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+        # Every layer trained, but text_encoder's last one: SDXL reads its next-to-last hidden states (and not its
+        # pooled output), so that layer gets no gradient, as in every trainer that adapts all of CLIP's layers.
+        unused = "encoder.layers.1." if name == "text_encoder" else "none"
+        assert all((value.abs().sum() > 0) == (unused not in key) for key, value in saved.items()), name
+        tokenizer = base.tokenizer if name == "text_encoder" else base.tokenizer_2
+        ids = token_ids(tokenizer)
+        plain = getattr(transformers, ENCODER_CLASSES[name]).from_pretrained(tiny_model_dir, subfolder=name).eval()
+        before = encoder_outputs(plain, ids)
+        stock = PeftModel.from_pretrained(plain, str(adapter / name)).eval()
+        after = encoder_outputs(stock, ids)
+        assert not torch.allclose(before, after)  # training changed what the encoder says
+        assert torch.equal(after, encoder_outputs(getattr(ours, name), ids))  # stock peft = our loader, exactly
+
+
+def test_a_crashed_run_resumes_to_the_same_adapters(trained, tmp_path, class_dir, monkeypatch):
+    output_dir = tmp_path / "crashed"
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        train(output_dir, class_dir)
+    monkeypatch.undo()
+    assert {path.name for path in (output_dir / "checkpoints" / "step-000002").iterdir()} >= set(TEXT_ENCODERS)
+    train(output_dir, class_dir)
+    for folder in ("", *TEXT_ENCODERS):
+        resumed, uninterrupted = spectra(output_dir / "adapter" / folder), spectra(trained / "adapter" / folder)
+        assert resumed.keys() == uninterrupted.keys()
+        for key in resumed:
+            torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+
+
+def test_the_stop_step_freezes_the_encoders_after_it(tmp_path, class_dir):
+    output_dir = train(tmp_path / "stop", class_dir, **{"train.text_encoder_stop_step": 2})
+    at_stop, final = output_dir / "checkpoints" / "step-000002", output_dir / "adapter"
+    for name in TEXT_ENCODERS:
+        trained_then, at_end = spectra(at_stop / name), spectra(final / name)
+        assert any(value.abs().sum() > 0 for value in trained_then.values())  # they trained until the stop step
+        assert all(torch.equal(trained_then[key], at_end[key]) for key in at_end)  # and not after it
+    unet_then, unet_end = spectra(at_stop), spectra(final)
+    assert any(not torch.equal(unet_then[key], unet_end[key]) for key in unet_end)  # the UNet kept training
+
+
+def test_off_keeps_the_cached_prompts_the_fingerprint_and_the_layout(tmp_path, class_dir, monkeypatch):
+    from waveft_train.data import encode
+
+    built = []
+    real = encode.PromptCache.__init__
+    monkeypatch.setattr(encode.PromptCache, "__init__", lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
+    config = load_config(TINY, fast_overrides(tmp_path / "off", class_dir, **{"train.max_steps": 2}))
+    explicit = load_config(TINY, fast_overrides(tmp_path / "off", class_dir, **{"train.max_steps": 2,
+                                                                                 "waveft.text_encoders": "false"}))
+    assert config_fingerprint(config) == config_fingerprint(explicit)
+    output_dir = run.train_from_config(config, progress=False)
+    assert built  # prompts encoded once, up front, as before
+    assert not any((output_dir / "adapter" / name).exists() for name in TEXT_ENCODERS)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.text_encoder_stop_step": 9, "train.max_steps": 4, "waveft.text_encoders": "true"}, "past train.max_steps"),
+    ({"train.text_encoder_lr": "1.0e-4"}, "waveft.text_encoders is false"),
+    ({"waveft.text_encoders": "true", "train.text_encoder_stop_step": 0}, "greater than 0"),
+    ({"waveft.text_encoders": "true", "waveft.text_encoder_n_frequency": -3}, "greater than 0"),
+])
+def test_bad_text_encoder_settings_are_refused_while_the_config_loads(tmp_path, overrides, message):
+    from waveft_train.common.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        load_config(TINY, fast_overrides(tmp_path / "bad", tmp_path / "class", **overrides))
