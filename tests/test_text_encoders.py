@@ -136,3 +136,104 @@ def test_bad_text_encoder_settings_are_refused_while_the_config_loads(tmp_path, 
 
     with pytest.raises(UserError, match=message):
         load_config(TINY, fast_overrides(tmp_path / "bad", tmp_path / "class", **overrides))
+
+
+# --------------------------------------------------------------------------------------------- exports for apps
+class TextModelLevel(torch.nn.Module):
+    """CLIPTextModel as sd-scripts, ComfyUI and A1111 lay it out (its layers under `text_model.`, as transformers < 5
+    did too): how LyCORIS names the first encoder's modules for `lora_te1_text_model_...` keys."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.text_model = encoder
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def adapted(trained):
+    """The trained adapter as our loader applies it (UNet and both encoders)."""
+    from waveft_train.adapter.load import load_adapter_unet
+
+    return load_adapter_unet(trained / "adapter", None)[0]
+
+
+def test_comfyui_file_carries_the_encoders_as_lora_te_keys_that_lycoris_applies(trained, adapted, tiny_model_dir,
+                                                                                  tmp_path, monkeypatch):
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    from waveft_train.adapter.export import export
+    from waveft_train.models.loading import load_components
+
+    out = export(trained / "adapter", tmp_path / "subject.safetensors", format="comfyui", dtype="fp32").path
+    keys = set(load_file(out))
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.diff" in keys
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.diff" in keys
+    assert len([key for key in keys if key.startswith("lora_te")]) == 16  # 2 encoders x 2 layers x 4 projections
+
+    base = load_components(str(tiny_model_dir))
+    monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])  # see test_interop.lycoris_applied
+    encoders = [TextModelLevel(base.text_encoder), base.text_encoder_2]
+    network, _ = create_network_from_weights(1.0, str(out), None, encoders, base.unet, for_inference=True)
+    network.apply_to(encoders, base.unet, apply_text_encoder=True, apply_unet=True)
+    assert len(network.text_encoder_loras) == 16  # every encoder key found its module
+    for name, tokenizer in (("text_encoder", base.tokenizer), ("text_encoder_2", base.tokenizer_2)):
+        ids = token_ids(tokenizer)
+        applied, ours = encoder_outputs(getattr(base, name), ids), encoder_outputs(getattr(adapted, name), ids)
+        with network_off(network):
+            plain = encoder_outputs(getattr(base, name), ids)
+        assert relative(ours, plain) > 1e-4  # the adapter does change the encoder
+        assert relative(applied, ours) <= 1e-5, name
+
+
+def network_off(network):
+    """LyCORIS's modules at multiplier 0 inside the block."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def off():
+        modules = network.unet_loras + network.text_encoder_loras
+        for module in modules:
+            module.multiplier = 0.0
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.multiplier = 1.0
+
+    return off()
+
+
+def test_lora_file_carries_the_encoders_and_diffusers_loads_them(trained, adapted, tiny_model_dir, tmp_path):
+    from waveft_train.adapter.export import export
+    from waveft_train.adapter.export_files import text_encoder_updates
+    from waveft_train.models.loading import build_pipeline, load_components
+
+    result = export(trained / "adapter", tmp_path / "lora.safetensors", format="lora", rank=4, dtype="fp32")
+    encoder_errors = {key: error for key, error in result.errors.items() if key.startswith("lora_te")}
+    assert len(encoder_errors) == 16 and "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in encoder_errors
+    pipeline = build_pipeline(load_components(str(tiny_model_dir)))
+    before = {name: {key: value.clone() for key, value in getattr(pipeline, name).state_dict().items()}
+              for name in TEXT_ENCODERS}
+    pipeline.load_lora_weights(str(result.path.parent), weight_name=result.path.name)
+    pipeline.fuse_lora(components=["unet", *TEXT_ENCODERS])
+    deltas = {key: update.delta for key, update in text_encoder_updates(trained / "adapter", str(tiny_model_dir), None)}
+    checked = 0
+    for name in TEXT_ENCODERS:
+        after = {key.replace(".base_layer.", "."): value for key, value in getattr(pipeline, name).state_dict().items()
+                 if "lora_" not in key}
+        for key, delta in deltas.items():
+            if not key.startswith("lora_te1" if name == "text_encoder" else "lora_te2"):
+                continue
+            module = key.split("_", 2)[2].removeprefix("text_model_")  # e.g. encoder_layers_0_self_attn_q_proj
+            weight = next(param for param in after if param.endswith(".weight") and
+                          param.removesuffix(".weight").replace(".", "_").endswith(module))
+            applied = after[weight] - before[name][weight]
+            if delta.norm() == 0:  # text_encoder's last layer: SDXL never reads it, so it does not train
+                assert applied.norm() <= 1e-6
+                continue
+            assert relative(applied, delta) == pytest.approx(encoder_errors[key], abs=1e-4), key
+            checked += 1
+    assert checked >= 12
