@@ -237,3 +237,20 @@ def test_lora_file_carries_the_encoders_and_diffusers_loads_them(trained, adapte
             assert relative(applied, delta) == pytest.approx(encoder_errors[key], abs=1e-4), key
             checked += 1
     assert checked >= 12
+
+
+def test_params_counts_the_encoders_and_refuses_an_n_frequency_they_cannot_hold(capsys):
+    from helpers import run_cli
+
+    code, out, err = run_cli(["params", "-c", TINY, "--set", "waveft.text_encoders=true",
+                              "--set", "waveft.text_encoder_n_frequency=100"], capsys)
+    assert code == 0, err
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj" in out
+    assert "text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj" in out
+    _, without, _ = run_cli(["params", "-c", TINY], capsys)
+    count = {text: int(next(line for line in text.splitlines() if line.startswith("trainable parameters:"))
+                       .split(":")[1].replace(",", "")) for text in (out, without)}
+    assert count[out] - count[without] == 16 * 100  # 2 encoders x 2 layers x 4 projections
+    code, _, err = run_cli(["params", "-c", TINY, "--set", "waveft.text_encoders=true",
+                            "--set", "waveft.text_encoder_n_frequency=5000"], capsys)
+    assert code != 0 and "text_encoder_n_frequency" in err
