@@ -16,8 +16,10 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from peft import WaveFTConfig, inject_adapter_in_model
 from peft.utils.other import get_pattern_key
+from transformers import CLIPTextConfig
 
 from waveft_train import waveft as tuner
+from waveft_train.adapter.text_encoders import TEXT_ENCODERS, text_encoder_config
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_local, is_single_file
 from waveft_train.config import (
@@ -30,7 +32,9 @@ from waveft_train.config import (
     load_config,
 )
 from waveft_train.data.images import validate_image_folder
+from waveft_train.models.architecture import SDXL_BASE
 from waveft_train.models.loading import check_single_file
+from waveft_train.models.single_file import TEXT_ENCODERS as ENCODER_CLASSES
 from waveft_train.models.single_file import file_sha256, parts_from_file
 from waveft_train.models.sources import ALLOWED_MODELS, first_line, locate_model, offline_note, resolve_vae
 from waveft_train.train.checkpoint import why_not_continue
@@ -138,12 +142,6 @@ def adapter_on_meta_unet(model: ModelSection, waveft: WaveFTSection):
 def text_encoders_on_meta(model: ModelSection, waveft: WaveFTSection) -> dict:
     """The config's two text encoders on the meta device with their WaveFT adapters (waveft.text_encoders), by
     pipeline name; SDXL base's when their configs cannot be read without a download (as `params` sizes the rest)."""
-    from transformers import CLIPTextConfig
-
-    from waveft_train.adapter.text_encoders import TEXT_ENCODERS, text_encoder_config
-    from waveft_train.models.architecture import SDXL_BASE
-    from waveft_train.models.single_file import TEXT_ENCODERS as ENCODER_CLASSES
-
     files = locate_model(model.pretrained, model.config, model.revision)
     revision = None if files.weights_file else model.revision
     try:

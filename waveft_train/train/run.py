@@ -27,7 +27,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from waveft_train.adapter.files import load_adapter_weights_into
-from waveft_train.adapter.text_encoders import read_text_encoder_tensors
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
@@ -201,15 +200,13 @@ class DreamBoothRun:
                                          encode_live=self.config.waveft.text_encoders)
 
     def _setup_adapter(self) -> None:
-        """The method's trainable parameters on the UNet (WaveFT unless another method was given), optimizer, LR
-        schedule."""
+        """The trainable parameters (the method's on the UNet, any text encoders'), optimizer, LR schedule."""
         train = self.config.train
         unet = self.components.unet.to(self.accelerator.device)
         self.method.attach(unet)
         if train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.trainable = trainable_parameters_in_float32(unet)
-        # waveft.text_encoders: their adapters, in their own param group (otherwise none)
         self.text_encoders = TextEncoderTraining(self.components, self.config.waveft, train, self.accelerator.device)
         optimizer = make_optimizer(train, self.text_encoders.param_groups(self.trainable))
         self.trainable = self.trainable + self.text_encoders.parameters
@@ -234,14 +231,13 @@ class DreamBoothRun:
         for folder in checkpoint.newest_checkpoints(self.output_dir):
             try:
                 adapter, state = checkpoint.load_checkpoint(folder)
-                text = read_text_encoder_tensors(folder, list(self.text_encoders.encoders))
             except UserError as error:
                 logger.warning("Skipping the damaged checkpoint %s: %s", folder, error)
                 continue
-            return self._continue_from(folder, adapter, state, text)
+            return self._continue_from(folder, adapter, state)
         return 0
 
-    def _continue_from(self, folder: Path, adapter: dict, state: dict, text_encoder_adapters: dict) -> int:
+    def _continue_from(self, folder: Path, adapter: dict, state: dict) -> int:
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"The checkpoint {folder} was written by a run with a different config; use another "
                             "output.dir, or --force to start this run from scratch there.")
@@ -249,9 +245,7 @@ class DreamBoothRun:
             self.bare_unet, adapter, misfit=f"The checkpoint {folder} does not fit this run's "
             "adapter", remedy="Was it trained with other waveft settings (target_modules, n_frequency, "
             "n_frequency_pattern) or for another model? Use the same settings, or another output.dir.")
-        for name, tensors in text_encoder_adapters.items():
-            load_adapter_weights_into(self.text_encoders.encoders[name], tensors, misfit=f"The {name} adapter of the "
-                                      f"checkpoint {folder} does not fit this run's", remedy="Use another output.dir.")
+        self.text_encoders.load(folder)
         self.invocations = list(state.get("invocations", []))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -281,9 +275,8 @@ class DreamBoothRun:
         steps = training_steps(
             accelerator=accelerator, unet=self.unet, noise_scheduler=self.components.training_noise_scheduler(),
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, batches=iter(self._loader()),
-            conditioning=self.conditioning, settings=settings, trainable_params=self.trainable,
+            conditioning=self.conditioning, settings=settings, trainable_params=self.trainable, text_encoders=self.text_encoders,
             start_step=self.start_step, input_dtype=input_dtype, progress=self.progress, ema=self.ema,
-            text_encoders=self.text_encoders,
         )
         with closing(steps):  # an error between steps closes the progress bar, so no message lands on its line
             for step, step_metrics in steps:

@@ -13,11 +13,13 @@ processes by the loop (`average_gradients`), which is what DDP does for the UNet
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 
 from waveft_train import waveft as tuner
-from waveft_train.adapter.text_encoders import TEXT_ENCODERS, text_encoder_config
+from waveft_train.adapter.files import load_adapter_weights_into
+from waveft_train.adapter.text_encoders import TEXT_ENCODERS, read_text_encoder_tensors, text_encoder_config
 from waveft_train.common.errors import UserError
 from waveft_train.config import TrainSection, WaveFTSection
 from waveft_train.train.optim import trainable_parameters_in_float32
@@ -56,6 +58,12 @@ class TextEncoderTraining:
     def trains_at(self, step: int) -> bool:
         """Whether optimizer step `step` + 1 (the one about to run after `step`) trains the encoders."""
         return self.stop_step is None or step < self.stop_step
+
+    def load(self, checkpoint: Path) -> None:
+        """Set the encoders' adapters to those saved in `checkpoint` (a checkpoint folder; resume)."""
+        for name, tensors in read_text_encoder_tensors(checkpoint, list(self.encoders)).items():
+            load_adapter_weights_into(self.encoders[name], tensors, misfit=f"The {name} adapter of the checkpoint "
+                                      f"{checkpoint} does not fit this run's", remedy="Use another output.dir.")
 
     def average_gradients(self, processes: int) -> None:
         """Collective. The encoders' gradients averaged over the processes (DDP does the UNet's)."""
