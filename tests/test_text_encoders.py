@@ -254,3 +254,22 @@ def test_params_counts_the_encoders_and_refuses_an_n_frequency_they_cannot_hold(
     code, _, err = run_cli(["params", "-c", TINY, "--set", "waveft.text_encoders=true",
                             "--set", "waveft.text_encoder_n_frequency=5000"], capsys)
     assert code != 0 and "text_encoder_n_frequency" in err
+
+
+def test_the_documented_peft_snippet_gives_a_pipeline_our_prompt_embeddings(trained, adapted, tiny_model_dir):
+    from peft import PeftModel
+
+    from waveft_train.models.loading import build_pipeline, load_components
+    from waveft_train.waveft import register
+
+    register()
+    pipe = build_pipeline(load_components(str(tiny_model_dir)))
+    for name in TEXT_ENCODERS:  # docs/training.md and the model card, with this run's folder
+        setattr(pipe, name, PeftModel.from_pretrained(getattr(pipe, name), str(trained / "adapter" / name)))
+    ours = build_pipeline(adapted)
+    with torch.no_grad():
+        theirs = pipe.encode_prompt("a photo of sks toy", do_classifier_free_guidance=False)
+        expected = ours.encode_prompt("a photo of sks toy", do_classifier_free_guidance=False)
+    for got, want in zip(theirs, expected):
+        if want is not None:
+            assert torch.equal(got, want)
