@@ -273,3 +273,28 @@ def test_the_documented_peft_snippet_gives_a_pipeline_our_prompt_embeddings(trai
     for got, want in zip(theirs, expected):
         if want is not None:
             assert torch.equal(got, want)
+
+
+def test_two_processes_train_the_same_encoders_as_one(tmp_path, class_dir, trains_on_the_cpu):
+    """The encoders are not wrapped in DDP: the loop averages their gradients over the processes itself."""
+    import subprocess
+
+    from test_scale_out import environment, launch, overrides, set_args
+
+    settings = {"waveft.text_encoders": "true", "train.text_encoder_lr": "1.0e-2"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes: CPU sums split by thread count round differently
+    try:
+        one = run.train_from_config(load_config(TINY, overrides(tmp_path / "one", class_dir, **settings,
+                                                                **{"train.batch_size": 2})), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    launched = subprocess.run([*launch(2), *set_args(overrides(two, class_dir, **settings))], env=environment(),
+                              capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    for name in TEXT_ENCODERS:
+        first, second = spectra(one / "adapter" / name), spectra(two / "adapter" / name)
+        difference = torch.cat([(first[key] - second[key]).flatten() for key in first]).norm()
+        size = torch.cat([value.flatten() for value in first.values()]).norm()
+        assert size > 0 and difference / size <= 1e-5, name
