@@ -298,3 +298,25 @@ def test_two_processes_train_the_same_encoders_as_one(tmp_path, class_dir, train
         difference = torch.cat([(first[key] - second[key]).flatten() for key in first]).norm()
         size = torch.cat([value.flatten() for value in first.values()]).norm()
         assert size > 0 and difference / size <= 1e-5, name
+
+
+def test_sample_uses_the_adapted_encoders_and_its_base_columns_switch_them_off(trained, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+    from helpers import run_cli
+    from PIL import Image
+
+    unet_only = tmp_path / "unet-only"
+    shutil.copytree(trained / "adapter", unet_only, ignore=shutil.ignore_patterns("text_encoder*"))
+    grids = {}
+    for label, adapter in (("both", trained / "adapter"), ("unet", unet_only)):
+        out = tmp_path / f"{label}.png"
+        code, _, err = run_cli(["sample", "--adapter", adapter, "--out", out, "--steps", 2, "--num-images", 1,
+                                "--prompt", "a photo of sks toy", "--compare-base"], capsys)
+        assert code == 0, err
+        grids[label] = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    width = grids["both"].shape[1]
+    size = grids["both"].shape[0]  # one row of square tiles: base, a gap, adapter
+    assert np.array_equal(grids["both"][:, :size], grids["unet"][:, :size])  # base columns: the base model, both times
+    assert not np.array_equal(grids["both"][:, width - size:], grids["unet"][:, width - size:])  # the encoders count
