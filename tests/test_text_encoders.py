@@ -320,3 +320,32 @@ def test_sample_uses_the_adapted_encoders_and_its_base_columns_switch_them_off(t
     size = grids["both"].shape[0]  # one row of square tiles: base, a gap, adapter
     assert np.array_equal(grids["both"][:, :size], grids["unet"][:, :size])  # base columns: the base model, both times
     assert not np.array_equal(grids["both"][:, width - size:], grids["unet"][:, width - size:])  # the encoders count
+
+
+def test_steps_that_train_the_encoders_make_no_syncing_call(tmp_path, tiny_model_dir):
+    """Issue 35's rule holds with the encoders in the step: before their stop step (with gradients) and after it."""
+    from test_no_sync import SyncRecorder
+
+    from scripts.sync_check import train_with_step_guard
+
+    recorders = []
+
+    def recording(kwargs):
+        optimizer = kwargs["optimizer"].optimizer
+
+        def optimizer_step_count(name, args):  # as test_no_sync: AdamW's host-side step counts wait for no device
+            counts = [state["step"] for state in optimizer.state.values() if "step" in state]
+            return name == "_local_scalar_dense" and any(args[0] is count for count in counts)
+
+        recorders.append(SyncRecorder(optimizer_step_count))
+        return recorders[-1]
+
+    overrides = {"output.dir": tmp_path / "run", "prior.class_dir": tmp_path / "class", "prior.num_class_images": 2,
+                 "prior.generation_steps": 2, "data.resolution": 32, "train.max_steps": 3, "train.checkpoint_every": 0,
+                 "train.gradient_accumulation": 2, "validation.every": 0, "validation.prompts": "[]",
+                 "waveft.n_frequency": 64, "waveft.text_encoders": "true", "train.text_encoder_stop_step": 2,
+                 "data.caption_dropout": 0.5}  # dropped captions: zeros beside encoded prompts
+    config = load_config(TINY, [f"{key}={value}" for key, value in overrides.items()])
+    train_with_step_guard(config, recording)
+    assert len(recorders) == 4 and all(recorder.seen > 1000 for recorder in recorders[:3])
+    assert [recorder.calls for recorder in recorders] == [[], [], [], []]

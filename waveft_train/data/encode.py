@@ -1,7 +1,8 @@
 """SDXL conditioning: text embeddings from both encoders, micro-conditioning time ids, and VAE latents.
 
 Text encoders and the VAE are frozen, so prompt embeddings are computed once per distinct prompt and (by
-default) each training example's latents once; then both can leave device memory for the training loop.
+default) each training example's latents once; then both can leave device memory for the training loop. When the text
+encoders train (waveft.text_encoders), nothing of them is cached: each item's prompts are encoded as it comes.
 Latents are the mean of the VAE posterior (no sampling): deterministic, so cached and uncached runs agree.
 
 `Conditioning` is the one owner of these decisions: whether latents are cached, where the text encoders and the
@@ -66,7 +67,8 @@ def encode_prompts_differentiably(prompts: Sequence[str], tokenizers: Sequence, 
         tokens = tokenizer(
             list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         )
-        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
+        # non_blocking: safe from pageable memory, and a training step that encodes does not wait for the device
+        output = encoder(tokens.input_ids.to(encoder.device, non_blocking=True), output_hidden_states=True)
         pooled = output[0]  # the last encoder's (projected) pooled embedding is the one SDXL uses
         hidden_states.append(output.hidden_states[-2])
     return torch.cat(hidden_states, dim=-1), pooled
