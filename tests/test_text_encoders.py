@@ -130,6 +130,8 @@ def test_off_keeps_the_cached_prompts_the_fingerprint_and_the_layout(tmp_path, c
     ({"train.text_encoder_lr": "1.0e-4"}, "waveft.text_encoders is false"),
     ({"waveft.text_encoders": "true", "train.text_encoder_stop_step": 0}, "greater than 0"),
     ({"waveft.text_encoders": "true", "waveft.text_encoder_n_frequency": -3}, "greater than 0"),
+    ({"waveft.text_encoders": "true", "train.optimizer": "prodigy", "train.learning_rate": 1.0,
+      "train.text_encoder_lr": "1.0e-4"}, "barely train"),
 ])
 def test_bad_text_encoder_settings_are_refused_while_the_config_loads(tmp_path, overrides, message):
     from waveft_train.common.errors import UserError

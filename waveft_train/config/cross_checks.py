@@ -25,4 +25,8 @@ def check_text_encoder_settings(config: Any) -> Any:
         raise ValueError(f"train.text_encoder_stop_step ({stop}) is past train.max_steps ({train.max_steps}), so the "
                          "text encoders would never stop training; set it to at most max_steps (e.g. "
                          f"{max(1, train.max_steps // 2)}), or null to train them every step")
+    if train.optimizer == "prodigy" and train.text_encoder_lr is not None and train.text_encoder_lr < 0.1:
+        raise ValueError(f"train.text_encoder_lr is {train.text_encoder_lr} with train.optimizer: prodigy, which multiplies "
+                         "its own step size by the learning rate, so the text encoders would barely train; set it to "
+                         "about 1.0 (e.g. 0.5 to be gentler on them), or null to use train.learning_rate")
     return config
