@@ -351,3 +351,16 @@ def test_steps_that_train_the_encoders_make_no_syncing_call(tmp_path, tiny_model
     train_with_step_guard(config, recording)
     assert len(recorders) == 4 and all(recorder.seen > 1000 for recorder in recorders[:3])
     assert [recorder.calls for recorder in recorders] == [[], [], [], []]
+
+
+def test_a_run_crashed_at_the_stop_step_resumes_to_the_uninterrupted_adapters(tmp_path, class_dir, monkeypatch):
+    stop = {"train.text_encoder_stop_step": 2}
+    uninterrupted = train(tmp_path / "straight", class_dir, **stop)
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        train(tmp_path / "crashed", class_dir, **stop)
+    monkeypatch.undo()
+    resumed = train(tmp_path / "crashed", class_dir, **stop)
+    for folder in ("", *TEXT_ENCODERS):
+        first, second = spectra(resumed / "adapter" / folder), spectra(uninterrupted / "adapter" / folder)
+        assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first), folder
