@@ -1,7 +1,8 @@
 """Every export of a WaveFT adapter, behind one option check and one target check.
 
 - `diffusers` (default): the adapter merged into its base UNet, a plain diffusers UNet folder (merged.py).
-- `comfyui`: one `.safetensors` file of every adapted layer's full update, `lora_unet_<name>.diff`, exact; ComfyUI,
+- `comfyui`: one `.safetensors` file of every adapted layer's full update, `lora_unet_<name>.diff` (and the text
+  encoders', `lora_te1_…`/`lora_te2_…`, when they were trained), exact; ComfyUI,
   Forge, A1111 and LyCORIS apply it as W + strength·diff (export_files.py).
 - `lora`: one kohya LoRA file, each update factored by SVD; lossy, every layer's error reported (export_files.py).
 - `waveft`: one `.safetensors` file of every layer's spectrum, locations, filters and scaling, exact and about the
@@ -14,6 +15,7 @@ half-written.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +30,14 @@ from waveft_train.adapter.merged import (
     not_an_export,
     write_merged_unet,
 )
+from waveft_train.adapter.text_encoders import has_text_encoder_adapters
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.models.loading import DTYPES
 from waveft_train.models.unet_names import NAMINGS
 
+logger = logging.getLogger(__name__)
 FORMATS = ("diffusers", "comfyui", "lora", "waveft")
 FILE_FORMATS = ("comfyui", "lora", "waveft")  # one .safetensors file; `diffusers` is a folder
 
@@ -63,6 +67,10 @@ def export(adapter_dir: Path | str, out: Path | str, *, format: str = "diffusers
     check_options(format, dtype, naming, rank, max_error)
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(out).expanduser().absolute()
     check_target(out, adapter_dir, format, force)
+    if format in ("diffusers", "waveft") and has_text_encoder_adapters(adapter_dir):
+        logger.warning("The adapter %s also holds text-encoder adapters (%s); --format %s holds the UNet only, so they "
+                       "are left out. --format comfyui and lora carry them (lora_te1_/lora_te2_ keys).", adapter_dir,
+                       ", ".join(has_text_encoder_adapters(adapter_dir)), format)
     if format == "diffusers":
         with writing(out, "the merged UNet"), export_lock(out):
             check_target(out, adapter_dir, format, force)  # again: another export may have finished meanwhile

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,14 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from waveft_train.adapter.load import load_adapted_unet
+from waveft_train.adapter.files import read_adapter
+from waveft_train.adapter.load import inject, load_adapted_unet
+from waveft_train.adapter.text_encoders import KOHYA_PREFIXES, has_text_encoder_adapters
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import write_atomically, writing
 from waveft_train.common.paths import is_local, is_single_file
 from waveft_train.models.builtin import BUILTIN_MODELS, TOY_MODEL_NAME, toy_weights_version
-from waveft_train.models.loading import DTYPES
+from waveft_train.models.loading import DTYPES, load_text_encoder
 from waveft_train.models.single_file import file_sha256
 from waveft_train.models.unet_names import UNetNames, kohya_key
 from waveft_train.waveft import WaveFTLayer
@@ -99,6 +102,26 @@ def adapter_updates(adapter_dir: Path | str, base: str | None, *, dense: bool = 
                         f"{changed[0]}, {len(changed)} in all; bias: {adapter.config.bias}), which this format does not "
                         "hold; export it merged with --format diffusers, or train with bias none or waveft_only.")
     return adapter, base_name, unet.config, updates
+
+
+def text_encoder_updates(adapter_dir: Path | str, base_name: str, base_config: str | None
+                         ) -> list[tuple[str, LayerUpdate]]:
+    """(kohya key, update) of every adapted layer of the text encoders' adapters saved with the UNet's
+    (`waveft.text_encoders`), keyed as kohya, ComfyUI and A1111 name SDXL's encoders: `lora_te1_` / `lora_te2_` + the
+    module path under `text_model`, e.g. lora_te1_text_model_encoder_layers_0_self_attn_q_proj."""
+    updates = []
+    for name in has_text_encoder_adapters(adapter_dir):
+        folder = Path(adapter_dir) / name
+        encoder = load_text_encoder(base_name, name, config=base_config)
+        model = inject(encoder, read_adapter(folder), base_name, 1.0)
+        with torch.no_grad():
+            for module_name, layer in model.base_model.model.named_modules():
+                if isinstance(layer, WaveFTLayer):  # transformers 5 drops CLIPTextModel's `text_model.` level
+                    path = module_name if module_name.startswith("text_model.") else f"text_model.{module_name}"
+                    key = f"{KOHYA_PREFIXES[name]}_{path.replace('.', '_')}"
+                    delta = layer.get_delta_weight(model.active_adapter).float().contiguous()
+                    updates.append((key, LayerUpdate(f"{name}.{module_name}", delta, None, layer, model.active_adapter)))
+    return updates
 
 
 def low_rank(delta: torch.Tensor, dtype: torch.dtype, rank: int | None, max_error: float | None,
@@ -280,6 +303,10 @@ def write_file(adapter_dir: Path | str, out_path: Path, *, format: str, base: st
                                                                base_config=base_config)
     prediction_type = prediction_type or adapter.prediction_type
     key_of = _key_function(unet_config, naming)
+    if format != "waveft":  # the encoders ride along under the apps' names (the WaveFT file format is the UNet's)
+        encoder_updates = text_encoder_updates(adapter_dir, base_name, base_config)
+        updates = updates + [update for _, update in encoder_updates]
+        key_of = partial(_encoder_or_unet_key, {update.name: key for key, update in encoder_updates}, key_of)
     lora_metadata, errors, ranks = None, {}, {}
     if format == "comfyui":
         tensors = comfyui_tensors(updates, key_of, dtype)
@@ -309,6 +336,10 @@ def write_file(adapter_dir: Path | str, out_path: Path, *, format: str, base: st
     with writing(out_path, f"the {format} export"):
         write_atomically(out_path, lambda stream: stream.write(data))
     return len(updates), errors, ranks
+
+
+def _encoder_or_unet_key(encoder_keys: dict[str, str], unet_key_of, name: str) -> str:
+    return encoder_keys[name] if name in encoder_keys else unet_key_of(name)
 
 
 def _key_function(unet_config, naming: str):

@@ -20,6 +20,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from waveft_train.adapter.files import ADAPTER_CONFIG, AdapterFiles, check_fit, read_adapter
+from waveft_train.adapter.text_encoders import has_text_encoder_adapters
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_single_file
 from waveft_train.models.loading import SDXLComponents, load_components, load_unet
@@ -35,11 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 @contextmanager
-def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
-    """Run `unet` as the plain base model inside the block (every peft adapter layer calls its base layer)."""
-    layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer) and not module.disable_adapters]
+def adapters_disabled(unet: torch.nn.Module, *more: torch.nn.Module | None) -> Iterator[None]:
+    """Run `unet` (and `more`: the text encoders, adapted or not; None is skipped) as the plain base model inside the
+    block (every peft adapter layer calls its base layer)."""
+    models = [unet, *(model for model in more if model is not None)]
+    layers = [module for model in models for module in model.modules()
+              if isinstance(module, BaseTunerLayer) and not module.disable_adapters]
     # enable_adapters(True) marks the adapter weights trainable: put every flag back as it was (frozen or training).
-    trainable = [(parameter, parameter.requires_grad) for parameter in unet.parameters()]
+    trainable = [(parameter, parameter.requires_grad) for model in models for parameter in model.parameters()]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -151,8 +155,9 @@ def load_adapter_unet(
 
     `base=None` uses the adapter's own `base_model_name_or_path` (`base_model_of`). `scale` multiplies every layer's ΔW through
     its `waveft_scaling` (0 = the base model exactly, 1 = as trained; other values interpolate/extrapolate). The adapter is
-    injected into `components.unet` in place, so the returned UNet *is* `components.unet`; use
-    `adapters_disabled(unet)` for base-model outputs. Everything that does not fit raises `UserError`.
+    injected into `components.unet` in place, so the returned UNet *is* `components.unet` (text-encoder adapters saved
+    with it go into `components.text_encoder*` the same way); use `adapters_disabled(unet, *encoders)` for base-model
+    outputs. Everything that does not fit raises `UserError`.
     """
     if not math.isfinite(scale):
         raise UserError(f"The adapter scale {scale} is not a finite number; 0 = base model, 1 = as trained.")
@@ -160,8 +165,18 @@ def load_adapter_unet(
     chosen = base_model_of(adapter, base, base_config)
     components = load_components(chosen.name, weight_dtype=dtype, config=chosen.config)
     model = inject(components.unet, adapter, chosen.name, scale)
+    load_text_encoder_adapters(adapter.folder, components, chosen.name, scale)
     components.scheduler = scheduler_for(adapter, components.scheduler)
     return components, model.base_model.model
+
+
+def load_text_encoder_adapters(adapter_dir: Path, components, base_name: str, scale: float = 1.0) -> list[str]:
+    """Put the text encoders' adapters saved beside the UNet's (`<adapter>/text_encoder*/`, waveft.text_encoders)
+    into `components`' encoders, in place, at the same `scale`; returns the names of the encoders adapted."""
+    names = has_text_encoder_adapters(adapter_dir)
+    for name in names:
+        inject(getattr(components, name), read_adapter(Path(adapter_dir) / name), base_name, scale)
+    return names
 
 
 def scheduler_for(adapter: AdapterFiles, scheduler):

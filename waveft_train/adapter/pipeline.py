@@ -13,6 +13,7 @@ the locations it stores must equal the ones peft derives from those settings, or
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors import safe_open
 from waveft_train.adapter.export_files import FORMAT_KEY, WAVEFT_FORMAT_VERSION
 from waveft_train.adapter.files import AdapterFiles, read_adapter
 from waveft_train.adapter.load import inject, replaced_base_values, scheduler_for
+from waveft_train.adapter.text_encoders import has_text_encoder_adapters
 from waveft_train.common.errors import UserError
 from waveft_train.models.unet_names import UNetNames, kohya_key
 from waveft_train.waveft import WaveFTLayer
@@ -61,6 +63,11 @@ def load_adapter(pipe, path: str | Path, *, scale: float = 1.0) -> None:
         raise UserError("The pipeline already holds a WaveFT adapter; waveft_train.unload_adapter(pipe) first.")
     path = Path(path).expanduser()
     adapter = _read_single_file(path, unet) if path.is_file() else read_adapter(path)
+    if path.is_dir() and has_text_encoder_adapters(path):
+        logging.getLogger(__name__).warning(
+            "%s also holds text-encoder adapters (%s); load_adapter applies the UNet's only. Load them with "
+            "PeftModel.from_pretrained(pipe.text_encoder, '<adapter>/text_encoder') (docs/training.md#text-encoders).",
+            path, ", ".join(has_text_encoder_adapters(path)))
     base_biases = replaced_base_values(unet, adapter)
     model = inject(unet, adapter, "the pipeline's model", 1.0)
     scalings = {(id(layer), name): value for layer in unet.modules() if isinstance(layer, WaveFTLayer)

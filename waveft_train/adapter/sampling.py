@@ -171,7 +171,7 @@ def base_and_adapter_grid(pipeline: StableDiffusionXLPipeline, unet: torch.nn.Mo
     """
     adapted = generate_grid_images(pipeline, prompts, seeds, **options)
     if base_rows is None:
-        with adapters_disabled(unet):
+        with adapters_disabled(unet, pipeline.text_encoder, pipeline.text_encoder_2):
             base_rows = generate_grid_images(pipeline, prompts, seeds, **options)
     return make_grid([base + ours for base, ours in zip(base_rows, adapted)]), base_rows
 

@@ -136,7 +136,7 @@ def sample(
     try:
         rows = generate_grid_images(pipeline, prompts, seeds, **options)
         if compare_base:
-            with adapters_disabled(unet):
+            with adapters_disabled(unet, pipeline.text_encoder, pipeline.text_encoder_2):
                 base_rows = generate_grid_images(pipeline, prompts, seeds, **options)
     except NonFiniteImage as error:
         raise UserError(

@@ -99,13 +99,14 @@ def params(
 ) -> None:
     from waveft_train.config import load_config
     from waveft_train.train.params import describe_memory, describe_parameters
-    from waveft_train.train.preflight import adapter_on_meta_unet
+    from waveft_train.train.preflight import adapter_on_meta_unet, text_encoders_on_meta
 
     loaded = load_config(config, overrides or ())
     unet = adapter_on_meta_unet(loaded.model, loaded.waveft)
     typer.echo(describe_parameters(loaded.model, loaded.waveft, unet))
     typer.echo("")
-    typer.echo(describe_memory(loaded.model, loaded.data, loaded.prior, loaded.train, loaded.validation, unet))
+    encoders = text_encoders_on_meta(loaded.model, loaded.waveft) if loaded.waveft.text_encoders else None
+    typer.echo(describe_memory(loaded.model, loaded.data, loaded.prior, loaded.train, loaded.validation, unet, encoders))
 
 
 @app.command()

@@ -250,7 +250,8 @@ NOT_IN_FINGERPRINT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
 # checkpoints hold the fingerprint without them) still resumes; set to anything else, they count like any other key.
 LEFT_OUT_AT_DEFAULT: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     "model": ("config",), "data": ("caption_dropout", "shuffle_tags", "keep_tags"),
-    "train": ("prodigy_d_coef", "prodigy_beta3", "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "ema_decay")})
+    "train": ("prodigy_d_coef", "prodigy_beta3", "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "ema_decay",
+              "text_encoder_lr", "text_encoder_stop_step")})
 
 
 def fingerprint_fields(config: TrainConfig) -> dict[str, Any]:
@@ -266,6 +267,8 @@ def fingerprint_fields(config: TrainConfig) -> dict[str, Any]:
             if dumped[section][key] == fields[key].default:
                 dumped[section].pop(key)
     dumped["waveft"] = config.waveft.peft_kwargs()
+    if config.waveft.text_encoders:  # off (the default, and every run before the key) leaves the hash as it was
+        dumped["waveft"].update(text_encoders=True, text_encoder_n_frequency=config.waveft.text_encoder_n_frequency)
     if isinstance(dumped["waveft"]["target_modules"], list):
         dumped["waveft"]["target_modules"] = sorted(dumped["waveft"]["target_modules"])
     if not config.prior.enabled:

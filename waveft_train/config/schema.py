@@ -25,6 +25,7 @@ from pydantic import (
 
 from waveft_train.common.paths import is_pickle_checkpoint, is_single_file
 from waveft_train.config.concepts import ConceptSection, concept_problems
+from waveft_train.config.cross_checks import TEXT_ENCODER_FIELDS, check_text_encoder_settings
 from waveft_train.config.fields import Prompt, Resolution, Section, UnitInterval, doc
 from waveft_train.waveft.families import ALLOWED_FAMILIES_TEXT, is_supported_family
 
@@ -92,6 +93,9 @@ class WaveFTSection(Section):
                                                       "that sets no adapted layer is an error")
     proportional_parameters: bool = doc(False, "split the total budget by d_in·d_out (at least 1 per layer)")
     init_weights: bool = doc(True, "true: start from zero (step 0 is the base model); false: small random values")
+    text_encoders: bool = doc(False, "also put WaveFT on the attention linears (q/k/v/out_proj) of both CLIP text "
+                              "encoders, with the settings above (docs/training.md#text-encoders)")
+    text_encoder_n_frequency: PositiveInt | None = doc(None, "n_frequency of each text-encoder layer; null = n_frequency")
 
     @field_validator("wavelet_family")
     @classmethod
@@ -143,7 +147,7 @@ class WaveFTSection(Section):
 
     def peft_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `peft.WaveFTConfig(**kwargs)`; "haar" becomes "db1" (same filter, peft's name)."""
-        kwargs = self.model_dump()
+        kwargs = self.model_dump(exclude=set(TEXT_ENCODER_FIELDS))
         if kwargs["wavelet_family"] == "haar":
             kwargs["wavelet_family"] = "db1"
         return kwargs
@@ -234,6 +238,9 @@ class TrainSection(Section):
     prodigy_beta3: UnitInterval | None = doc(None, "Prodigy: decay of its step-size statistics; null = √adam_beta2")
     prodigy_use_bias_correction: bool = doc(True, "Prodigy: Adam's bias correction (recommended for diffusion)")
     prodigy_safeguard_warmup: bool = doc(True, "Prodigy: keeps its early estimate from overshooting (recommended)")
+    text_encoder_lr: PositiveFloat | None = doc(None, "learning rate of the text encoders' adapters; null = learning_rate")
+    text_encoder_stop_step: PositiveInt | None = doc(None, "train the text encoders only for the first N steps "
+                                                     "(then they stay as they are); null = every step")
     ema_decay: UnitInterval | None = doc(None, "EMA of the trained weights, used for validation grids and the saved "
                                          "adapter, e.g. 0.999; null = off (docs/training.md)")
     max_grad_norm: PositiveFloat | None = doc(1.0, "gradient clipping; null = none")
@@ -383,6 +390,8 @@ class TrainConfig(BaseModel):
                              "prior.class_prompt, which is empty; set it (e.g. \"a photo of dog\"; it is read even when "
                              "prior.enabled is false), or set validation.evaluate: false")
         return self
+
+    text_encoder_settings = model_validator(mode="after")(check_text_encoder_settings)
 
     def validation_resolution(self) -> int:
         return self.validation.resolution or self.data.resolution

@@ -1,7 +1,8 @@
 """SDXL conditioning: text embeddings from both encoders, micro-conditioning time ids, and VAE latents.
 
 Text encoders and the VAE are frozen, so prompt embeddings are computed once per distinct prompt and (by
-default) each training example's latents once; then both can leave device memory for the training loop.
+default) each training example's latents once; then both can leave device memory for the training loop. When the text
+encoders train (waveft.text_encoders), nothing of them is cached: each item's prompts are encoded as it comes.
 Latents are the mean of the VAE posterior (no sampling): deterministic, so cached and uncached runs agree.
 
 `Conditioning` is the one owner of these decisions: whether latents are cached, where the text encoders and the
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -55,12 +56,19 @@ def elide(text: str, limit: int) -> str:
 @torch.no_grad()
 def encode_prompts(prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds (B, 77, D1+D2), pooled (B, P)) exactly as diffusers' SDXL pipeline computes them."""
+    return encode_prompts_differentiably(prompts, tokenizers, text_encoders)
+
+
+def encode_prompts_differentiably(prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_prompts` with gradients where they are enabled (text encoders in training)."""
     hidden_states, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         tokens = tokenizer(
             list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         )
-        output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
+        # non_blocking: safe from pageable memory, and a training step that encodes does not wait for the device
+        output = encoder(tokens.input_ids.to(encoder.device, non_blocking=True), output_hidden_states=True)
         pooled = output[0]  # the last encoder's (projected) pooled embedding is the one SDXL uses
         hidden_states.append(output.hidden_states[-2])
     return torch.cat(hidden_states, dim=-1), pooled
@@ -154,14 +162,20 @@ class UNetInputs:
     any)."""
 
     latents: torch.Tensor
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
+    prompt_embeds: torch.Tensor | None  # None: encoded per item by `encode` (text encoders in training)
+    pooled: torch.Tensor | None
     time_ids: torch.Tensor
     num_instance: int
+    prompts: Sequence[str | None] = ()
+    encode: Callable[[Sequence[str | None]], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def item(self, index: int) -> UNetInputs:
-        """Instance example `index` and, with prior preservation, its class example: one DreamBooth item."""
+        """Instance example `index` and, with prior preservation, its class example: one DreamBooth item (its prompts
+        encoded now when the text encoders train: each item's backward pass goes through its own encoding)."""
         rows = [index] + ([self.num_instance + index] if self.latents.shape[0] > self.num_instance else [])
+        if self.encode is not None:
+            embeds, pooled = self.encode([self.prompts[row] for row in rows])
+            return UNetInputs(self.latents[rows], embeds, pooled, self.time_ids[rows], 1)
         return UNetInputs(self.latents[rows], self.prompt_embeds[rows], self.pooled[rows], self.time_ids[rows], 1)
 
 
@@ -179,16 +193,20 @@ class Conditioning:
     """
 
     def __init__(self, components, dataset, *, device: torch.device, cache_latents: bool, progress: bool = True,
-                 captions: CaptionVariation | None = None):
+                 captions: CaptionVariation | None = None, encode_live: bool = False):
+        """`encode_live` (waveft.text_encoders): no prompt cache; every item's prompts are encoded as it comes, through
+        the encoders as they are then, with gradients while `text_gradients` is true (the loop sets it per step)."""
         self.components, self.device = components, device
         self.cache_latents = cache_latents
         self.captions = captions if captions is not None and captions.varies else None
-        self.encodes_while_training = self.captions is not None and self.captions.shuffle_tags
+        self.encode_live, self.text_gradients = encode_live, encode_live
+        self.encodes_while_training = encode_live or (self.captions is not None and self.captions.shuffle_tags)
         prompts = list(dataset.instance_images.prompts)
         if dataset.class_images is not None:
             prompts += list(dataset.class_images.prompts)
         encoders = [components.text_encoder.to(device), components.text_encoder_2.to(device)]
-        self.prompts = PromptCache(prompts, [components.tokenizer, components.tokenizer_2], encoders)
+        self.prompts = None if encode_live else PromptCache(prompts, [components.tokenizer, components.tokenizer_2],
+                                                             encoders)
         vae = components.vae.to(device)
         self.examples = LatentCache(dataset, vae, progress=progress) if cache_latents else dataset
         self._park()
@@ -219,8 +237,12 @@ class Conditioning:
             count = batch["num_instance"]
             prompts = [self.captions.caption_for(prompt, first_position + index)
                        for index, prompt in enumerate(prompts[:count])] + list(prompts[count:])
-        embeds, pooled = self.prompts(prompts)
         time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
+        if self.encode_live:
+            return UNetInputs(latents.to(self.device, non_blocking=True), None, None,
+                              time_ids.to(self.device, non_blocking=True), batch["num_instance"], list(prompts),
+                              self._encode_live)
+        embeds, pooled = self.prompts(prompts)
         return UNetInputs(
             # non_blocking: from pageable host memory it is safe, and the step does not wait for the device
             latents=latents.to(self.device, non_blocking=True),
@@ -229,3 +251,17 @@ class Conditioning:
             time_ids=time_ids.to(self.device, non_blocking=True),
             num_instance=batch["num_instance"],
         )
+
+    def _encode_live(self, prompts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of `prompts` through the text encoders as they are now (None: zeros, the unconditional input)."""
+        components = self.components
+        given = [prompt for prompt in prompts if prompt is not None]
+        with torch.set_grad_enabled(self.text_gradients):
+            embeds, pooled = encode_prompts_differentiably(given or [""], [components.tokenizer, components.tokenizer_2],
+                                                           [components.text_encoder, components.text_encoder_2])
+        if len(given) == len(prompts):
+            return embeds, pooled
+        found = iter(range(len(given)))
+        rows = [next(found) if prompt is not None else None for prompt in prompts]
+        return (torch.stack([embeds[row] if row is not None else torch.zeros_like(embeds[0]) for row in rows]),
+                torch.stack([pooled[row] if row is not None else torch.zeros_like(pooled[0]) for row in rows]))

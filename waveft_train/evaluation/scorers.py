@@ -75,7 +75,7 @@ class DreamBoothScorer:
     def score(self, pipeline, unet) -> dict[str, float]:
         adapter = self._scores(pipeline)
         if self.base is None:
-            with adapters_disabled(unet):
+            with adapters_disabled(unet, pipeline.text_encoder, pipeline.text_encoder_2):
                 self.base = self._scores(pipeline)
         return with_base(adapter, self.base)
 

@@ -125,6 +125,19 @@ def load_unet(pretrained: str, *, revision: str | None = None, dtype: torch.dtyp
     return _frozen(unet)
 
 
+def load_text_encoder(pretrained: str, name: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                      config: str | None = None):
+    """Only one text encoder (`text_encoder` or `text_encoder_2`) of an SDXL model, frozen (the exports of a text
+    encoder's adapter need nothing else)."""
+    files = locate_model(pretrained, config, revision)
+    if files.weights_file is not None:
+        check_single_file(files, (name,), separate_vae=True)
+        return _frozen(single_file.load_parts(files.weights_file, files.configs, {name: dtype})[name])
+    model_class = single_file.TEXT_ENCODERS[name]
+    return _frozen(_load(f"the {name} of model", pretrained, lambda: model_class.from_pretrained(
+        files.configs, subfolder=name, revision=revision, torch_dtype=dtype, use_safetensors=True)))
+
+
 def check_single_file(files: ModelFiles, parts=single_file.PARTS, *, separate_vae: bool = False) -> None:
     """A single file's family, and its `parts`' shapes against their configs, from its header: seconds, before
     gigabytes load. `separate_vae`: model.vae replaces the file's VAE (so the file need not have one)."""

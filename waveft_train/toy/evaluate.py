@@ -251,7 +251,7 @@ def evaluate_unet(components, unet, subject: Subject, *, judge, settings: EvalSe
     unet.eval()
     adapted = sample_both(pipeline, subject, settings)
     if base_samples is None:
-        with adapters_disabled(unet):
+        with adapters_disabled(unet, pipeline.text_encoder, pipeline.text_encoder_2):
             base_samples = sample_both(pipeline, subject, settings)
             if described is None:
                 described = described_fidelity(pipeline, subject, judge, settings)

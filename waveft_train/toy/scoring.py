@@ -43,7 +43,7 @@ class ToyScorer:
     def score(self, pipeline, unet) -> dict[str, float]:
         adapted = sample_both(pipeline, self.subject, self.settings)
         if self.base_samples is None:
-            with adapters_disabled(unet):
+            with adapters_disabled(unet, pipeline.text_encoder, pipeline.text_encoder_2):
                 self.base_samples = sample_both(pipeline, self.subject, self.settings)
         return flat_scores(evaluate_samples(self.subject, self.judge, adapted, self.base_samples, self.settings))
 

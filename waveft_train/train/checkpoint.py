@@ -35,6 +35,7 @@ from waveft_train.adapter.files import (
     safetensors_problem,
     write_adapter_files,
 )
+from waveft_train.adapter.text_encoders import write_text_encoder_adapters
 from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_folder, is_leftover, write_bytes_synced
 from waveft_train.data.images import manifest_changes
@@ -60,9 +61,11 @@ EVALUATION_SUMMARY = "evaluation.json"  # names the run's best checkpoint (train
 
 def save_checkpoint(output_dir: Path, step: int, *, unet: torch.nn.Module, base_model_name_or_path: str,
                     training_state: Mapping[str, Any], keep: int | None, prediction_type: str | None = None,
-                    base_metadata: Mapping[str, str] | None = None) -> Path:
-    """Write `checkpoints/step-NNNNNN/` (adapter + training state) atomically, then keep only the newest `keep`
-    complete checkpoints (None keeps all). On failure the previous checkpoints are untouched. Main process only."""
+                    base_metadata: Mapping[str, str] | None = None,
+                    text_encoders: Mapping[str, torch.nn.Module] | None = None) -> Path:
+    """Write `checkpoints/step-NNNNNN/` (adapter, `text_encoders`' adapters in their subfolders, training state)
+    atomically, then keep only the newest `keep` complete checkpoints (None keeps all). On failure the previous
+    checkpoints are untouched. Main process only."""
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be None or at least 1, got {keep}")
     folder = checkpoints_dir(output_dir) / f"step-{step:06d}"
@@ -72,6 +75,8 @@ def save_checkpoint(output_dir: Path, step: int, *, unet: torch.nn.Module, base_
     with atomic_folder(folder) as scratch:
         write_adapter_files(scratch, unet, base_model_name_or_path=base_model_name_or_path,
                             prediction_type=prediction_type, base_metadata=base_metadata)
+        write_text_encoder_adapters(scratch, text_encoders or {}, base_model_name_or_path=base_model_name_or_path,
+                                    base_metadata=base_metadata)
         write_bytes_synced(scratch / STATE_TENSORS, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
         write_bytes_synced(scratch / STATE_JSON, state_json.encode("utf-8"))
     _prune(output_dir, keep, just_written=folder)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from waveft_train.adapter.files import ADAPTER_WEIGHTS, save_adapter
+from waveft_train.adapter.text_encoders import write_text_encoder_adapters
 from waveft_train.common.files import atomic_write_text, writing
 
 
@@ -57,8 +58,10 @@ def run_summary(invocations: Sequence[dict], *, trainable_params: int, buckets: 
 
 def write_final(output_dir: Path, summary: dict, *, unet: torch.nn.Module | None, base_model_name: str,
                 prediction_type: str | None, model_card: str | None, last_samples: Path | None,
-                base_metadata: Mapping[str, str] | None = None) -> Path | None:
-    """The final adapter folder (when `unet` is given) and summary.json, together; returns the adapter folder."""
+                base_metadata: Mapping[str, str] | None = None,
+                text_encoders: Mapping[str, torch.nn.Module] | None = None) -> Path | None:
+    """The final adapter folder (when `unet` is given; with `text_encoders`' adapters in their subfolders) and
+    summary.json, together; returns the adapter folder."""
     summary_path, adapter_dir = output_dir / "summary.json", output_dir / "adapter"
     if unet is None:  # a training method that keeps no adapter: the summary alone
         with writing(summary_path, "the run summary"):
@@ -66,6 +69,8 @@ def write_final(output_dir: Path, summary: dict, *, unet: torch.nn.Module | None
         return None
 
     def land_with_the_adapter(staging: Path) -> None:
+        write_text_encoder_adapters(staging, text_encoders or {}, base_model_name_or_path=base_model_name,
+                                    base_metadata=base_metadata)
         if last_samples is not None:
             (staging / "samples.png").write_bytes(last_samples.read_bytes())
         done = {**summary, "adapter_bytes": (staging / ADAPTER_WEIGHTS).stat().st_size}

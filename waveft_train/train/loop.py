@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from waveft_train.common.errors import UserError
 from waveft_train.data.encode import Conditioning, UNetInputs
 from waveft_train.train.ema import WeightAverage
+from waveft_train.train.text_encoders import TextEncoderTraining
 
 
 class TrainingDiverged(UserError):
@@ -169,12 +170,14 @@ def training_steps(
     input_dtype: torch.dtype,
     progress: bool = True,
     ema: WeightAverage | None = None,
+    text_encoders: TextEncoderTraining | None = None,
 ) -> Iterator[tuple[int, StepMetrics]]:
     """Run optimizer steps start_step+1 … max_steps, yielding (step, its StepMetrics) after each one is queued.
 
     Collective: every process iterates in lockstep (gradients sync in backward, the losses are reduced every step).
     The caller reads each step's metrics before it writes anything (that read is the step's only wait for the
-    device, and where a diverged step is caught).
+    device, and where a diverged step is caught). `text_encoders`: trained too, until their stop step
+    (train/text_encoders.py; their parameters are among `trainable_params`).
     """
     accumulation = settings.gradient_accumulation
     processes = accelerator.num_processes
@@ -191,6 +194,8 @@ def training_steps(
     try:
         while step < settings.max_steps:
             started = time.perf_counter()
+            if text_encoders is not None and text_encoders.encoders:  # gradients through them only while they train
+                conditioning.text_gradients = text_encoders.trains_at(step)
             sums = torch.zeros(2, device=accelerator.device)  # summed instance and class losses
             global_batch = 0
             for micro in range(accumulation):
@@ -214,6 +219,8 @@ def training_steps(
                     if prior is not None:
                         sums[1] += prior.detach().sum()
 
+            if text_encoders is not None and text_encoders.encoders:
+                text_encoders.average_gradients(processes)
             grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.max_grad_norm or float("inf"))
             optimizer.step()
             if ema is not None:  # the average follows the weights just stepped (no wait for the device)

@@ -155,13 +155,15 @@ def estimate_training_memory(
     vae_params: int = SDXL_VAE_PARAMS,
     vae_dtype: str = "fp32",
     text_encoders_in_training: bool = False,
+    text_encoder_activations: int = 0,
 ) -> dict[str, int]:
     """Device bytes of a run's parts and phases, per process. Defaults: SDXL-base's encoders and VAE (fp32, as
     force_upcast keeps it; "bf16" for an fp16-fix VAE) and the paper's recipe. The sizes come from the adapted UNet
     on the meta device (`sizes_of`). Returns unet_weights, adapter, gradients, optimizer_state, activations,
     library_workspaces (CUDA's, in every phase), training_step, text_encoders, vae, validation_sampling and
     class_image_generation (0 when off), and peak. `text_encoders_in_training`: they stay beside the UNet to encode
-    captions as they come (data.shuffle_tags). `ema`: optimizer_state includes the EMA's fp32 copy."""
+    captions as they come (data.shuffle_tags, waveft.text_encoders); `text_encoder_activations`: what training them keeps
+    for backward (`text_encoder_activation_bytes`). `ema`: optimizer_state includes the EMA's fp32 copy."""
     side = resolution // vae_scale_factor
     state_bytes = OPTIMIZER_STATE_BYTES[optimizer] + (4 if ema else 0)
     precision = "fp32" if weight_dtype == "fp32" and mixed_precision == "no" else "half"
@@ -173,7 +175,8 @@ def estimate_training_memory(
     parts = {"unet_weights": weights, "adapter": trainable_params * 4 + adapter_buffer_bytes,
              "gradients": trainable_params * 4, "optimizer_state": trainable_params * state_bytes,
              "activations": activations}  # fmt: skip
-    training = sum(parts.values()) + LIBRARY_WORKSPACES + (text_encoders if text_encoders_in_training else 0)
+    training = (sum(parts.values()) + LIBRARY_WORKSPACES + (text_encoders if text_encoders_in_training else 0)
+                + text_encoder_activations)
     if not cache_latents:  # the VAE stays and encodes each batch (instance and class images) before the UNet runs
         encode = VAE_PER_PIXEL["encode"] * vae_width * pixels * batch_size * (2 if prior else 1)
         training += vae + max(0, int(encode) - activations)
@@ -190,6 +193,15 @@ def estimate_training_memory(
     return {**parts, "library_workspaces": LIBRARY_WORKSPACES, "training_step": training,
             "text_encoders": text_encoders, "vae": vae, "validation_sampling": validating,
             "class_image_generation": generating, "peak": max(training, validating, generating)}  # fmt: skip
+
+
+def text_encoder_activation_bytes(configs: list, *, prompts: int, tokens: int = 77, width: int = 2) -> int:
+    """What backward through the text encoders keeps of one item's forward (`prompts`: its instance and class prompts):
+    per layer and token about 8 hidden-size and 2 MLP-size values and the attention probabilities, in half precision.
+    Counted, not fitted (SDXL's two encoders: ~0.15 GiB per prompt), small beside the UNet's."""
+    per_prompt = sum(config.num_hidden_layers * tokens * (8 * config.hidden_size + 2 * config.intermediate_size
+                                                         + 2 * config.num_attention_heads * tokens) for config in configs)
+    return per_prompt * prompts * width
 
 
 def device_need(peak: int) -> int:

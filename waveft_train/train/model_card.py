@@ -43,6 +43,9 @@ def model_card(*, base_model: str, waveft: WaveFTSection, data: DataSection, pri
     samples = "\n![Validation samples: base model left, adapter right](samples.png)\n" if has_samples else ""
     notes = "".join(f"**Note:** {note}\n\n" for note in stock_peft_caveats(waveft))
     prompts = "\n".join(f"- `{prompt}`" for prompt in validation_prompts) or "- (none)"
+    encoders = ("pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, \"path/to/this/adapter/text_encoder\")\n"
+                "pipe.text_encoder_2 = PeftModel.from_pretrained(pipe.text_encoder_2, "
+                "\"path/to/this/adapter/text_encoder_2\")\n" if waveft.text_encoders else "")
     scheduler = (f"pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, "
                  f"prediction_type=\"{prediction_type}\")  # what this adapter was trained to predict\n"
                  if prediction_type else "")
@@ -64,6 +67,7 @@ instance prompt `{data.instance_prompt}`, {steps} steps.
 | use_idwt | {waveft.use_idwt} |
 | random_loc_seed | {waveft.random_loc_seed} |
 | target_modules | {waveft.target_modules} |
+| text encoders | {"trained too (text_encoder/, text_encoder_2/)" if waveft.text_encoders else "frozen"} |
 | trainable parameters | {trainable_params:,} |
 | optimizer | {train.optimizer} |
 | learning rate | {train.learning_rate} ({train.lr_scheduler}) |
@@ -85,7 +89,7 @@ from peft import PeftModel
 
 pipe = StableDiffusionXLPipeline.{_pipeline_loader(base_model, base_config)}, torch_dtype=torch.float16).to("cuda")
 pipe.unet = PeftModel.from_pretrained(pipe.unet, "path/to/this/adapter")
-{scheduler}image = pipe("{data.instance_prompt}", num_inference_steps=25).images[0]
+{encoders}{scheduler}image = pipe("{data.instance_prompt}", num_inference_steps=25).images[0]
 ```
 
 {notes}With waveft-train installed, in one line on the same pipeline (strength changeable between images; this also

@@ -16,8 +16,10 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from peft import WaveFTConfig, inject_adapter_in_model
 from peft.utils.other import get_pattern_key
+from transformers import CLIPTextConfig
 
 from waveft_train import waveft as tuner
+from waveft_train.adapter.text_encoders import TEXT_ENCODERS, text_encoder_config
 from waveft_train.common.errors import UserError
 from waveft_train.common.paths import is_local, is_single_file
 from waveft_train.config import (
@@ -30,7 +32,9 @@ from waveft_train.config import (
     load_config,
 )
 from waveft_train.data.images import validate_image_folder
+from waveft_train.models.architecture import SDXL_BASE
 from waveft_train.models.loading import check_single_file
+from waveft_train.models.single_file import TEXT_ENCODERS as ENCODER_CLASSES
 from waveft_train.models.single_file import file_sha256, parts_from_file
 from waveft_train.models.sources import ALLOWED_MODELS, first_line, locate_model, offline_note, resolve_vae
 from waveft_train.train.checkpoint import why_not_continue
@@ -130,7 +134,33 @@ def adapter_on_meta_unet(model: ModelSection, waveft: WaveFTSection):
             raise UserError(f"The waveft section does not fit the UNet of {model.pretrained}: {error}") from None
     adapted = [name for name, module in unet.named_modules() if isinstance(module, tuner.WaveFTLayer)]
     check_pattern_keys(list(waveft.n_frequency_pattern), adapted, model.pretrained)
+    if waveft.text_encoders:
+        text_encoders_on_meta(model, waveft)  # waveft.text_encoder_n_frequency against their layers, too
     return unet
+
+
+def text_encoders_on_meta(model: ModelSection, waveft: WaveFTSection) -> dict:
+    """The config's two text encoders on the meta device with their WaveFT adapters (waveft.text_encoders), by
+    pipeline name; SDXL base's when their configs cannot be read without a download (as `params` sizes the rest)."""
+    files = locate_model(model.pretrained, model.config, model.revision)
+    revision = None if files.weights_file else model.revision
+    try:
+        configs = {name: CLIPTextConfig.from_pretrained(files.configs, subfolder=name, revision=revision)
+                   for name in TEXT_ENCODERS}
+    except (OSError, ValueError):
+        configs = {name: CLIPTextConfig(**getattr(SDXL_BASE, name)) for name in TEXT_ENCODERS}
+    tuner.register()
+    encoders = {}
+    with init_empty_weights():
+        for name, config in configs.items():
+            encoders[name] = ENCODER_CLASSES[name](config)
+            try:
+                inject_adapter_in_model(text_encoder_config(waveft), encoders[name])
+            except (ValueError, TypeError) as error:
+                raise UserError(f"WaveFT does not fit the {name} of {model.pretrained} (waveft.text_encoders): "
+                                f"{error} Set waveft.text_encoder_n_frequency to at most its hidden size² "
+                                f"({config.hidden_size ** 2}).") from None
+    return encoders
 
 
 def check_pattern_keys(keys: list[str], adapted: list[str], model_name: str) -> None:

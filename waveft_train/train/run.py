@@ -60,6 +60,7 @@ from waveft_train.train.preflight import (
 from waveft_train.train.reporting import RunReport
 from waveft_train.train.scoring import ValidationScores
 from waveft_train.train.stopping import GracefulStop
+from waveft_train.train.text_encoders import TextEncoderTraining
 from waveft_train.train.validation import ValidationGrids
 
 logger = logging.getLogger(__name__)
@@ -191,18 +192,20 @@ class DreamBoothRun:
                                         random_flip=data.random_flip, bucketing=data.bucketing)
         self.conditioning = Conditioning(self.components, self.dataset, device=self.accelerator.device,
                                          cache_latents=self.config.train.cache_latents, progress=self.progress and main,
-                                         captions=CaptionVariation.of(data, self.config.train.seed))
+                                         captions=CaptionVariation.of(data, self.config.train.seed),
+                                         encode_live=self.config.waveft.text_encoders)
 
     def _setup_adapter(self) -> None:
-        """The method's trainable parameters on the UNet (WaveFT unless another method was given), optimizer, LR
-        schedule."""
+        """The trainable parameters (the method's on the UNet, any text encoders'), optimizer, LR schedule."""
         train = self.config.train
         unet = self.components.unet.to(self.accelerator.device)
         self.method.attach(unet)
         if train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.trainable = trainable_parameters_in_float32(unet)
-        optimizer = make_optimizer(train, self.trainable)
+        self.text_encoders = TextEncoderTraining(self.components, self.config.waveft, train, self.accelerator.device)
+        optimizer = make_optimizer(train, self.text_encoders.param_groups(self.trainable))
+        self.trainable = self.trainable + self.text_encoders.parameters
         self.ema = WeightAverage(train.ema_decay, self.trainable)  # off (no-ops) unless train.ema_decay is set
         self.lr_scheduler = make_lr_scheduler(train, optimizer)
         with warnings.catch_warnings():
@@ -238,6 +241,7 @@ class DreamBoothRun:
             self.bare_unet, adapter, misfit=f"The checkpoint {folder} does not fit this run's "
             "adapter", remedy="Was it trained with other waveft settings (target_modules, n_frequency, "
             "n_frequency_pattern) or for another model? Use the same settings, or another output.dir.")
+        self.text_encoders.load(folder)
         self.invocations = list(state.get("invocations", []))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -267,7 +271,7 @@ class DreamBoothRun:
         steps = training_steps(
             accelerator=accelerator, unet=self.unet, noise_scheduler=self.components.training_noise_scheduler(),
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, batches=iter(self._loader()),
-            conditioning=self.conditioning, settings=settings, trainable_params=self.trainable,
+            conditioning=self.conditioning, settings=settings, trainable_params=self.trainable, text_encoders=self.text_encoders,
             start_step=self.start_step, input_dtype=input_dtype, progress=self.progress, ema=self.ema,
         )
         with closing(steps):  # an error between steps closes the progress bar, so no message lands on its line
@@ -325,7 +329,7 @@ class DreamBoothRun:
                     self.output_dir, step, unet=self.bare_unet,
                     base_model_name_or_path=self.components.base_model_name, training_state=state,
                     keep=self.config.train.checkpoints_keep, prediction_type=self._recorded_prediction_type(),
-                    base_metadata=self.components.base_metadata)
+                    base_metadata=self.components.base_metadata, text_encoders=self.text_encoders.encoders)
             except OSError as error:
                 previous = checkpoint.find_latest_checkpoint(self.output_dir)
                 raise UserError(
@@ -383,7 +387,8 @@ class DreamBoothRun:
             adapter_dir = write_final(self.output_dir, summary, unet=self.bare_unet if saves else None,
                                       base_model_name=self.components.base_model_name,
                                       prediction_type=self._recorded_prediction_type(), model_card=card,
-                                      last_samples=self.grids.last, base_metadata=self.components.base_metadata)
+                                      last_samples=self.grids.last, base_metadata=self.components.base_metadata,
+                                      text_encoders=self.text_encoders.encoders)
         samples = f", samples in {self.output_dir / 'samples'}" if self.grids.last is not None else ""
         report = self.report.finish()
         self.last_words = [f"Done: adapter in {adapter_dir}{samples}." if adapter_dir else "Done.", f"Report: {report}"]
