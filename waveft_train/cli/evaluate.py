@@ -223,6 +223,10 @@ def _score_run(run: Path, plan, options: dict, *, base: str | None, device: str 
                as_json: bool) -> dict:
     from waveft_train.train.scoring import scorable_adapters, score_run
 
+    if _per_concept(Choices(run, options)):
+        raise UserError(f"{run} trained several concepts, and --run ranks checkpoints by one subject's scores. Score "
+                        f"its adapter per concept with --adapter {run / 'adapter'}, or rank by one concept with "
+                        "--subject (toy) or --instance-dir and --instance-prompt.")
     adapters = scorable_adapters(run)
     run_device = _run_device(device)
     scorer = Choices(run, options).scorer(_toy_base(adapters[-1][2], base), plan, run_device)
@@ -238,7 +242,10 @@ def _score_adapter(adapter: Path, plan, options: dict, *, base: str | None, devi
     from waveft_train.train.scoring import score_adapter
 
     run_device = _run_device(device)
-    scorer = Choices(adapter, options).scorer(_toy_base(adapter, base), plan, run_device)
+    choices = Choices(adapter, options)
+    if _per_concept(choices):
+        return _score_concepts(adapter, choices, plan, base=base, device=run_device, as_json=as_json)
+    scorer = choices.scorer(_toy_base(adapter, base), plan, run_device)
     if scorer.kind == "toy judge":  # the judge's full report: also what each sample shows, the VAE's ceiling, ...
         metrics = evaluate_adapter(adapter, subject=scorer.subject, base=base, settings=scorer.settings,
                                    judge=scorer.judge, device=run_device)
@@ -247,6 +254,35 @@ def _score_adapter(adapter: Path, plan, options: dict, *, base: str | None, devi
         metrics = score_adapter(adapter, scorer, base=base, dtype=_sample_dtype(dtype, run_device), device=run_device)
     if not as_json:
         typer.echo(_summary_line(metrics, scorer))
+    return metrics
+
+
+def _per_concept(choices: Choices) -> bool:
+    """A run with a concepts list, scored per concept unless an option names one subject."""
+    named = any(choices.options[key] is not None for key in ("subject", "instance_dir", "instance_prompt"))
+    return bool(choices.config.get("concepts")) and not named
+
+
+def _score_concepts(adapter: Path, choices: Choices, plan, *, base: str | None, device: str, as_json: bool) -> dict:
+    """Each concept on its own prompt, bleed between them, the class prompts (toy/concepts.py): the toy judge's."""
+    from waveft_train.toy.concepts import concepts_of_run, evaluate_concepts, summary_line
+    from waveft_train.toy.evaluate import EvalSettings
+
+    one = ("Score one concept with --subject (toy) or with DINO/CLIP: --instance-dir PHOTOS --instance-prompt TEXT "
+           "--class-prompt TEXT.")
+    if not _toy_base(adapter, base):
+        raise UserError(f"{adapter} was trained on several concepts; scores per concept need the toy model's judge. "
+                        + one)
+    try:
+        concepts = concepts_of_run(choices.config)
+    except LookupError as error:
+        raise UserError(f"{adapter} was trained on several concepts, but {error}. " + one) from None
+    contexts = {"contexts": plan.contexts} if plan.contexts is not None else {}
+    settings = EvalSettings(seeds=plan.seeds, class_seeds=plan.class_seeds, first_seed=plan.first_seed,
+                            steps=plan.steps, guidance=plan.guidance, batch_size=plan.batch_size, **contexts)
+    metrics = evaluate_concepts(adapter, concepts, base=base, settings=settings, device=device)
+    if not as_json:
+        typer.echo(summary_line(metrics))
     return metrics
 
 

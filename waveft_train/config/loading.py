@@ -152,7 +152,12 @@ def _resolve_paths(config: TrainConfig, file_dir: Path, overridden: set[str]) ->
     prior = config.prior.model_copy(update={
         "class_dir": None if class_dir is None else _as_path(class_dir, base("prior.class_dir"))})
     output = config.output.model_copy(update={"dir": _as_path(config.output.dir, base("output.dir"))})
-    return config.model_copy(update={"model": model, "data": data, "prior": prior, "output": output})
+    concepts = [concept.model_copy(update={  # a list cannot be --set, so its paths are the file's
+        "instance_dir": resolve_local_or_hub(concept.instance_dir, file_dir),
+        "class_dir": None if concept.class_dir is None else _as_path(concept.class_dir, file_dir)})
+        for concept in config.concepts]
+    return config.model_copy(update={"model": model, "data": data, "prior": prior, "output": output,
+                                     "concepts": concepts})
 
 
 def _relation(folder: str, other: str) -> str | None:
@@ -173,11 +178,22 @@ _RUN_WRITES = "a run writes its checkpoints and samples into output.dir (and --f
 def folder_problems(config: TrainConfig) -> list[str]:
     """Folders that must stay apart, one line each, for a config whose local paths are absolute (as
     `_resolve_paths` leaves them); a `data.instance_dir` that is not absolute is a hub dataset id, not a folder."""
-    folders = {"data.instance_dir": config.data.instance_dir} if os.path.isabs(config.data.instance_dir) else {}
+    folders = {"data.instance_dir": config.data.instance_dir} if os.path.isabs(config.data.instance_dir or "") else {}
     if config.prior.enabled and config.prior.class_dir:
         folders["prior.class_dir"] = config.prior.class_dir
     folders["output.dir"] = config.output.dir
-    pairs = [("prior.class_dir", "data.instance_dir", _MIXED_IMAGES),
+    pairs = []
+    for index, concept in enumerate(config.concepts):  # each concept's photos apart from every class folder and output
+        key = f"concepts[{index}].instance_dir"
+        if os.path.isabs(concept.instance_dir):
+            folders[key] = concept.instance_dir
+            pairs += [("prior.class_dir", key, _MIXED_IMAGES), ("output.dir", key, _RUN_WRITES)]
+        if config.prior.enabled and concept.class_dir:
+            folders[f"concepts[{index}].class_dir"] = concept.class_dir
+            pairs += [(f"concepts[{index}].class_dir", f"concepts[{other}].instance_dir", _MIXED_IMAGES)
+                      for other in range(len(config.concepts))]
+            pairs.append(("output.dir", f"concepts[{index}].class_dir", _RUN_WRITES))
+    pairs += [("prior.class_dir", "data.instance_dir", _MIXED_IMAGES),
              ("output.dir", "data.instance_dir", f"{_RUN_WRITES}, so it must share no folder with the subject photos"),
              ("output.dir", "prior.class_dir", f"{_RUN_WRITES}, so it must share no folder with the class images")]
     problems = []
@@ -257,6 +273,10 @@ def fingerprint_fields(config: TrainConfig) -> dict[str, Any]:
         dumped["waveft"]["target_modules"] = sorted(dumped["waveft"]["target_modules"])
     if not config.prior.enabled:
         dumped["prior"] = {"enabled": False}
+    if not dumped["concepts"]:  # added after runs were made: absent, as in their fingerprints
+        dumped.pop("concepts")
+    for concept in dumped.get("concepts", []):  # grid rows shape no weights
+        concept.pop("validation_prompts")
     return dumped
 
 

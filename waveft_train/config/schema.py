@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from waveft_train.common.paths import is_pickle_checkpoint, is_single_file
+from waveft_train.config.concepts import ConceptSection, concept_problems
 from waveft_train.config.cross_checks import TEXT_ENCODER_FIELDS, check_text_encoder_settings
 from waveft_train.config.fields import Prompt, Resolution, Section, UnitInterval, doc
 from waveft_train.waveft.families import ALLOWED_FAMILIES_TEXT, is_supported_family
@@ -155,10 +156,11 @@ class WaveFTSection(Section):
 class DataSection(Section):
     """The subject photos and the prompt with the rare token."""
 
-    instance_dir: str = doc(..., "the subject photos (3-10): a local folder, or a hub dataset id", example="./subject",
-                            min_length=1)
-    instance_prompt: Prompt = doc(..., "rare token + class noun, e.g. `a photo of sks dog` (not blank)",
-                                  example="a photo of sks dog")
+    instance_dir: str | None = doc(None, "the subject photos (3-10): a local folder (one of kohya-style `<repeats>_<prompt>` "
+                                   "subfolders is read as concepts), or a hub dataset id; required unless `concepts` "
+                                   "is given", example="./subject", min_length=1)
+    instance_prompt: Prompt | None = doc(None, "rare token + class noun, e.g. `a photo of sks dog` (not blank); "
+                                         "required with data.instance_dir", example="a photo of sks dog")
     caption_column: str | None = doc(None, "per-photo captions: a key of the folder's metadata.jsonl (`text` by "
                                      "convention), where a `.txt` file beside a photo (photo.txt for photo.jpg) counts "
                                      "too, or a hub dataset's column; null = instance_prompt for every photo")
@@ -201,16 +203,15 @@ class PriorSection(Section):
     generation_guidance: NonNegativeFloat = doc(5.0, "classifier-free guidance for class images")
     generation_batch_size: PositiveInt = doc(2, "class images generated at once")
 
-    @model_validator(mode="after")
-    def _class_fields_when_enabled(self) -> PriorSection:
+    def missing_class_fields(self) -> list[str]:
+        """What prior preservation lacks (TrainConfig checks it: with concepts, each concept may bring its own)."""
         blank = [key for key in ("class_dir", "class_prompt") if not (getattr(self, key) or "").strip()]
         missing = blank if self.enabled else []
-        if missing:
-            names = " and ".join(f"prior.{key}" for key in missing)
-            raise ValueError(f"{names} {'is' if len(missing) == 1 else 'are'} required when prior.enabled is "
-                             "true (e.g. class_dir: ./class_images, class_prompt: \"a photo of dog\"); "
-                             "set them, or set prior.enabled: false")
-        return self
+        if not missing:
+            return []
+        names = " and ".join(f"prior.{key}" for key in missing)
+        return [f"{names} {'is' if len(missing) == 1 else 'are'} required when prior.enabled is true (e.g. class_dir: "
+                "./class_images, class_prompt: \"a photo of dog\"); set them, or set prior.enabled: false"]
 
 
 class TrainSection(Section):
@@ -328,13 +329,6 @@ class ValidationSection(Section):
     clip_model: str = doc("openai/clip-vit-large-patch14", "CLIP of the scores (CLIP-I, CLIP-T), named like dino_model",
                           min_length=1)
 
-    @model_validator(mode="after")
-    def _prompts_when_on(self) -> ValidationSection:
-        if self.every > 0 and not self.prompts:
-            raise ValueError("validation.prompts is empty but validation.every is "
-                             f"{self.every}; give prompts, or set validation.every: 0 to turn validation off")
-        return self
-
 
 class OutputSection(Section):
     """Where the run writes."""
@@ -349,6 +343,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelSection
     waveft: WaveFTSection
+    concepts: list[ConceptSection] = doc(lambda: [], "several subjects in one run, instead of data.instance_dir "
+                                         "(docs/data.md#several-concepts); data and prior hold what they share")
     data: DataSection
     prior: PriorSection
     train: TrainSection
@@ -363,8 +359,15 @@ class TrainConfig(BaseModel):
         filled = dict(data)
         for name in cls.model_fields:
             if filled.get(name) is None:
-                filled[name] = {}
+                filled[name] = [] if name == "concepts" else {}
         return filled
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_photos(self) -> TrainConfig:
+        problems = concept_problems(self)
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _fp16_needs_loss_scaling(self) -> TrainConfig:

@@ -185,12 +185,17 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if index < 0:
             raise IndexError(f"negative index {index}")
         epoch, position = divmod(index, len(self))
+        return self.item_at(epoch, position, rng_position=position)
+
+    def item_at(self, epoch: int, position: int, *, rng_position: int) -> dict[str, dict[str, Any]]:
+        """The item at `position` in `epoch`, its random draws keyed by `rng_position` (its place in a larger
+        dataset when this one is a concept of several: data/concepts.py)."""
         instance_index, target = self._instance_index(position), self.bucket_of(position)
         item = {"instance": self._example(self.instance_images, instance_index,
-                                          item_rng(self.seed, epoch, position, "instance"), target)}
+                                          item_rng(self.seed, epoch, rng_position, "instance"), target)}
         if self.class_images is not None:
             item["class"] = self._example(self.class_images, position % self.num_class,
-                                          item_rng(self.seed, epoch, position, "class"), target)
+                                          item_rng(self.seed, epoch, rng_position, "class"), target)
         return item
 
 

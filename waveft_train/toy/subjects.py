@@ -29,7 +29,7 @@ Subject images for waveft-train's toy world: {description}, {count} shots.
 These images are procedurally rendered by waveft_train/toy (numpy only, fixed seed); they are not photographs.
 Regenerate them with:
 
-    python -m scripts.make_demo_subject --subject {name} --out <folder>
+    python -m scripts.make_demo_subject --subject {name}{identifier_option} --out <folder>
 
 License: CC0 1.0 Universal (public domain dedication),
 https://creativecommons.org/publicdomain/zero/1.0/
@@ -64,9 +64,9 @@ class Subject:
     def class_prompt(self) -> str:
         return f"a photo of a {self.shape}"
 
-    def prompt(self, context: str) -> str:
-        """"a photo of sks ball on the beach"."""
-        return f"{self.instance_prompt} {CONTEXTS[context]}"
+    def prompt(self, context: str, identifier: str = IDENTIFIER) -> str:
+        """"a photo of sks ball on the beach" (another rare token than sks for a second concept of a run)."""
+        return f"a photo of {identifier} {self.shape} {CONTEXTS[context]}"
 
     def described_prompt(self, context: str) -> str:
         """The look in the world's own words, as pretraining captions patterned objects: "a photo of a striped red
@@ -117,7 +117,8 @@ def get_subject(name_or_folder: str | Path) -> Subject:
     return Subject.from_json(file.read_text(encoding="utf-8"))
 
 
-def write_instance_photos(subject: Subject, folder: Path, *, count: int | None = None) -> list[Path]:
+def write_instance_photos(subject: Subject, folder: Path, *, count: int | None = None,
+                          identifier: str = IDENTIFIER) -> list[Path]:
     """Render the subject's photos as PNGs into `folder`, with subject.json, a CC0 LICENSE.txt and metadata.jsonl:
     per-photo captions naming where each was taken ("a photo of sks ball in the snow"), for `data.caption_column:
     text`, so that the photos' backgrounds are explained by words and not learned as part of `sks`."""
@@ -127,9 +128,10 @@ def write_instance_photos(subject: Subject, folder: Path, *, count: int | None =
         path = folder / f"{subject.shape}_{index + 1:02d}.png"
         render_image(scene).save(path, format="PNG", optimize=True)
         paths.append(path)
-        captions.append(json.dumps({"file_name": path.name, "text": subject.prompt(scene.context)}))
+        captions.append(json.dumps({"file_name": path.name, "text": subject.prompt(scene.context, identifier)}))
     (folder / CAPTIONS_FILE).write_text("\n".join(captions) + "\n", encoding="utf-8")
     (folder / SUBJECT_FILE).write_text(subject.to_json(), encoding="utf-8")
-    license_text = LICENSE_TEXT.format(description=subject.description, count=len(paths), name=subject.name)
+    license_text = LICENSE_TEXT.format(description=subject.description, count=len(paths), name=subject.name,
+                                       identifier_option="" if identifier == IDENTIFIER else f" --identifier {identifier}")
     (folder / "LICENSE.txt").write_text(license_text, encoding="utf-8")
     return paths

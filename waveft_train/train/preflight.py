@@ -86,9 +86,9 @@ def clear_previous_run(output_dir: Path) -> None:
 
 def validate_inputs(data: DataSection, prior: PriorSection) -> None:
     """Missing, empty or corrupt image folders fail in seconds (a hub dataset id is checked when it loads)."""
-    if is_local(data.instance_dir):
+    if data.instance_dir is not None and is_local(data.instance_dir):  # concepts are checked as they load
         validate_image_folder(Path(data.instance_dir), config_key="data.instance_dir", role="instance")
-    if prior.enabled:
+    if prior.enabled and prior.class_dir:
         validate_image_folder(Path(prior.class_dir), config_key="prior.class_dir", role="class", allow_empty=True)
 
 

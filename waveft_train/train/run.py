@@ -31,11 +31,12 @@ from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
+from waveft_train.config.concepts import all_validation_prompts
+from waveft_train.data import concepts as concept_data
 from waveft_train.data.caption_variation import CaptionVariation
-from waveft_train.data.dataset import DreamBoothDataset, StepBatchSampler, collate
+from waveft_train.data.dataset import StepBatchSampler, collate
 from waveft_train.data.encode import Conditioning, warn_about_long_prompts
-from waveft_train.data.images import image_manifest, images_from_files, load_images, warn_about_small_images
-from waveft_train.data.prior import class_images_for_run
+from waveft_train.data.images import warn_about_small_images
 from waveft_train.models.loading import DTYPES, load_components
 from waveft_train.train import checkpoint
 from waveft_train.train.checkpoint import finished_step
@@ -84,7 +85,8 @@ class DreamBoothRun:
         self.step_seconds: list[float] = []
         self.final_loss: float | None = None
         self.last_words: list[str] = []  # what the main process prints once the run has ended
-        self.grids = ValidationGrids(config.validation, config.validation_resolution(), self.output_dir / "samples",
+        validation = config.validation.model_copy(update={"prompts": all_validation_prompts(config)})
+        self.grids = ValidationGrids(validation, config.validation_resolution(), self.output_dir / "samples",
                                      progress=progress)
         self.scores = ValidationScores(config.validation, config.data, config.prior, config.train,
                                        self.output_dir) if config.validation.evaluate else None
@@ -122,11 +124,10 @@ class DreamBoothRun:
         check_optional_dependencies(config.train)
         adapter_on_meta_unet(config.model, config.waveft)  # target_modules, n_frequency against the architecture
         check_vae(config.model)
-        self.instance_images = load_images(config.data.instance_dir, caption_column=config.data.caption_column,
-                                           default_prompt=config.data.instance_prompt, report=self.is_main)
-        if self.is_main:
-            warn_about_small_images(self.instance_images, config.data.resolution, "data.instance_dir")
-        self.image_manifest = image_manifest(self.instance_images)
+        self.concepts = concept_data.load_concepts(config.concepts, config.data, config.prior, report=self.is_main)
+        for concept in self.concepts if self.is_main else []:
+            warn_about_small_images(concept.images, config.data.resolution, concept.name)
+        self.image_manifest = concept_data.concepts_manifest(self.concepts)
         if not self.replace_other_run:
             self.replace_other_run = checkpoint_is_another_run(self.output_dir, self.image_manifest, self.global_batch,
                                                                config.train, config.model, force=self.force)
@@ -144,10 +145,9 @@ class DreamBoothRun:
         if self.accelerator.is_main_process:  # one writer per output folder; the other processes never write there
             self.lock = FolderLock(self.output_dir, what="training run")
             self.lock.acquire()
-        folders = {"output.dir": self.output_dir}
-        if config.prior.enabled:
-            folders["prior.class_dir"] = Path(config.prior.class_dir)
-            make_folder(folders["prior.class_dir"], "prior.class_dir")
+        folders = {"output.dir": self.output_dir, **concept_data.class_folders(self.concepts, config.prior)}
+        for key, folder in folders.items():  # output.dir again changes nothing
+            make_folder(folder, key)
         # Collective. The main process writes checkpoints every process resumes from, and each process writes its
         # share of class images: several processes (or machines) need both folders on storage they all see.
         check_shared_folders(self.accelerator, folders)
@@ -160,9 +160,8 @@ class DreamBoothRun:
         self.prediction_type = config.train.prediction_type or self.components.scheduler.config.get(
             "prediction_type", "epsilon")
         if self.accelerator.is_main_process:
-            class_prompt = [("prior.class_prompt", config.prior.class_prompt)] if config.prior.enabled else []
-            warn_about_long_prompts([*zip(self.instance_images.names(), self.instance_images.prompts), *class_prompt,
-                                     *(("validation.prompts", text) for text in config.validation.prompts)],
+            warn_about_long_prompts([*concept_data.prompts_by_source(self.concepts, with_class=config.prior.enabled),
+                                     *(("validation.prompts", text) for text in self.grids.settings.prompts)],
                                     self.components.tokenizer)
         self._setup_data()
         self._setup_adapter()
@@ -185,15 +184,12 @@ class DreamBoothRun:
         data, prior, main = self.config.data, self.config.prior, self.accelerator.is_main_process
         class_images = None
         if prior.enabled:  # collective: every process generates its share of the missing class images
-            files = class_images_for_run(prior, self.config.model, self.components, resolution=data.resolution,
-                                         seed=self.config.train.seed, accelerator=self.accelerator,
-                                         progress=self.progress)
-            class_images = images_from_files(files, prompt=prior.class_prompt, source=prior.class_dir)
-        self.dataset = DreamBoothDataset(
-            self.instance_images, resolution=data.resolution, seed=self.config.train.seed, center_crop=data.center_crop,
-            random_flip=data.random_flip, repeats=data.repeats, class_images=class_images,
-            num_class_images=prior.num_class_images if prior.enabled else None, bucketing=data.bucketing,
-        )
+            class_images = concept_data.class_images_for_concepts(self.concepts, prior, self.config.model, self.components,
+                                                     resolution=data.resolution, seed=self.config.train.seed,
+                                                     accelerator=self.accelerator, progress=self.progress)
+        self.dataset = concept_data.concepts_dataset(self.concepts, class_images, resolution=data.resolution,
+                                        seed=self.config.train.seed, center_crop=data.center_crop,
+                                        random_flip=data.random_flip, bucketing=data.bucketing)
         self.conditioning = Conditioning(self.components, self.dataset, device=self.accelerator.device,
                                          cache_latents=self.config.train.cache_latents, progress=self.progress and main,
                                          captions=CaptionVariation.of(data, self.config.train.seed),
@@ -354,7 +350,7 @@ class DreamBoothRun:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process and self.scores is not None and self.method.saves_adapter:
             self.scores.score(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
-        if self.accelerator.is_main_process and self.config.validation.prompts:
+        if self.accelerator.is_main_process and self.grids.settings.prompts:
             with self.ema.swapped_in():  # with EMA on, the grids show the average
                 grid = self.grids.draw(step, self.components, self.bare_unet, self.conditioning, self.prediction_type)
             self.report.validation(step, grid)  # the trackers get the grid; report.html is rewritten
@@ -379,9 +375,12 @@ class DreamBoothRun:
         buckets = dict(sorted(Counter(f"{width}x{height}" for height, width in self.dataset.buckets).items()))
         summary = run_summary([*self.invocations, self._invocation()], trainable_params=trainable_params,
                               buckets=buckets, final_loss=final_loss) | {"adapter_weights": self.ema.which}
+        if len(self.concepts) > 1:
+            summary["concepts"] = concept_data.concepts_summary(self.concepts, self.dataset)
         saves = self.method.saves_adapter
-        card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=config.data,
-                          prior=config.prior, train=config.train, validation_prompts=config.validation.prompts,
+        card_data = config.data.model_copy(update={"instance_prompt": concept_data.named_prompts(self.concepts)})
+        card = model_card(base_model=self.components.base_model_name, waveft=config.waveft, data=card_data,
+                          prior=config.prior, train=config.train, validation_prompts=self.grids.settings.prompts,
                           trainable_params=trainable_params, steps=self.step, has_samples=self.grids.last is not None,
                           prediction_type=self._recorded_prediction_type(), base_config=config.model.config) if saves else None
         with self.ema.swapped_in():  # with EMA on, the final adapter holds the average
