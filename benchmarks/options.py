@@ -148,7 +148,28 @@ def render_table(data: dict, arms: list[str], argv: list[str]) -> str:
             else:
                 base.append("-")
         lines.append("| base model | - | " + " | ".join(base) + " | - | - |")
+    lines += paired_differences(runs, arms)
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(runs: list[dict], arms: list[str], reference: str = "adamw") -> list[str]:
+    """Each arm minus `reference` on the same training seed and evaluation seeds (so the seeds' own luck cancels):
+    the mean over training seeds and its min-max."""
+    by_key = {(run["arm"], run["seed"]): run for run in runs if run.get("evals")}
+    lines = ["", f"Paired differences from `{reference}` (same training seed, same evaluation seeds): mean over "
+             "training seeds [min-max].", "", "| arm | seeds | " + " | ".join(KEYS) + " |",
+             "|---|---|" + "---|" * len(KEYS)]
+    for arm in arms:
+        seeds = sorted(seed for name, seed in by_key if name == arm and (reference, seed) in by_key)
+        if arm == reference or not seeds:
+            continue
+        cells = []
+        for key in KEYS:
+            deltas = [statistics.fmean(m[key] for m in by_key[(arm, seed)]["evals"])
+                      - statistics.fmean(m[key] for m in by_key[(reference, seed)]["evals"]) for seed in seeds]
+            cells.append(f"{statistics.fmean(deltas):+.2f} [{min(deltas):+.2f} to {max(deltas):+.2f}]")
+        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None) -> None:
