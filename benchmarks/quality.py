@@ -1,7 +1,6 @@
 """WaveFT vs LoRA vs full fine-tuning of the same attention linears, on the toy world, scored by its judge.
 
-    python -m benchmarks.quality --steps 300 --prior on          # BENCHMARKS.md §7 (about 30 min on a 2-core CPU)
-    python -m benchmarks.quality --steps 300 --budgets 1 --prior off
+    python -m benchmarks.quality --steps 300 --prior on --train-seeds 0 1 2     # issue 36's protocol (hours)
     python -m benchmarks.quality --subjects striped_ball --budgets 1 --steps 100   # a quick look
 
 Why: WaveFT's paper claims an edge over LoRA at the rank-1 budget for SDXL DreamBooth (DINO 0.495 vs 0.463, more
@@ -9,12 +8,15 @@ diverse). Real SDXL cannot reach these machines; the toy model takes the same co
 samples (waveft_train/toy/evaluate.py; subject_similarity is the DINO analogue).
 
 The recipe is the demo's (configs/demo.yaml), the same for every method: steps, batch, prior preservation, and a
-small learning-rate sweep per method (on `--sweep-subjects`, at the 1× budget with prior preservation; the best by
-`sweep_score`: the gain in subject_similarity over the base model minus the class prompt's drift toward the subject
-and the contexts lost, is then used for every budget and subject). Budgets are per layer, relative to the rank-1
+small learning-rate sweep per method and per budget (on `--sweep-subjects` with prior preservation and the first
+training seed; the best by `sweep_score`: the gain in subject_similarity over the base model minus the class prompt's
+drift toward the subject and the contexts lost, is then used for that method and budget on every subject and seed).
+Budgets are per layer, relative to the rank-1
 LoRA equivalent d_in + d_out of each adapted d_out × d_in layer: WaveFT gets n_frequency = budget·(d_in+d_out) per
 layer; LoRA gets rank = budget, which cannot go below 1, so its 0.5× cell is rank 1 (twice the budget, marked); full
-fine-tuning trains every weight and bias of the same linears (one run, shown once).
+fine-tuning trains every weight and bias of the same linears (one run, shown once). Every mean comes with a 95 %
+two-level bootstrap interval (benchmarks/intervals.py), and every WaveFT − LoRA difference is paired by subject and
+seed before its interval is drawn.
 
 Every method trains through the trainer's own `DreamBoothRun` (class images, data, caches, loss, prior loss, loop),
 configured by configs/demo.yaml; only the run's declared `method` differs (waveft_train/train/methods.py). Results
@@ -37,6 +39,7 @@ from typing import ClassVar
 import torch
 from peft import LoraConfig, WaveFTConfig
 
+from benchmarks.intervals import bootstrap_interval, format_interval, paired_differences
 from waveft_train import waveft
 from waveft_train.config import load_config
 from waveft_train.models.loading import build_pipeline, load_components
@@ -63,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train with prior preservation, without, or both (the sweep always has it on)")
     parser.add_argument("--lrs", type=json.loads, default=None,
                         help='per-method learning rates to sweep, JSON, e.g. \'{"waveft": [0.01]}\'')
+    parser.add_argument("--train-seeds", nargs="+", type=int, default=None,
+                        help="training seeds of every cell (default: configs/demo.yaml's train.seed); the sweep uses the first")
     parser.add_argument("--steps", type=int, default=None, help="default: configs/demo.yaml's train.max_steps")
     parser.add_argument("--class-images", type=int, default=None, help="default: the demo's num_class_images")
     parser.add_argument("--batch-size", type=int, default=None, help="default: configs/demo.yaml's train.batch_size")
@@ -153,7 +158,7 @@ class World:
     def settings(self):
         return EvalSettings(seeds=self.args.eval_seeds, class_seeds=self.args.eval_class_seeds)
 
-    def config(self, subject, key: str, lr: float, prior: bool):
+    def config(self, subject, key: str, lr: float, prior: bool, seed: int):
         """configs/demo.yaml, pointed at the subject, with the method's learning rate and no grids or checkpoints."""
         safe_key = re.sub(r"[^A-Za-z0-9_.=-]+", "_", key)
         overrides = {
@@ -161,14 +166,15 @@ class World:
             "data.instance_prompt": subject.instance_prompt, "prior.enabled": prior,
             "prior.class_dir": self.args.out / "class-images" / subject.shape, "prior.class_prompt": subject.class_prompt,
             "prior.num_class_images": self.recipe["class_images"], "train.max_steps": self.recipe["steps"],
-            "train.learning_rate": lr, "train.checkpoint_every": 0, "validation.every": 0, "validation.prompts": "[]",
+            "train.learning_rate": lr, "train.seed": seed, "train.checkpoint_every": 0, "validation.every": 0,
+            "validation.prompts": "[]",
         }
         return load_config(REPO / "configs" / "demo.yaml", [f"{name}={value}" for name, value in overrides.items()])
 
-    def run(self, subject, method: str, budget: float, lr: float, prior: bool, key: str) -> dict:
+    def run(self, subject, method: str, budget: float, lr: float, prior: bool, seed: int, key: str) -> dict:
         started = time.perf_counter()
         trained = Method(method, budget, self.recipe["scaling"])
-        run = DreamBoothRun(self.config(subject, key, lr, prior), force=True, progress=False, method=trained)
+        run = DreamBoothRun(self.config(subject, key, lr, prior, seed), force=True, progress=False, method=trained)
         run.run()
         trained_seconds = time.perf_counter() - started
         if subject.name not in self.base_samples:  # the base model's samples, once per subject
@@ -180,7 +186,8 @@ class World:
                                    base_samples=self.base_samples[subject.name],
                                    described=self.described[subject.name])
         metrics.pop("judgements")
-        return {"subject": subject.name, "method": method, "budget": budget, "lr": lr, "prior": prior, **trained.facts,
+        return {"subject": subject.name, "method": method, "budget": budget, "lr": lr, "prior": prior, "seed": seed,
+                **trained.facts,
                 "final_loss": run.final_loss, "train_seconds": round(trained_seconds, 1),
                 "seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
 
@@ -197,9 +204,14 @@ def sweep_score(metrics: dict) -> float:
     return metrics["subject_similarity"] - base["subject_similarity"] - drift - lost_contexts
 
 
-def cell_key(subject: str, method: str, budget: float, lr: float, prior: bool) -> str:
+def cell_key(subject: str, method: str, budget: float, lr: float, prior: bool, seed: int) -> str:
     budget_text = "full" if method == "full" else f"{budget:g}x"
-    return f"{subject}|{method}|{budget_text}|lr={lr:g}|prior={'on' if prior else 'off'}"
+    return f"{subject}|{method}|{budget_text}|lr={lr:g}|prior={'on' if prior else 'off'}|seed={seed}"
+
+
+def rate_key(method: str, budget: float) -> str:
+    """The key of a (method, budget)'s chosen learning rate (full fine-tuning has one budget, stored as 1)."""
+    return f"{method}|{budget:g}x" if method != "full" else "full"
 
 
 class Results:
@@ -224,7 +236,7 @@ class Results:
 
 
 def cell_budgets(method: str, budgets: list[float]) -> list[float]:
-    return [0.0] if method == "full" else budgets
+    return [1.0] if method == "full" else budgets
 
 
 def main(argv=None) -> None:
@@ -239,31 +251,37 @@ def main(argv=None) -> None:
     lrs = {method: tuple(DEFAULT_LRS[method]) for method in METHODS}
     lrs.update({method: tuple(values) for method, values in (args.lrs or {}).items()})
 
-    chosen = {}
-    for method in args.methods:  # the learning-rate sweep: 1x budget, prior preservation on
-        if len(lrs[method]) == 1:
-            chosen[method] = lrs[method][0]
-            continue
-        scores = {}
-        for lr in lrs[method]:
-            runs = [results.get_or_run(key := cell_key(name, method, 1.0, lr, True),
-                                       partial(world.run, SUBJECTS[name], method, 1.0, lr, True, key))
-                    for name in args.sweep_subjects]
-            scores[lr] = sum(sweep_score(run["metrics"]) for run in runs) / len(runs)
-        chosen[method] = max(scores, key=lambda lr: (scores[lr], -lr))
-        print(f"{method}: sweep scores {scores}; chosen lr {chosen[method]:g}", flush=True)
+    seeds = args.train_seeds or [recipe["seed"]]
+    chosen = {}  # rate_key -> the learning rate of every cell of that method and budget
+    for method in args.methods:  # the sweep: every budget, prior preservation on, the first training seed
+        for budget in cell_budgets(method, args.budgets):
+            if len(lrs[method]) == 1:
+                chosen[rate_key(method, budget)] = lrs[method][0]
+                continue
+            scores = {}
+            for lr in lrs[method]:
+                runs = [results.get_or_run(key := cell_key(name, method, budget, lr, True, seeds[0]),
+                                           partial(world.run, SUBJECTS[name], method, budget, lr, True, seeds[0], key))
+                        for name in args.sweep_subjects]
+                scores[lr] = sum(sweep_score(run["metrics"]) for run in runs) / len(runs)
+            chosen[rate_key(method, budget)] = max(scores, key=lambda lr: (scores[lr], -lr))
+            print(f"{method} {budget:g}x: sweep scores {scores}; chosen lr {chosen[rate_key(method, budget)]:g}",
+                  flush=True)
 
     for prior in {"on": (True,), "off": (False,), "both": (True, False)}[args.prior]:
         for method in args.methods:
             for budget in cell_budgets(method, args.budgets):
-                for name in args.subjects:
-                    lr = chosen[method]
-                    key = cell_key(name, method, budget or 1.0, lr, prior)
-                    results.get_or_run(key, partial(world.run, SUBJECTS[name], method, budget or 1.0, lr, prior, key))
-    cells = [run for run in results.data["runs"].values() if run["lr"] == chosen.get(run["method"])
-             and run["subject"] in args.subjects]  # every finished cell at the chosen rates, this call's and earlier
+                lr = chosen[rate_key(method, budget)]
+                for seed in seeds:
+                    for name in args.subjects:
+                        key = cell_key(name, method, budget, lr, prior, seed)
+                        results.get_or_run(key, partial(world.run, SUBJECTS[name], method, budget, lr, prior, seed,
+                                                        key))
+    cells = [run for run in results.data["runs"].values()  # every finished cell at the chosen rates, this call's too
+             if run["lr"] == chosen.get(rate_key(run["method"], run["budget"])) and run["subject"] in args.subjects
+             and run.get("seed", recipe["seed"]) in seeds]
     cells.sort(key=lambda run: (not run["prior"], METHODS.index(run["method"]), run["budget"],
-                                args.subjects.index(run["subject"])))
+                                args.subjects.index(run["subject"]), run.get("seed", 0)))
     wall = time.perf_counter() - started
     results.data["last_invocation"] = {"argv": sys.argv[1:] if argv is None else list(argv),
                                        "seconds": round(wall, 1), "chosen_lr": chosen, "recipe": recipe}
@@ -275,10 +293,28 @@ def main(argv=None) -> None:
     print(table)
 
 
+def budget_label(method: str, budget: float) -> str:
+    if method == "full":
+        return "all weights"
+    return f"{budget:g}x rank-1" + (" (r=1, 2x)" if method == "lora" and budget < 1 else "")
+
+
+def by_subject(group: list[dict], key: str, base: bool = False) -> dict[str, list[float]]:
+    """subject -> the metric per training seed (the shape `intervals.bootstrap_interval` takes)."""
+    values: dict[str, list[float]] = {}
+    for run in group:
+        metrics = run["metrics"]["base"] if base else run["metrics"]
+        if metrics.get(key) is not None:
+            values.setdefault(run["subject"], []).append(metrics[key])
+    return values
+
+
 def render_table(data: dict, cells: list[dict], chosen: dict, recipe: dict, args) -> str:
-    """Markdown: means over subjects per (prior, method, budget), then per subject; the sweep; command and time."""
+    """Markdown: per (prior, method, budget) the mean over subjects and seeds with its 95 % bootstrap interval; the
+    paired WaveFT − LoRA (and − full fine-tuning) differences with theirs; per subject; the sweep; command and time."""
     runs = data["runs"].values()
     total_seconds = sum(run["seconds"] for run in runs)
+    seeds = sorted({run.get("seed", recipe["seed"]) for run in cells})
     lines = [
         "## Quality on the toy world: WaveFT vs LoRA vs full fine-tuning (attention linears)",
         "",
@@ -288,54 +324,75 @@ def render_table(data: dict, cells: list[dict], chosen: dict, recipe: dict, args
         f"Recipe (configs/demo.yaml's): {recipe['steps']} steps, batch {recipe['batch_size']} x accumulation "
         f"{recipe['gradient_accumulation']}, {recipe['class_images']} class images, prior weight "
         f"{recipe['prior_loss_weight']}, WaveFT scaling {recipe['scaling']}, constant learning rate chosen per method "
-        f"by the sweep below. Subjects: {', '.join(args.subjects)}. Values: means over subjects (min-max).",
+        f"and budget by the sweep below. Subjects: {', '.join(args.subjects)}; training seeds {seeds}. Values: the "
+        "mean over subjects of each subject's mean over seeds [95 % two-level bootstrap interval: subjects, then "
+        "seeds].",
         "",
         "| prior | method | budget | trainable params | lr | " + " | ".join(KEYS) + " |",
         "|---|---|---|---|---|" + "---|" * len(KEYS),
     ]
     groups: dict[tuple, list[dict]] = {}
     for run in cells:
-        groups.setdefault((run["prior"], run["method"], run["budget"] if run["method"] != "full" else None), []).append(run)
+        groups.setdefault((run["prior"], run["method"], run["budget"]), []).append(run)
+
+    def interval(values, signed=False) -> str:
+        return format_interval(*bootstrap_interval(values), signed=signed) if values else "-"
+
     for (prior, method, budget), group in groups.items():
-        budget_text = "all weights" if method == "full" else f"{budget:g}x rank-1"
-        if method == "lora" and budget < 1:
-            budget_text += " (r=1, 2x)"
-        values = []
-        for key in KEYS:
-            numbers = [run["metrics"].get(key) for run in group if run["metrics"].get(key) is not None]
-            values.append(f"{sum(numbers) / len(numbers):.2f} ({min(numbers):.2f}-{max(numbers):.2f})" if numbers else "-")
-        params = group[0]["trainable_params"]
-        lines.append(f"| {'on' if prior else 'off'} | {method} | {budget_text} | {params:,} | {group[0]['lr']:g} | "
-                     + " | ".join(values) + " |")
-    base = [run["metrics"]["base"] for run in cells]
+        values = [interval(by_subject(group, key)) for key in KEYS]
+        lines.append(f"| {'on' if prior else 'off'} | {method} | {budget_label(method, budget)} | "
+                     f"{group[0]['trainable_params']:,} | {group[0]['lr']:g} | " + " | ".join(values) + " |")
+    base = [run for run in cells if run.get("seed", recipe["seed"]) == seeds[0]] if seeds else []
     lines.append("| - | base model | - | 0 | - | " + " | ".join(
-        f"{sum(b.get(k, 0) for b in base) / len(base):.2f}" if k in base[0] else "-" for k in KEYS) + " |")
+        interval(by_subject(base, key, base=True)) for key in KEYS) + " |")
+
+    lines += ["", "Paired differences (same subject, seed, prior and budget), mean [95 % interval]: an interval that "
+              "excludes 0 is a difference these samples support.", "",
+              "| prior | budget | difference | " + " | ".join(KEYS) + " |", "|---|---|---|" + "---|" * len(KEYS)]
+    for (prior, method, budget), group in groups.items():
+        if method != "waveft":
+            continue
+        for other, other_budget in (("lora", budget), ("full", 1.0)):
+            rivals = groups.get((prior, other, other_budget))
+            if not rivals:
+                continue
+            cells_of = {}
+            for key in KEYS:
+                mine = {(r["subject"], r.get("seed", 0)): r["metrics"][key] for r in group if key in r["metrics"]}
+                theirs = {(r["subject"], r.get("seed", 0)): r["metrics"][key] for r in rivals if key in r["metrics"]}
+                cells_of[key] = interval(paired_differences(mine, theirs), signed=True)
+            lines.append(f"| {'on' if prior else 'off'} | {budget:g}x | waveft − {other} | "
+                         + " | ".join(cells_of[key] for key in KEYS) + " |")
+
     described = {run["subject"]: run["metrics"]["described_subject_fidelity"] for run in cells
                  if "described_subject_fidelity" in run["metrics"]}
     if described:
         lines += ["", "The base model asked for each look in words (`described_subject_fidelity`, the subject prompt's "
                   "seeds and contexts): " + ", ".join(f"{name} {described[name]:.2f}" for name in args.subjects
                                                       if name in described) + "."]
-    lines += ["", "Per subject (subject_similarity / class_subject_similarity / context_fidelity):", "",
-              "| prior | method | budget | " + " | ".join(args.subjects) + " |",
+    lines += ["", "Per subject, means over seeds (subject_similarity / class_subject_similarity / context_fidelity):",
+              "", "| prior | method | budget | " + " | ".join(args.subjects) + " |",
               "|---|---|---|" + "---|" * len(args.subjects)]
     for (prior, method, budget), group in groups.items():
-        by_subject = {run["subject"]: run["metrics"] for run in group}
-        budget_text = "all" if method == "full" else f"{budget:g}x"
-        lines.append(f"| {'on' if prior else 'off'} | {method} | {budget_text} | " + " | ".join(
-            "{subject_similarity:.2f} / {class_subject_similarity:.2f} / {context_fidelity:.2f}".format(**by_subject[name])
-            if name in by_subject else "-" for name in args.subjects) + " |")
-    sweep = [run for run in runs if run["budget"] == 1.0 and run["prior"] and run["subject"] in args.sweep_subjects]
-    lines += ["", f"Learning-rate sweep (1x budget, prior on, {', '.join(args.sweep_subjects)}; score = gain in "
-              "subject_similarity over the base model minus the class prompt's drift toward the subject and the share "
-              "of asked contexts lost):", ""]
-    for method in chosen:
-        scored = {}
+        per = {key: {name: sum(v) / len(v) for name, v in by_subject(group, key).items()}
+               for key in ("subject_similarity", "class_subject_similarity", "context_fidelity")}
+        lines.append(f"| {'on' if prior else 'off'} | {method} | {'all' if method == 'full' else f'{budget:g}x'} | " + " | ".join(
+            " / ".join(f"{per[key][name]:.2f}" for key in per) if name in per["subject_similarity"] else "-"
+            for name in args.subjects) + " |")
+    sweep_seed = seeds[0] if seeds else recipe["seed"]
+    sweep = [run for run in runs if run["prior"] and run["subject"] in args.sweep_subjects
+             and run.get("seed", recipe["seed"]) == sweep_seed]
+    lines += ["", f"Learning-rate sweep per method and budget (prior on, {', '.join(args.sweep_subjects)}, seed "
+              f"{sweep_seed}; score = gain in subject_similarity over the base model minus the class prompt's drift "
+              "toward the subject and the share of asked contexts lost):", ""]
+    for rate, lr in chosen.items():
+        scored: dict[float, list[float]] = {}
         for run in sweep:
-            if run["method"] == method:
+            if rate_key(run["method"], run["budget"]) == rate:
                 scored.setdefault(run["lr"], []).append(sweep_score(run["metrics"]))
-        text = ", ".join(f"{lr:g}: {sum(v) / len(v):.2f}" for lr, v in sorted(scored.items()))
-        lines.append(f"- {method}: {text or 'not swept'}; chosen {chosen[method]:g}")
+        text = ", ".join(f"{value:g}: {sum(v) / len(v):.2f}" for value, v in sorted(scored.items()))
+        lines.append(f"- {rate}: {text}{' (one rate: not swept)' if len(scored) == 1 else ''}; chosen {lr:g}"
+                     if scored else f"- {rate}: not swept; chosen {lr:g}")
     return "\n".join(lines) + "\n"
 
 

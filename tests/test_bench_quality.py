@@ -69,8 +69,9 @@ def test_the_bench_trains_lora_and_full_fine_tuning_through_the_run(tmp_path):
           "--budgets", "1", "--prior", "on", "--lrs", '{"lora": [0.01], "full": [0.001]}', "--steps", "2",
           "--batch-size", "1", "--class-images", "2", "--eval-seeds", "2", "--eval-class-seeds", "1", "--out", str(out)])
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert sorted(runs) == ["striped_ball|full|full|lr=0.001|prior=on", "striped_ball|lora|1x|lr=0.01|prior=on"]
-    lora, full = runs["striped_ball|lora|1x|lr=0.01|prior=on"], runs["striped_ball|full|full|lr=0.001|prior=on"]
+    assert sorted(runs) == ["striped_ball|full|full|lr=0.001|prior=on|seed=0",
+                            "striped_ball|lora|1x|lr=0.01|prior=on|seed=0"]
+    lora, full = runs["striped_ball|lora|1x|lr=0.01|prior=on|seed=0"], runs["striped_ball|full|full|lr=0.001|prior=on|seed=0"]
     assert lora["rank1_units"] == 1.0 and lora["note"] == "rank 1"
     assert full["trainable_params"] > 50 * lora["trainable_params"]  # every weight and bias of the same linears
     for result in (lora, full):
@@ -82,7 +83,8 @@ def test_the_bench_trains_lora_and_full_fine_tuning_through_the_run(tmp_path):
     assert {s["trainable_params"] for s in summaries} == {lora["trainable_params"], full["trainable_params"]}
     assert all(s["steps"] == 2 and s["adapter_bytes"] is None for s in summaries)
     table = (out / "table.md").read_text()
-    assert "| on | lora | 1x rank-1 |" in table and "| on | full | all weights |" in table
+    assert "| on | lora | 1x rank-1 | 11,648 | 0.01 |" in table and "| on | full | all weights |" in table
+    assert "- lora|1x: 0.01: " in table and "(one rate: not swept); chosen 0.01" in table
 
 
 def test_a_method_that_trains_the_linears_changes_them_and_only_them(tmp_path, toy_unet):
@@ -91,7 +93,7 @@ def test_a_method_that_trains_the_linears_changes_them_and_only_them(tmp_path, t
     world = World.__new__(World)  # only its config(): no judge or base samples needed
     world.args, world.recipe = args, demo_recipe(args)
     method = Method("full", 0.0, world.recipe["scaling"])
-    run = DreamBoothRun(world.config(SUBJECTS["striped_ball"], "full", 1e-3, True), force=True, progress=False,
+    run = DreamBoothRun(world.config(SUBJECTS["striped_ball"], "full", 1e-3, True, 0), force=True, progress=False,
                         method=method)
     run.run()
     trained = dict(run.accelerator.unwrap_model(run.unet).named_parameters())
@@ -99,3 +101,38 @@ def test_a_method_that_trains_the_linears_changes_them_and_only_them(tmp_path, t
     changed = {name for name, parameter in trained.items() if not torch.equal(parameter.detach().cpu(), base[name])}
     assert changed and changed == {name for name in base if name.rpartition(".")[0] in adapted_layers(toy_unet)}
     assert not (tmp_path / "runs" / "full" / "checkpoints").exists()
+
+
+def test_rates_are_chosen_per_method_and_budget_and_cells_repeat_per_seed(tmp_path, monkeypatch):
+    """The sweep runs at every budget (prior on, first seed) and each budget keeps its own best rate; the grid then
+    trains every subject at every seed with it. World.run is replaced by a scorer that prefers a budget-dependent
+    rate, so the test checks the bookkeeping, not the toy."""
+    calls = []
+
+    def fake_run(self, subject, method, budget, lr, prior, seed, key):
+        calls.append((method, budget, lr, prior, seed, subject.name))
+        best = {0.5: 0.003, 1.0: 0.001, 4.0: 0.0003}[budget]  # a smaller rate suits more coefficients
+        gain = 0.3 - abs(math.log10(lr) - math.log10(best))
+        base = {"subject_similarity": 0.5, "class_subject_similarity": 0.5, "context_fidelity": 0.9}
+        metrics = {key_: 0.5 for key_ in ("subject_fidelity", "prior_preservation", "diversity")}
+        metrics |= {"subject_similarity": 0.5 + gain + 0.01 * seed, "class_subject_similarity": 0.5,
+                    "context_fidelity": 0.9, "base": base}
+        return {"subject": subject.name, "method": method, "budget": budget, "lr": lr, "prior": prior, "seed": seed,
+                "trainable_params": 1, "rank1_units": budget, "note": "", "final_loss": 0.1, "train_seconds": 1.0,
+                "seconds": 1.0, "metrics": metrics}
+
+    monkeypatch.setattr(World, "__init__", lambda self, args, recipe: None)
+    monkeypatch.setattr(World, "run", fake_run)
+    out = tmp_path / "bench"
+    main(["--subjects", "striped_ball", "checked_box", "--sweep-subjects", "striped_ball", "--methods", "waveft",
+          "--prior", "on", "--train-seeds", "0", "1", "--out", str(out)])
+    chosen = json.loads((out / "results.json").read_text())["last_invocation"]["chosen_lr"]
+    assert chosen == {"waveft|0.5x": 0.003, "waveft|1x": 0.001, "waveft|4x": 0.0003}
+    sweep = [call for call in calls if call[-1] == "striped_ball" and call[4] == 0]
+    assert {(budget, lr) for _, budget, lr, *_ in sweep} == {(b, lr) for b in (0.5, 1.0, 4.0)
+                                                              for lr in (3e-4, 1e-3, 3e-3)}
+    grid = {(budget, lr, seed, name) for _, budget, lr, _, seed, name in calls if lr == chosen[f"waveft|{budget:g}x"]}
+    assert len(grid) == 3 * 2 * 2  # budgets x seeds x subjects, each once at its rate
+    assert len(calls) == 9 + 3 * 2 * 2 - 3  # the sweep's chosen runs on striped_ball at seed 0 are reused
+    table = (out / "table.md").read_text()
+    assert "training seeds [0, 1]" in table and "| on | waveft | 4x rank-1 | 1 | 0.0003 |" in table
