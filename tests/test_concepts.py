@@ -333,3 +333,17 @@ def test_the_toy_two_concept_config_trains_and_evaluate_reports_per_concept(tmp_
     result = json.loads(out.read_text())
     assert [concept["subject"] for concept in result["concepts"]] == ["striped_ball", "checked_box"]
     assert set(result["worst"]) == {"subject_fidelity", "bleed", "class_any_subject"} and "base" in result
+
+
+def test_params_counts_the_concepts_validation_prompts_as_validation_sampling(capsys):
+    """The concepts' validation_prompts are grid rows the run draws, so the memory estimate has a sampling phase even
+    when validation.prompts itself is empty."""
+    from helpers import run_cli
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "two-concepts.yaml"
+    code, out, err = run_cli(["params", "--config", config, "--set", "validation.prompts=[]"], capsys)
+    assert code == 0, err
+    assert "validation sampling" in out, out
+    code, out, err = run_cli(["params", "--config", config, "--set", "validation.prompts=[]", "--set",
+                              "validation.every=0"], capsys)
+    assert code == 0 and "validation sampling" in out  # the final grid is drawn whatever `every` says

@@ -98,6 +98,7 @@ def params(
     overrides: list[str] | None = SetOption,
 ) -> None:
     from waveft_train.config import load_config
+    from waveft_train.config.concepts import validation_with_concepts
     from waveft_train.train.params import describe_memory, describe_parameters
     from waveft_train.train.preflight import adapter_on_meta_unet, text_encoders_on_meta
 
@@ -106,7 +107,8 @@ def params(
     typer.echo(describe_parameters(loaded.model, loaded.waveft, unet))
     typer.echo("")
     encoders = text_encoders_on_meta(loaded.model, loaded.waveft) if loaded.waveft.text_encoders else None
-    typer.echo(describe_memory(loaded.model, loaded.data, loaded.prior, loaded.train, loaded.validation, unet, encoders))
+    validation = validation_with_concepts(loaded)  # concepts' grid rows are validation sampling too
+    typer.echo(describe_memory(loaded.model, loaded.data, loaded.prior, loaded.train, validation, unet, encoders))
 
 
 @app.command()

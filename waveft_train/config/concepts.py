@@ -93,3 +93,9 @@ def all_validation_prompts(config) -> list[str]:
     for concept in config.concepts:
         prompts += concept.validation_prompts
     return list(dict.fromkeys(prompts))
+
+
+def validation_with_concepts(config):
+    """The validation section as a run draws its grids: its prompts are `all_validation_prompts` (`config` is a
+    TrainConfig)."""
+    return config.validation.model_copy(update={"prompts": all_validation_prompts(config)})

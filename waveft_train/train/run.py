@@ -31,7 +31,7 @@ from waveft_train.common.errors import UserError
 from waveft_train.common.files import atomic_write_text, make_folder, writing
 from waveft_train.common.lock import FolderLock
 from waveft_train.config import TrainConfig, config_fingerprint, dump_config
-from waveft_train.config.concepts import all_validation_prompts
+from waveft_train.config.concepts import validation_with_concepts
 from waveft_train.data import concepts as concept_data
 from waveft_train.data.caption_variation import CaptionVariation
 from waveft_train.data.dataset import StepBatchSampler, collate
@@ -85,9 +85,8 @@ class DreamBoothRun:
         self.step_seconds: list[float] = []
         self.final_loss: float | None = None
         self.last_words: list[str] = []  # what the main process prints once the run has ended
-        validation = config.validation.model_copy(update={"prompts": all_validation_prompts(config)})
-        self.grids = ValidationGrids(validation, config.validation_resolution(), self.output_dir / "samples",
-                                     progress=progress)
+        self.grids = ValidationGrids(validation_with_concepts(config), config.validation_resolution(),
+                                     self.output_dir / "samples", progress=progress)
         self.scores = ValidationScores(config.validation, config.data, config.prior, config.train,
                                        self.output_dir) if config.validation.evaluate else None
         self.lock = None
